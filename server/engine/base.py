@@ -1,0 +1,98 @@
+"""The interface every engine implements, and the plain data that crosses it.
+
+The HTTP layer turns a request into a GenerationRequest of token ids and
+SamplingParams, iterates `engine.generate(request)` for SeqDelta items, and
+calls nothing else of the engine while generating. Breaking out of the
+iteration (a client that went away) aborts the request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full; the client should retry later (HTTP 429)."""
+
+
+class EngineDead(Exception):
+    """The engine loop has stopped; nothing can be served (HTTP 503)."""
+
+
+class EngineError(Exception):
+    """A request failed inside the engine (HTTP 500)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no limit
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token and the k most likely
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+@dataclass
+class GenerationRequest:
+    """`n` choices for each prompt; choice index = prompt index * n + i."""
+
+    request_id: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int = 1
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely (token id, logprob) at that step
+
+
+@dataclass
+class SeqDelta:
+    """What one sequence (choice `index`) produced since its previous delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error" at the end
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class Engine(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: Any
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
+        """Queue the request now (raising EngineOverloaded or EngineDead at once)
+        and return the stream of its deltas; leaving the stream early aborts it."""
+
+    def abort(self, request_id: str) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def shutdown(self) -> None: ...

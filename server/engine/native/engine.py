@@ -1,0 +1,293 @@
+"""The native engine: PyTorch + transformers, continuous batching, CPU or CUDA.
+
+One background thread runs the model, step after step (scheduler.py decides
+what each step holds). The asyncio side submits sequences under a lock and
+reads its deltas from an asyncio queue the thread feeds through
+`call_soon_threadsafe`. Aborts are recorded by the asyncio side and applied
+by the thread at the start of its next step, so a sequence leaves the batch
+and frees its slot there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+
+from server.engine.base import EngineDead, GenerationRequest, SeqDelta
+from server.engine.native.kv_cache import SlotCache
+from server.engine.native.model_runner import ModelRunner, RotaryPositions
+from server.engine.native.sampler import sample
+from server.engine.native.scheduler import Batch, Scheduler
+from server.engine.native.sequence import Sequence
+
+log = logging.getLogger("longserve.engine")
+
+
+@dataclass
+class NativeConfig:
+    model_path: str
+    model_name: str
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    max_num_seqs: int = 16
+    max_model_len: int | None = None  # None: the model's own trained length
+    max_waiting: int = 256
+    prefill_chunk: int = 1024
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    ids = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return frozenset(ids)
+
+
+class NativeEngine:
+    def __init__(self, config: NativeConfig, metrics=None, model=None, tokenizer=None):
+        self.config = config
+        self.model_name = config.model_name
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        if model is None:
+            model, tokenizer = load_model(config.model_path, self.device, self.dtype)
+        self.model, self.tokenizer = model, tokenizer
+        model_config = model.config
+        self.trained_len = model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or self.trained_len
+        self.eos_token_ids = eos_ids(model, tokenizer)
+        self.metrics = metrics
+
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        self.cache = SlotCache(
+            num_layers=model_config.num_hidden_layers,
+            num_kv_heads=model_config.num_key_value_heads,
+            head_dim=head_dim,
+            max_slots=config.max_num_seqs,
+            max_len=self.max_model_len,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        rotary = model.model.rotary_emb
+        positions = RotaryPositions(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0), self.max_model_len)
+        self.runner = ModelRunner(model, self.cache, positions)
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_waiting, config.prefill_chunk)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.seed()
+
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._aborts: set[str] = set()
+        self._requests: dict[str, list[Sequence]] = {}
+        self._stopped = False
+        self._dead_reason: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the asyncio side -------------------------------------------------
+
+    def describe(self) -> dict:
+        return {
+            "engine": "native",
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_model_len": self.max_model_len,
+            "trained_len": self.trained_len,
+        }
+
+    def is_alive(self) -> bool:
+        return self._dead_reason is None and self._thread.is_alive()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
+        if not self.is_alive():
+            raise EngineDead(self._dead_reason or "the engine thread has stopped")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[SeqDelta] = asyncio.Queue()
+
+        def emit(delta: SeqDelta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        seqs = [
+            self._new_sequence(request, prompt, index=p * request.n + i, emit=emit)
+            for p, prompt in enumerate(request.prompts)
+            for i in range(request.n)
+        ]
+        with self._lock:
+            self.scheduler.add(seqs)  # raises EngineOverloaded when the queue is full
+            self._requests[request.request_id] = seqs
+        self._wakeup.set()
+        return self._stream(request, queue)
+
+    async def _stream(self, request: GenerationRequest, queue: asyncio.Queue) -> AsyncIterator[SeqDelta]:
+        remaining = request.num_choices
+        try:
+            while remaining:
+                delta = await queue.get()
+                if delta.finish_reason is not None:
+                    remaining -= 1
+                yield delta
+        finally:
+            if remaining:
+                self.abort(request.request_id)
+
+    def _new_sequence(self, request: GenerationRequest, prompt: list[int], index: int, emit) -> Sequence:
+        generator = None
+        if request.params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.params.seed + index)
+        return Sequence(
+            request_id=request.request_id,
+            index=index,
+            prompt_ids=list(prompt),
+            params=request.params,
+            emit=emit,
+            tokenizer_backend=self.tokenizer.backend_tokenizer,
+            eos_token_ids=self.eos_token_ids,
+            generator=generator,
+        )
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._requests:
+                self._aborts.add(request_id)
+        self._wakeup.set()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread -----------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                self._wakeup.clear()
+                with self._lock:
+                    self._apply_aborts()
+                    batch = self.scheduler.schedule()
+                    self._report_queue()
+                if batch.empty:
+                    self._wakeup.wait(timeout=1.0)
+                    continue
+                self._step(batch)
+        except BaseException as exc:  # the engine is dead: fail every request, say why
+            log.exception("engine loop died")
+            self._dead_reason = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                for seqs in self._requests.values():
+                    for seq in seqs:
+                        if seq.finish_reason is None:
+                            seq.finish("error")
+                            self._emit(seq, error=self._dead_reason)
+                self._requests.clear()
+
+    def _apply_aborts(self) -> None:
+        for request_id in self._aborts:
+            for seq in self._requests.pop(request_id, []):
+                if seq.finish_reason is None:
+                    seq.finish("abort")
+                    self.scheduler.remove(seq)
+                    self._observe_finished(seq)
+        self._aborts.clear()
+
+    def _step(self, batch: Batch) -> None:
+        if batch.prefill is not None:
+            seq = batch.prefill
+            logits = self.runner.prefill(seq, seq.num_cached, batch.prefill_end)
+            seq.num_cached = batch.prefill_end
+            if seq.num_cached == len(seq.prompt_ids):
+                with self._lock:
+                    self.scheduler.prompt_cached(seq)
+                self._accept([seq], logits.unsqueeze(0))
+        if batch.decode:
+            logits = self.runner.decode(batch.decode)
+            for seq in batch.decode:
+                seq.num_cached += 1
+            self._accept(batch.decode, logits)
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, records = sample(logits, seqs, self.generator)
+        for seq, token, record in zip(seqs, tokens, records):
+            previous = seq.last_token_time
+            seq.append(token, record)
+            self._observe_token(seq, previous)
+            if seq.finish_reason is not None:
+                with self._lock:
+                    seq.finish(seq.finish_reason)
+                    self.scheduler.remove(seq)
+                    self._forget(seq)
+                self._observe_finished(seq)
+            self._emit(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        seqs = self._requests.get(seq.request_id, [])
+        if all(s.finish_reason is not None for s in seqs):
+            self._requests.pop(seq.request_id, None)
+
+    def _emit(self, seq: Sequence, error: str | None = None) -> None:
+        delta = seq.take_delta(error=error)
+        if delta is None:
+            return
+        try:
+            seq.emit(delta)
+        except RuntimeError:  # the client's event loop is gone
+            self.abort(seq.request_id)
+
+    # ---- metrics ------------------------------------------------------------
+
+    def _report_queue(self) -> None:
+        if self.metrics:
+            self.metrics.set_queue(running=self.scheduler.num_running, waiting=len(self.scheduler.waiting))
+
+    def _observe_token(self, seq: Sequence, previous: float | None) -> None:
+        if not self.metrics:
+            return
+        if previous is None:
+            self.metrics.observe_first_token(seq.first_token_time - seq.arrival_time)
+        else:
+            self.metrics.observe_inter_token(seq.last_token_time - previous)
+
+    def _observe_finished(self, seq: Sequence) -> None:
+        if self.metrics:
+            self.metrics.observe_finished(
+                e2e=time.perf_counter() - seq.arrival_time,
+                prompt_tokens=len(seq.prompt_ids),
+                generation_tokens=len(seq.output_ids),
+                reason=seq.finish_reason or "abort",
+            )
+
+
+def engine_from_path(path: str | Path, name: str, **kwargs) -> NativeEngine:
+    return NativeEngine(NativeConfig(model_path=str(path), model_name=name, **kwargs))

@@ -1,0 +1,153 @@
+"""The forward pass: a transformers model's own modules, our attention and cache.
+
+We reuse the loaded model's embeddings, norms, projections and MLPs, and write
+the attention step ourselves, because the cache layout (kv_cache.py) and the
+place where positions enter attention are what the long-context patches
+change. Supported families share one layer shape: Llama, Qwen2, Mistral.
+
+Two entry points:
+- prefill(seq, start, end): one chunk of one prompt, causal within the chunk
+  and attending to everything already cached for that sequence;
+- decode(seqs): one new token for each running sequence, all in one batch,
+  whatever their lengths (a length mask per row).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.native.kv_cache import SlotCache
+from server.engine.native.sequence import Sequence
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryPositions:
+    """Plain RoPE with the model's own inverse frequencies (any transformers rope type).
+
+    Cache choice: keys are rotated *before* they are cached (rotate_key is
+    applied at write time and keys_for_attention returns the cache as is).
+    A scheme that needs the relative distance at attention time (ReRoPE,
+    consistent dynamic scaling) overrides both: it caches keys un-rotated and
+    rotates the slice it reads.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_len: int):
+        positions = torch.arange(max_len, dtype=torch.float32, device=inv_freq.device)
+        angles = torch.outer(positions, inv_freq.float())
+        table = torch.cat((angles, angles), dim=-1)
+        self.cos = table.cos() * attention_scaling
+        self.sin = table.sin() * attention_scaling
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [batch, heads, tokens, head_dim]; positions: [batch, tokens]."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+    rotate_query = rotate
+    rotate_key = rotate
+
+    def keys_for_attention(self, cached_keys: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+        return cached_keys
+
+
+class ModelRunner:
+    def __init__(self, model, cache: SlotCache, positions: RotaryPositions):
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"the native engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models; this one is {config.model_type!r}"
+            )
+        self.model = model
+        self.decoder = model.model
+        self.cache = cache
+        self.positions = positions
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.device = cache.device
+        self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Cache positions [start, end) of `seq`; return the logits after position end-1."""
+        ids = torch.tensor([seq.all_ids[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+        slot = seq.slot
+        mask = None
+        if start > 0:  # queries [start, end) see keys [0, end), causally
+            keys_at = torch.arange(end, device=self.device)
+            mask = keys_at.unsqueeze(0) <= positions.transpose(0, 1)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.cache.keys[layer][slot, :, start:end] = k[0]
+            self.cache.values[layer][slot, :, start:end] = v[0]
+            keys = self.positions.keys_for_attention(self.cache.keys[layer][slot : slot + 1, :, :end], positions)
+            values = self.cache.values[layer][slot : slot + 1, :, :end]
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+            )
+
+        hidden = self._forward(ids, positions, attend)
+        return self._logits(hidden[:, -1])[0]
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One step for every sequence; returns logits [len(seqs), vocab]."""
+        rows = self.cache.rows_in_use
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        lengths = torch.zeros(rows, dtype=torch.long)  # free rows: a dummy token at position 0
+        for seq in seqs:
+            tokens[seq.slot, 0] = seq.last_token
+            lengths[seq.slot] = seq.num_cached
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        positions = lengths.unsqueeze(1)
+        span = int(lengths.max()) + 1
+        mask = torch.arange(span, device=self.device).unsqueeze(0) <= lengths.unsqueeze(1)
+        mask = mask[:, None, None, :]  # [rows, 1, 1, span]
+        slots = torch.tensor([seq.slot for seq in seqs], device=self.device)
+        write_at = lengths[slots]
+        groups = self.num_heads // self.num_kv_heads
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # Only rows of running sequences write: a free or prefilling row is a
+            # dummy whose output is dropped, and must not touch its slot.
+            self.cache.keys[layer][slots, :, write_at] = k[slots, :, 0]
+            self.cache.values[layer][slots, :, write_at] = v[slots, :, 0]
+            keys = self.positions.keys_for_attention(self.cache.keys[layer][:rows, :, :span], positions)
+            values = self.cache.values[layer][:rows, :, :span]
+            # One query token per row: fold the query heads that share a KV head
+            # into the query-length axis, so plain SDPA serves grouped-query attention.
+            grouped = q.reshape(rows, self.num_kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
+            return out.reshape(rows, self.num_heads, 1, self.head_dim)
+
+        hidden = self._forward(tokens, positions, attend)
+        return self._logits(hidden[slots, -1])
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        batch, tokens = ids.shape
+        hidden = self.decoder.embed_tokens(ids)
+        for index, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = self.positions.rotate_query(q, positions)
+            k = self.positions.rotate_key(k, positions)
+            out = attend(index, q, k, v)
+            out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.decoder.norm(hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()

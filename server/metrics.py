@@ -1,0 +1,49 @@
+"""Prometheus metrics under vLLM's names, so existing dashboards work unchanged.
+
+Each app owns its registry (several servers can live in one test process).
+The engine thread calls the observe_* methods; prometheus_client is thread-safe.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.model_name = model_name
+        r = self.registry
+        self.running = Gauge("vllm:num_requests_running", "Sequences in the running batch.", labels, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Sequences waiting for a slot.", labels, registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between tokens.", labels, buckets=TOKEN_GAP_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels, registry=r)
+        self.finished = Counter("vllm:request_success", "Finished sequences by reason.", labels + ["finished_reason"], registry=r)
+        for metric in (self.running, self.waiting, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):
+            metric.labels(model_name)  # present from the start, at zero
+
+    def set_queue(self, running: int, waiting: int) -> None:
+        self.running.labels(self.model_name).set(running)
+        self.waiting.labels(self.model_name).set(waiting)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.labels(self.model_name).observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.itl.labels(self.model_name).observe(seconds)
+
+    def observe_finished(self, e2e: float, prompt_tokens: int, generation_tokens: int, reason: str) -> None:
+        self.e2e.labels(self.model_name).observe(e2e)
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        self.generation_tokens.labels(self.model_name).inc(generation_tokens)
+        self.finished.labels(self.model_name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,107 @@
+"""POST /v1/chat/completions: messages through the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from server.engine.base import GenerationRequest, TokenLogprob
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, ChatMessage, now, random_id
+from server.serving import (
+    check_length,
+    check_model,
+    collect,
+    sampling_params,
+    sse_response,
+    submit,
+    token_text,
+    until_disconnect,
+    usage,
+)
+
+
+def chat_prompt_ids(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    try:
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    except ValueError as exc:
+        raise APIError(400, str(exc), "messages") from None
+    if tokenizer.chat_template is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as exc:  # a template may reject a role order, say
+        raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def token_entry(tokenizer, token_id: int, logprob: float) -> dict:
+    text = token_text(tokenizer, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(records: list[TokenLogprob], tokenizer) -> dict:
+    content = []
+    for record in records:
+        entry = token_entry(tokenizer, record.token_id, record.logprob)
+        entry["top_logprobs"] = [token_entry(tokenizer, t, lp) for t, lp in record.top]
+        content.append(entry)
+    return {"content": content}
+
+
+async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
+    engine = raw.app.state.engine
+    check_model(body.model, engine.model_name)
+    prompt = chat_prompt_ids(body.messages, engine.tokenizer, body.add_generation_prompt)
+    max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
+    check_length(len(prompt), max_tokens, engine.max_model_len)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer))
+    request = GenerationRequest(random_id("chatcmpl"), [prompt], params, body.n)
+    stream = submit(engine, request)
+    created = now()
+    abort = lambda: engine.abort(request.request_id)  # noqa: E731
+
+    if body.stream:
+        return sse_response(stream_chunks(body, request, stream, engine, created, len(prompt)), abort)
+
+    choices = await until_disconnect(raw, collect(stream, request.num_choices), abort)
+    return {
+        "id": request.request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": engine.model_name,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs, engine.tokenizer) if body.logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        "usage": usage([len(prompt)], sum(c.completion_tokens for c in choices)),
+    }
+
+
+async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_len: int):
+    def chunk(choices: list[dict]) -> dict:
+        event = {"id": request.request_id, "object": "chat.completion.chunk", "created": created, "model": engine.model_name, "choices": choices}
+        if body.include_usage:
+            event["usage"] = None
+        return event
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(request.num_choices)])
+    completion_tokens = [0] * request.num_choices
+    async for delta in stream:
+        if delta.error:
+            raise APIError(500, f"generation failed: {delta.error}")
+        completion_tokens[delta.index] = delta.completion_tokens
+        logprobs = chat_logprobs(delta.logprobs or [], engine.tokenizer) if body.logprobs else None
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            continue  # a token that ends mid-character: its text comes with the next one
+        content = {"content": delta.text} if delta.text else {}
+        yield chunk([{"index": delta.index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+    if body.include_usage:
+        final = chunk([])
+        final["usage"] = usage([prompt_len], sum(completion_tokens))
+        yield final

@@ -1,0 +1,120 @@
+"""POST /v1/completions: prompts in, text out, streamed or not."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from server.engine.base import GenerationRequest, SeqDelta, TokenLogprob
+from server.errors import APIError
+from server.protocol import CompletionRequest, now, random_id
+from server.serving import (
+    check_length,
+    check_model,
+    check_token_ids,
+    collect,
+    sampling_params,
+    sse_response,
+    submit,
+    token_text,
+    until_disconnect,
+    usage,
+)
+
+
+def tokenize_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt is an empty list; give a string, a list of strings or token ids", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer.encode(p) for p in prompt]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [list(p) for p in prompt]
+
+
+def completion_logprobs(records: list[TokenLogprob], tokenizer, start_offset: int) -> dict:
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = start_offset
+    for record in records:
+        text = token_text(tokenizer, record.token_id)
+        tokens.append(text)
+        token_logprobs.append(record.logprob)
+        top_logprobs.append({token_text(tokenizer, t): lp for t, lp in record.top} or None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+async def create_completion(body: CompletionRequest, raw: Request):
+    state = raw.app.state
+    engine = state.engine
+    check_model(body.model, engine.model_name)
+    prompts = tokenize_prompts(body, engine.tokenizer)
+    vocab_size = len(engine.tokenizer)
+    for index, ids in enumerate(prompts):
+        check_token_ids(ids, vocab_size, "prompt")
+        check_length(len(ids), body.max_tokens or 16, engine.max_model_len, index if len(prompts) > 1 else None)
+    params = sampling_params(body, body.max_tokens or 16, body.logprobs, vocab_size)
+    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n)
+    stream = submit(engine, request)
+    created = now()
+    model = engine.model_name
+    prompt_lengths = [len(p) for p in prompts]
+
+    if body.stream:
+        return sse_response(stream_chunks(body, request, stream, engine, created, prompt_lengths), lambda: engine.abort(request.request_id))
+
+    choices = await until_disconnect(raw, collect(stream, request.num_choices), lambda: engine.abort(request.request_id))
+    return {
+        "id": request.request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": completion_logprobs(c.logprobs, engine.tokenizer, 0) if body.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
+    }
+
+
+async def stream_chunks(body: CompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_lengths):
+    offsets = [0] * request.num_choices
+    completion_tokens = [0] * request.num_choices
+    delta: SeqDelta
+    async for delta in stream:
+        if delta.error:
+            raise APIError(500, f"generation failed: {delta.error}")
+        completion_tokens[delta.index] = delta.completion_tokens
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            continue  # a token that ends mid-character: its text comes with the next one
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(delta.logprobs or [], engine.tokenizer, offsets[delta.index])
+        offsets[delta.index] += len(delta.text)
+        chunk = {
+            "id": request.request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": engine.model_name,
+            "choices": [{"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}],
+        }
+        if body.include_usage:
+            chunk["usage"] = None
+        yield chunk
+    if body.include_usage:
+        yield {
+            "id": request.request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": engine.model_name,
+            "choices": [],
+            "usage": usage(prompt_lengths, sum(completion_tokens)),
+        }

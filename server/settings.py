@@ -1,0 +1,36 @@
+"""Server settings: command-line flags over LONGSERVE_* environment variables.
+
+pydantic-settings validates both the same way, so a bad value fails at
+start-up with a message that names the flag.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.models import DEFAULT_MODEL
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LONGSERVE_", protected_namespaces=())
+
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    max_num_seqs: int = Field(16, ge=1, le=1024)
+    max_model_len: int | None = Field(None, ge=16)
+    max_waiting: int = Field(256, ge=0)
+    prefill_chunk: int = Field(1024, ge=16)
+    api_key: str | None = None
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
