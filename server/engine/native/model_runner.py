@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
 
 from server.engine.native.kv_cache import SlotCache
 from server.engine.native.sequence import Sequence
@@ -45,10 +46,13 @@ class RotaryPositions:
         self.cos = table.cos() * attention_scaling
         self.sin = table.sin() * attention_scaling
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [batch, heads, tokens, head_dim]; positions: [batch, tokens]."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions [batch, tokens], shaped to broadcast over heads."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cos, sin = angles
         return x * cos + rotate_half(x) * sin
 
     rotate_query = rotate
@@ -56,6 +60,25 @@ class RotaryPositions:
 
     def keys_for_attention(self, cached_keys: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
         return cached_keys
+
+
+def fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input.
+
+    The original modules keep working: their parameters become views of the
+    fused tensor, so the model's memory does not grow.
+    """
+    weight = torch.cat([linear.weight.data for linear in linears], dim=0)
+    has_bias = all(linear.bias is not None for linear in linears)
+    bias = torch.cat([linear.bias.data for linear in linears], dim=0) if has_bias else None
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if has_bias:
+            linear.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
 
 
 class ModelRunner:
@@ -74,6 +97,10 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.device = cache.device
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        self.act = ACT2FN[config.hidden_act]
+        # Fewer, larger matmuls: q/k/v as one projection, gate/up as another.
+        self.qkv = [fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.decoder.layers]
+        self.gate_up = [fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.decoder.layers]
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
@@ -111,7 +138,7 @@ class ModelRunner:
         positions = lengths.unsqueeze(1)
         span = int(lengths.max()) + 1
         mask = torch.arange(span, device=self.device).unsqueeze(0) <= lengths.unsqueeze(1)
-        mask = mask[:, None, None, :]  # [rows, 1, 1, span]
+        mask = None if bool(mask.all()) else mask[:, None, None, :]  # [rows, 1, 1, span]
         slots = torch.tensor([seq.slot for seq in seqs], device=self.device)
         write_at = lengths[slots]
         groups = self.num_heads // self.num_kv_heads
@@ -135,18 +162,21 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         batch, tokens = ids.shape
         hidden = self.decoder.embed_tokens(ids)
+        angles = self.positions.angles(positions, hidden.dtype)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, layer in enumerate(self.decoder.layers):
-            attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = self.positions.rotate_query(q, positions)
-            k = self.positions.rotate_key(k, positions)
+            q, k, v = F.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = self.positions.rotate_query(q, angles)
+            k = self.positions.rotate_key(k, angles)
             out = attend(index, q, k, v)
-            out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            out = out.transpose(1, 2).reshape(batch, tokens, q_size)
+            hidden = hidden + layer.self_attn.o_proj(out)
+            gate, up = F.linear(layer.post_attention_layernorm(hidden), *self.gate_up[index]).chunk(2, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(self.act(gate) * up)
         return self.decoder.norm(hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

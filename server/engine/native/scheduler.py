@@ -46,9 +46,16 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.decoding)
 
     def add(self, seqs: list[Sequence]) -> None:
-        if len(self.waiting) + len(seqs) > self.max_waiting:
+        """Queue `seqs`, or refuse them all if the batch and the waiting queue cannot hold them.
+
+        Free batch slots count as room too: admission happens at the next
+        step, so counting only the queue would depend on the step's timing.
+        """
+        room = self.max_num_seqs + self.max_waiting - self.num_running - len(self.waiting)
+        if len(seqs) > room:
             raise EngineOverloaded(
-                f"the waiting queue is full ({len(self.waiting)} of {self.max_waiting} sequences); retry later"
+                f"the server is full: {self.num_running} sequences running (--max-num-seqs {self.max_num_seqs}) "
+                f"and {len(self.waiting)} waiting (--max-waiting {self.max_waiting}); retry later"
             )
         self.waiting.extend(seqs)
 

@@ -1,0 +1,145 @@
+"""Shared fixtures: tiny random-weight models, the bundled model, live servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
+
+from server.app import create_app  # noqa: E402
+from server.engine.native.engine import NativeConfig, NativeEngine  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
+from server.models import DEFAULT_MODEL, resolve  # noqa: E402
+from server.settings import ServerSettings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bundled_path():
+    return resolve(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bundled_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(bundled_path))
+
+
+@pytest.fixture(scope="session")
+def bundled_model(bundled_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(bundled_path), dtype=torch.float32).eval()
+
+
+def tiny_model(model_type: str = "llama", vocab_size: int = 49152, seed: int = 0, **overrides):
+    """A random-weight model of the given family, small enough to run in milliseconds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        bos_token_id=1,
+        **overrides,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Larger logits than the default init gives: greedy choices far from ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return tiny_model("llama")
+
+
+def make_engine(model, tokenizer, name="tiny", **config) -> NativeEngine:
+    metrics = Metrics(name)
+    return NativeEngine(NativeConfig(model_path="", model_name=name, **config), metrics=metrics, model=model, tokenizer=tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(engine: NativeEngine, **settings):
+    """create_app(engine) under uvicorn on a loopback port, in a thread; yields the base URL."""
+    import uvicorn
+
+    settings = ServerSettings(model=engine.model_name, port=free_port(), **settings)
+    app = create_app(engine, settings, engine.metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundled_server(bundled_model, tokenizer):
+    engine = make_engine(bundled_model, tokenizer, name=DEFAULT_MODEL)
+    with running_server(engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_llama, tokenizer):
+    engine = make_engine(tiny_llama, tokenizer, name="tiny", max_num_seqs=2, max_waiting=1, max_model_len=256)
+    with running_server(engine, max_body_bytes=4096) as url:
+        yield url
+
+
+def openai_client(url: str, api_key: str = "unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+def metric_value(url: str, name: str, **labels) -> float:
+    """Read one sample from /metrics (0.0 when absent)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
