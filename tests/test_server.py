@@ -1,0 +1,160 @@
+"""The real server on a loopback port with the bundled model, driven by the openai SDK."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import metric_value, openai_client, wait_until
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(bundled_server):
+    return openai_client(bundled_server)
+
+
+def test_chat_answers_and_reports_usage(client):
+    reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, temperature=0, max_tokens=20)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.message.role == "assistant" and choice.finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 10 and reply.usage.completion_tokens > 3
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_chat_equals_non_streamed_and_ends_with_usage(client):
+    plain = client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, temperature=0, max_tokens=16)
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=QUESTION, temperature=0, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_streamed_completion_equals_non_streamed(client):
+    kwargs = dict(model="smollm2-135m-instruct", prompt="Once upon a time", temperature=0, max_tokens=24)
+    plain = client.completions.create(**kwargs)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs))
+    assert streamed == plain.choices[0].text and len(plain.choices[0].text) > 20
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 24
+
+
+def test_stop_string_is_excluded(client):
+    kwargs = dict(model="smollm2-135m-instruct", prompt="1, 2, 3, 4,", temperature=0, max_tokens=30)
+    full = client.completions.create(**kwargs).choices[0].text
+    assert " 7," in full
+    for stream in (False, True):
+        reply = client.completions.create(stop=[" 7"], stream=stream, **kwargs)
+        if stream:
+            text = "".join(c.choices[0].text for c in reply)
+        else:
+            assert reply.choices[0].finish_reason == "stop"
+            text = reply.choices[0].text
+        assert text == full[: full.index(" 7")]
+
+
+def test_seed_reproduces_samples_and_n_gives_two_choices(client):
+    kwargs = dict(model="smollm2-135m-instruct", prompt="My favourite animal is", temperature=1.0, max_tokens=12, n=2)
+    first = client.completions.create(seed=1234, **kwargs)
+    again = client.completions.create(seed=1234, **kwargs)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    other = client.completions.create(seed=99, **kwargs)
+    assert [c.text for c in other.choices] != [c.text for c in first.choices]
+    assert first.usage.completion_tokens == sum(1 for _ in range(2)) * 12
+
+
+def test_logprobs_in_both_endpoints(client):
+    chat = client.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == 5 and all(len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.logprob <= 0 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in entries)
+    assert entries[0].token == entries[0].top_logprobs[0].token  # greedy takes the most likely token
+    completion = client.completions.create(model="smollm2-135m-instruct", prompt="Hello", temperature=0, max_tokens=4, logprobs=2)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == completion.choices[0].text
+
+
+def test_penalties_and_top_k_are_accepted(client):
+    reply = client.completions.create(
+        model="smollm2-135m-instruct", prompt="Repeat after me: la la la la", max_tokens=10, temperature=0.7,
+        presence_penalty=1.0, frequency_penalty=1.0, seed=3, extra_body={"top_k": 20, "min_p": 0.05},
+    )
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_late_short_request_finishes_before_early_long_one(client, bundled_server):
+    finished = {}
+
+    def long_request():
+        stream = client.completions.create(
+            model="smollm2-135m-instruct", prompt="Write a long story:", max_tokens=120, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        for _ in stream:
+            pass
+        finished["long"] = time.monotonic()
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    assert wait_until(lambda: metric_value(bundled_server, "vllm:num_requests_running") >= 1)
+    client.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=3, temperature=0)
+    finished["short"] = time.monotonic()
+    worker.join(timeout=120)
+    assert finished["short"] < finished["long"]
+
+
+def test_models_tokenize_detokenize_version_health(bundled_server):
+    models = httpx.get(f"{bundled_server}/v1/models").json()
+    assert models["data"][0]["id"] == "smollm2-135m-instruct" and models["data"][0]["max_model_len"] == 8192
+    tokens = httpx.post(f"{bundled_server}/tokenize", json={"prompt": "Hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    text = httpx.post(f"{bundled_server}/detokenize", json={"tokens": tokens["tokens"]}).json()
+    assert text["prompt"] == "Hello world"
+    chat_tokens = httpx.post(f"{bundled_server}/tokenize", json={"messages": QUESTION}).json()
+    assert chat_tokens["count"] > tokens["count"]
+    assert httpx.get(f"{bundled_server}/version").json()["version"]
+    assert httpx.get(f"{bundled_server}/health").status_code == 200
+
+
+def test_metrics_use_vllm_names(bundled_server, client):
+    client.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2, temperature=0)
+    text = httpx.get(f"{bundled_server}/metrics").text
+    for name in (
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    ):
+        assert name in text
+    assert metric_value(bundled_server, "vllm:generation_tokens_total") >= 2
+
+
+def test_disconnect_frees_the_sequence(bundled_server):
+    aborted_before = metric_value(bundled_server, "vllm:request_success_total", finished_reason="abort")
+    body = {"prompt": "a", "max_tokens": 250, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{bundled_server}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data:"):
+                break
+        assert metric_value(bundled_server, "vllm:num_requests_running") == 1
+    assert wait_until(lambda: metric_value(bundled_server, "vllm:num_requests_running") == 0, timeout=10)
+    assert wait_until(lambda: metric_value(bundled_server, "vllm:request_success_total", finished_reason="abort") == aborted_before + 1, timeout=10)
+
+
+def test_non_streaming_disconnect_frees_the_sequence(bundled_server):
+    aborted_before = metric_value(bundled_server, "vllm:request_success_total", finished_reason="abort")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{bundled_server}/v1/completions", json={"prompt": "a", "max_tokens": 250, "ignore_eos": True, "model": "smollm2-135m-instruct"}, timeout=0.5)
+    assert wait_until(lambda: metric_value(bundled_server, "vllm:request_success_total", finished_reason="abort") == aborted_before + 1, timeout=10)
+    assert metric_value(bundled_server, "vllm:num_requests_running") == 0
