@@ -7,6 +7,7 @@ errors and anything unexpected into that shape with the right status.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +26,9 @@ ERROR_TYPES = {
     500: "internal_server_error",
     503: "service_unavailable",
 }
+
+
+UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|.*\(.*\))$")
 
 
 class APIError(Exception):
@@ -48,7 +52,8 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
 def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable sentence for the first problem pydantic found, and the field it names."""
     first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # pydantic names the union branch it tried ("prompt.list[int].0"); users need the field.
+    location = [str(part) for part in first.get("loc", ()) if part != "body" and not UNION_BRANCH.match(str(part))]
     param = ".".join(location) or None
     message = first.get("msg", "invalid request")
     message = message.removeprefix("Value error, ")

@@ -1,0 +1,86 @@
+"""The command line: model resolution errors, and `longserve serve` as a user starts it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from server.models import ModelError, resolve
+from tests.conftest import free_port, openai_client, wait_until
+
+
+def longserve(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, env=env, timeout=120, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("no-such-model", ["unknown model", "smollm2-135m-instruct"]),
+        ("/no/such/dir", ["does not exist"]),
+        ("someorg/somemodel", ["hub", "reachable"]),
+    ],
+)
+def test_bad_model_names_fail_with_one_line_and_exit_2(name, words):
+    result = longserve("fetch-model", name)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longserve: error:"), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_corrupt_directory_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(ModelError, match="unreadable config.json"):
+        resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelError, match="no weights"):
+        resolve(str(tmp_path))
+    result = longserve("serve", "--model", str(tmp_path))
+    assert result.returncode == 2 and "no weights" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_flag_value_fails_with_exit_2():
+    result = longserve("serve", "--max-num-seqs", "0")
+    assert result.returncode == 2 and "--max-num-seqs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fetch_model_is_idempotent(bundled_path):
+    started = time.perf_counter()
+    result = longserve("fetch-model")
+    assert result.returncode == 0 and result.stdout.strip() == str(bundled_path)
+    assert time.perf_counter() - started < 60
+
+
+def test_serve_command_answers_openai_requests():
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LONGSERVE_API_KEY": "k-123"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(healthy, timeout=120, interval=0.5), "server did not start"
+        reply = openai_client(url, api_key="k-123").chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=12
+        )
+        assert "Paris" in reply.choices[0].message.content
+        assert httpx.get(f"{url}/v1/models").status_code == 401  # the key came from LONGSERVE_API_KEY
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
