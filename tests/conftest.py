@@ -44,8 +44,7 @@ def tiny_model(model_type: str = "llama", vocab_size: int = 49152, seed: int = 0
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(
-        model_type,
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -55,8 +54,8 @@ def tiny_model(model_type: str = "llama", vocab_size: int = 49152, seed: int = 0
         max_position_embeddings=512,
         eos_token_id=2,
         bos_token_id=1,
-        **overrides,
     )
+    config = AutoConfig.for_model(model_type, **{**settings, **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Larger logits than the default init gives: greedy choices far from ties.
     with torch.no_grad():

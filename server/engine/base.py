@@ -53,6 +53,7 @@ class GenerationRequest:
     prompts: list[list[int]]
     params: SamplingParams
     n: int = 1
+    position: Any = None  # a patches.rope.PositionSpec overriding the server's, or None
 
     @property
     def num_choices(self) -> int:

@@ -14,15 +14,17 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
 import torch
 
+from patches.rope import PositionSpec
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta
 from server.engine.native.kv_cache import SlotCache
-from server.engine.native.model_runner import ModelRunner, RotaryPositions
+from server.engine.native.model_runner import ModelRunner
+from server.engine.native.positions import Positions
 from server.engine.native.sampler import sample
 from server.engine.native.scheduler import Batch, Scheduler
 from server.engine.native.sequence import Sequence
@@ -40,6 +42,7 @@ class NativeConfig:
     max_model_len: int | None = None  # None: the model's own trained length
     max_waiting: int = 256
     prefill_chunk: int = 1024
+    position: PositionSpec = field(default_factory=PositionSpec)
 
 
 def pick_device(name: str) -> torch.device:
@@ -85,7 +88,8 @@ class NativeEngine:
         self.model, self.tokenizer = model, tokenizer
         model_config = model.config
         self.trained_len = model_config.max_position_embeddings
-        self.max_model_len = config.max_model_len or self.trained_len
+        self.position = config.position
+        self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
         self.eos_token_ids = eos_ids(model, tokenizer)
         self.metrics = metrics
 
@@ -99,9 +103,8 @@ class NativeEngine:
             dtype=self.dtype,
             device=self.device,
         )
-        rotary = model.model.rotary_emb
-        positions = RotaryPositions(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0), self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, positions)
+        self.positions = Positions(model, self.position, self.device)
+        self.runner = ModelRunner(model, self.cache, self.positions)
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_waiting, config.prefill_chunk)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
@@ -124,6 +127,7 @@ class NativeEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_model_len": self.max_model_len,
             "trained_len": self.trained_len,
+            "position": self.position.describe(),
         }
 
     def is_alive(self) -> bool:
@@ -175,6 +179,7 @@ class NativeEngine:
             tokenizer_backend=self.tokenizer.backend_tokenizer,
             eos_token_ids=self.eos_token_ids,
             generator=generator,
+            positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
         )
 
     def abort(self, request_id: str) -> None:

@@ -19,47 +19,10 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from server.engine.native.kv_cache import SlotCache
+from server.engine.native.positions import Positions, SequencePositions
 from server.engine.native.sequence import Sequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class RotaryPositions:
-    """Plain RoPE with the model's own inverse frequencies (any transformers rope type).
-
-    Cache choice: keys are rotated *before* they are cached (rotate_key is
-    applied at write time and keys_for_attention returns the cache as is).
-    A scheme that needs the relative distance at attention time (ReRoPE,
-    consistent dynamic scaling) overrides both: it caches keys un-rotated and
-    rotates the slice it reads.
-    """
-
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_len: int):
-        positions = torch.arange(max_len, dtype=torch.float32, device=inv_freq.device)
-        angles = torch.outer(positions, inv_freq.float())
-        table = torch.cat((angles, angles), dim=-1)
-        self.cos = table.cos() * attention_scaling
-        self.sin = table.sin() * attention_scaling
-
-    def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions [batch, tokens], shaped to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-    @staticmethod
-    def rotate(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        cos, sin = angles
-        return x * cos + rotate_half(x) * sin
-
-    rotate_query = rotate
-    rotate_key = rotate
-
-    def keys_for_attention(self, cached_keys: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-        return cached_keys
 
 
 def fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -82,7 +45,7 @@ def fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor 
 
 
 class ModelRunner:
-    def __init__(self, model, cache: SlotCache, positions: RotaryPositions):
+    def __init__(self, model, cache: SlotCache, positions: Positions):
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -96,6 +59,7 @@ class ModelRunner:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.device = cache.device
+        self.idle_row = positions.for_sequence(None, 0)
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.act = ACT2FN[config.hidden_act]
         # Fewer, larger matmuls: q/k/v as one projection, gate/up as another.
@@ -116,13 +80,13 @@ class ModelRunner:
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.cache.keys[layer][slot, :, start:end] = k[0]
             self.cache.values[layer][slot, :, start:end] = v[0]
-            keys = self.positions.keys_for_attention(self.cache.keys[layer][slot : slot + 1, :, :end], positions)
+            keys = self.cache.keys[layer][slot : slot + 1, :, :end]
             values = self.cache.values[layer][slot : slot + 1, :, :end]
             return F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
             )
 
-        hidden = self._forward(ids, positions, attend)
+        hidden = self._forward(ids, positions, [seq.positions], attend)
         return self._logits(hidden[:, -1])[0]
 
     @torch.inference_mode()
@@ -148,7 +112,7 @@ class ModelRunner:
             # dummy whose output is dropped, and must not touch its slot.
             self.cache.keys[layer][slots, :, write_at] = k[slots, :, 0]
             self.cache.values[layer][slots, :, write_at] = v[slots, :, 0]
-            keys = self.positions.keys_for_attention(self.cache.keys[layer][:rows, :, :span], positions)
+            keys = self.cache.keys[layer][:rows, :, :span]
             values = self.cache.values[layer][:rows, :, :span]
             # One query token per row: fold the query heads that share a KV head
             # into the query-length axis, so plain SDPA serves grouped-query attention.
@@ -156,13 +120,16 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
             return out.reshape(rows, self.num_heads, 1, self.head_dim)
 
-        hidden = self._forward(tokens, positions, attend)
+        row_positions = [self.idle_row] * rows  # free or prefilling rows: any table will do
+        for seq in seqs:
+            row_positions[seq.slot] = seq.positions
+        hidden = self._forward(tokens, positions, row_positions, attend)
         return self._logits(hidden[slots, -1])
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: list[SequencePositions], attend) -> torch.Tensor:
         batch, tokens = ids.shape
         hidden = self.decoder.embed_tokens(ids)
-        angles = self.positions.angles(positions, hidden.dtype)
+        encoding = self.positions.encode(rows, positions, hidden.dtype)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, layer in enumerate(self.decoder.layers):
             x = layer.input_layernorm(hidden)
@@ -170,8 +137,8 @@ class ModelRunner:
             q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = self.positions.rotate_query(q, angles)
-            k = self.positions.rotate_key(k, angles)
+            q = encoding.rotate_query(q)
+            k = encoding.rotate_key(k)  # rotated before caching: see positions.py
             out = attend(index, q, k, v)
             out = out.transpose(1, 2).reshape(batch, tokens, q_size)
             hidden = hidden + layer.self_attn.o_proj(out)

@@ -34,6 +34,7 @@ class Sequence:
     emit: Callable[[SeqDelta], None]  # thread-safe sink for deltas
     tokenizer_backend: object  # a `tokenizers.Tokenizer`, for incremental decoding
     eos_token_ids: frozenset[int]
+    positions: object = None  # positions.SequencePositions: this sequence's rotary table
     generator: torch.Generator | None = None  # per-sequence RNG when a seed is given
     status: Status = Status.WAITING
     slot: int | None = None

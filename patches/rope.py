@@ -1,0 +1,159 @@
+"""Position scaling for rotary embeddings: pure functions of tensors.
+
+Notation (DESIGN.md section 3): head dim d, pair index m = 0..d/2-1, base b0,
+trained length L, scale factor k >= 1. Plain RoPE rotates pair m of the
+vector at position n by n * theta_m with theta_m = b0^(-2m/d).
+
+Every table here is a function of (head_dim, base, trained length, spec) and
+returns the inverse frequencies theta'_m plus an attention factor that
+multiplies cos and sin (YaRN's mscale; 1 elsewhere). `logn_factors` gives the
+per-position query scale of log-n attention. Nothing here knows about a model,
+an engine or HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositionType = Literal["rope", "linear", "ntk", "ntk-old", "ntk-mixed", "yarn", "dynamic"]
+POSITION_TYPES: tuple[str, ...] = PositionType.__args__
+
+
+class PositionSpec(BaseModel):
+    """How positions enter attention; the JSON of `--position` and of a request's `position`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: PositionType = "rope"
+    factor: float = Field(1.0, ge=1.0, le=1024.0, description="k = target length / trained length")
+    b: float = Field(0.625, gt=0.0, le=1.0, description="ntk-mixed exponent; 1 gives ntk")
+    logn: bool = False
+    beta_fast: float = Field(32.0, gt=0.0, description="yarn: rotations above which a pair is kept as trained")
+    beta_slow: float = Field(1.0, gt=0.0, description="yarn: rotations below which a pair is interpolated")
+
+    @model_validator(mode="after")
+    def check(self):
+        if self.type == "rope" and self.factor != 1.0:
+            raise ValueError("type 'rope' takes no factor; pick a scaling type such as 'ntk-mixed'")
+        if self.beta_slow >= self.beta_fast:
+            raise ValueError("yarn needs beta_slow < beta_fast")
+        return self
+
+    def target_len(self, trained_len: int) -> int:
+        return int(trained_len * self.factor)
+
+    def describe(self) -> dict:
+        """The fields that matter for this type, for /v1/models and reports."""
+        keep = {"type", "logn"}
+        if self.type != "rope":
+            keep.add("factor")
+        if self.type == "ntk-mixed":
+            keep.add("b")
+        if self.type == "yarn":
+            keep |= {"beta_fast", "beta_slow"}
+        return self.model_dump(include=keep)
+
+
+@dataclass(frozen=True)
+class RopeTable:
+    inv_freq: torch.Tensor  # [d/2] float32
+    attention_factor: float = 1.0  # multiplies cos and sin
+
+
+def default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    """theta_m = b0^(-2m/d)."""
+    return 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def linear_inv_freq(head_dim: int, base: float, factor: float) -> torch.Tensor:
+    """Position interpolation: theta_m / k."""
+    return default_inv_freq(head_dim, base) / factor
+
+
+def ntk_inv_freq(head_dim: int, base: float, factor: float) -> torch.Tensor:
+    """NTK-aware, fixed form: theta_m * k^(-2(m+1)/d)."""
+    pair = torch.arange(1, head_dim // 2 + 1, dtype=torch.float32)
+    return default_inv_freq(head_dim, base) * factor ** (-2.0 * pair / head_dim)
+
+
+def ntk_mixed_inv_freq(head_dim: int, base: float, factor: float, b: float) -> torch.Tensor:
+    """Beta-base mixed radix: theta_m * exp(-a (m+1)^b), a = ln k / (d/2)^b."""
+    pair = torch.arange(1, head_dim // 2 + 1, dtype=torch.float32)
+    a = math.log(factor) / (head_dim / 2) ** b
+    return default_inv_freq(head_dim, base) * torch.exp(-a * pair**b)
+
+
+def ntk_old_inv_freq(head_dim: int, base: float, factor: float) -> torch.Tensor:
+    """Base change: b0' = b0 * k^(d/(d-2))."""
+    return default_inv_freq(head_dim, base * factor ** (head_dim / (head_dim - 2)))
+
+
+def dynamic_inv_freq(head_dim: int, base: float, factor: float, trained_len: int, seq_len: int) -> torch.Tensor:
+    """Dynamic NTK: the base change with a scale taken from the sequence's own length.
+
+    For seq_len <= L nothing changes; past it the effective scale is
+    factor * seq_len / L - (factor - 1), the form transformers uses.
+    """
+    if seq_len <= trained_len:
+        return default_inv_freq(head_dim, base)
+    scale = factor * seq_len / trained_len - (factor - 1)
+    return default_inv_freq(head_dim, base * scale ** (head_dim / (head_dim - 2)))
+
+
+def yarn_table(head_dim: int, base: float, factor: float, trained_len: int, beta_fast: float, beta_slow: float) -> RopeTable:
+    """YaRN: pairs that turn many times within L keep their frequency, pairs that
+    turn less than once are interpolated by k, a linear ramp in between; cos and
+    sin are scaled by 0.1 ln k + 1."""
+    extrapolated = default_inv_freq(head_dim, base)
+    interpolated = extrapolated / factor
+
+    def pair_for_rotations(rotations: float) -> float:
+        # the pair index m whose wavelength fits `rotations` times in L
+        return head_dim * math.log(trained_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(pair_for_rotations(beta_fast)), 0)
+    high = min(math.ceil(pair_for_rotations(beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = interpolated * ramp + extrapolated * (1 - ramp)
+    attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return RopeTable(inv_freq, attention_factor)
+
+
+def rope_table(spec: PositionSpec, head_dim: int, base: float, trained_len: int, seq_len: int | None = None) -> RopeTable:
+    """The table for `spec`; `seq_len` (prompt + max tokens) fixes dynamic's scale."""
+    k = spec.factor
+    if spec.type == "rope":
+        return RopeTable(default_inv_freq(head_dim, base))
+    if spec.type == "linear":
+        return RopeTable(linear_inv_freq(head_dim, base, k))
+    if spec.type == "ntk":
+        return RopeTable(ntk_inv_freq(head_dim, base, k))
+    if spec.type == "ntk-mixed":
+        return RopeTable(ntk_mixed_inv_freq(head_dim, base, k, spec.b))
+    if spec.type == "ntk-old":
+        return RopeTable(ntk_old_inv_freq(head_dim, base, k))
+    if spec.type == "yarn":
+        return yarn_table(head_dim, base, k, trained_len, spec.beta_fast, spec.beta_slow)
+    if spec.type == "dynamic":
+        return RopeTable(dynamic_inv_freq(head_dim, base, k, trained_len, seq_len or trained_len))
+    raise ValueError(f"unknown position type {spec.type!r}; valid: {', '.join(POSITION_TYPES)}")
+
+
+def logn_factors(positions: torch.Tensor, trained_len: int) -> torch.Tensor:
+    """Query scale for 0-based positions: max(1, ln n / ln L) with n = position + 1."""
+    n = positions.to(torch.float32) + 1
+    return torch.clamp(torch.log(n) / math.log(trained_len), min=1.0)
+
+
+def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float | torch.Tensor = 1.0):
+    """cos and sin of shape [..., d] for positions [...] (the rotate-half layout)."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    table = torch.cat((angles, angles), dim=-1)
+    return table.cos() * attention_factor, table.sin() * attention_factor
