@@ -7,6 +7,7 @@ ends with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -33,12 +34,28 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     add("--dtype", choices=["auto", "float32", "bfloat16"], help="default auto: float32 on CPU, bfloat16 on CUDA")
     add("--max-num-seqs", type=int, help="sequences decoded together (default 16)")
-    add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: the model's trained length)")
+    add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: trained length x position factor)")
+    add(
+        "--position",
+        type=json_object,
+        help='position scaling as JSON, e.g. \'{"type": "ntk-mixed", "factor": 2, "b": 0.625, "logn": true}\'; '
+        "types: rope, linear, ntk, ntk-old, ntk-mixed, yarn, dynamic",
+    )
     add("--max-waiting", type=int, help="sequences queued beyond the batch before 429 (default 256)")
     add("--prefill-chunk", type=int, help="prompt tokens per prefill step (default 1024)")
     add("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or LONGSERVE_API_KEY)")
     add("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
     add("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -49,8 +66,10 @@ def settings_from_args(args: argparse.Namespace):
         return ServerSettings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        flag = "--" + str(first["loc"][0]).replace("_", "-") if first.get("loc") else "a setting"
-        fail(f"{flag}: {first['msg']}")
+        location = [str(part) for part in first.get("loc", ())]
+        flag = "--" + location[0].replace("_", "-") if location else "a setting"
+        field = f" field {'.'.join(location[1:])!r}" if len(location) > 1 else ""
+        fail(f"{flag}{field}: {first['msg'].removeprefix('Value error, ')}")
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -78,6 +97,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_model_len=settings.max_model_len,
         max_waiting=settings.max_waiting,
         prefill_chunk=settings.prefill_chunk,
+        position=settings.position,
     )
     try:
         engine = NativeEngine(config, metrics=metrics)

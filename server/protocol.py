@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from patches.rope import PositionSpec
+
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
@@ -49,6 +51,8 @@ class SamplingFields(StrictModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    # longserve extension: position scaling for this request only
+    position: PositionSpec | None = None
 
     @field_validator("stop")
     @classmethod
@@ -87,7 +91,7 @@ class SamplingFields(StrictModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
@@ -95,8 +99,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def check_unsupported(self):
-        if self.echo:
-            raise ValueError("echo is not supported yet")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo: true (to score the prompt)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:

@@ -56,7 +56,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
     check_length(len(prompt), max_tokens, engine.max_model_len)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer))
-    request = GenerationRequest(random_id("chatcmpl"), [prompt], params, body.n)
+    request = GenerationRequest(random_id("chatcmpl"), [prompt], params, body.n, position=body.position)
     stream = submit(engine, request)
     created = now()
     abort = lambda: engine.abort(request.request_id)  # noqa: E731

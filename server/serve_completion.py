@@ -10,6 +10,7 @@ from server.protocol import CompletionRequest, now, random_id
 from server.serving import (
     check_length,
     check_model,
+    Choice,
     check_token_ids,
     collect,
     sampling_params,
@@ -34,9 +35,17 @@ def tokenize_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
     return [list(p) for p in prompt]
 
 
-def completion_logprobs(records: list[TokenLogprob], tokenizer, start_offset: int) -> dict:
+def completion_logprobs(records: list[TokenLogprob], tokenizer, start_offset: int, first_prompt_token: int | None = None) -> dict:
+    """OpenAI's completion logprobs; with echo, the prompt's first token leads with null scores."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     offset = start_offset
+    if first_prompt_token is not None:
+        text = token_text(tokenizer, first_prompt_token)
+        tokens.append(text)
+        token_logprobs.append(None)
+        top_logprobs.append(None)
+        offsets.append(offset)
+        offset += len(text)
     for record in records:
         text = token_text(tokenizer, record.token_id)
         tokens.append(text)
@@ -53,11 +62,14 @@ async def create_completion(body: CompletionRequest, raw: Request):
     check_model(body.model, engine.model_name)
     prompts = tokenize_prompts(body, engine.tokenizer)
     vocab_size = len(engine.tokenizer)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
     for index, ids in enumerate(prompts):
         check_token_ids(ids, vocab_size, "prompt")
-        check_length(len(ids), body.max_tokens or 16, engine.max_model_len, index if len(prompts) > 1 else None)
-    params = sampling_params(body, body.max_tokens or 16, body.logprobs, vocab_size)
-    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n)
+        check_length(len(ids), max_tokens, engine.max_model_len, index if len(prompts) > 1 else None)
+    params = sampling_params(body, max_tokens, body.logprobs, vocab_size)
+    if body.echo and body.logprobs is not None:
+        params.prompt_logprobs = body.logprobs
+    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position)
     stream = submit(engine, request)
     created = now()
     model = engine.model_name
@@ -72,39 +84,53 @@ async def create_completion(body: CompletionRequest, raw: Request):
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "text": c.text,
-                "logprobs": completion_logprobs(c.logprobs, engine.tokenizer, 0) if body.logprobs is not None else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
+        "choices": [choice_body(body, c, prompts[c.index // body.n], engine.tokenizer) for c in choices],
         "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
     }
+
+
+def choice_body(body: CompletionRequest, choice: Choice, prompt: list[int], tokenizer) -> dict:
+    text, logprobs = choice.text, None
+    if body.echo:
+        prompt_text = tokenizer.decode(prompt)
+        text = prompt_text + text
+    if body.logprobs is not None:
+        if body.echo:
+            records = choice.prompt_logprobs + choice.logprobs
+            logprobs = completion_logprobs(records, tokenizer, 0, first_prompt_token=prompt[0])
+        else:
+            logprobs = completion_logprobs(choice.logprobs, tokenizer, 0)
+    return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
 
 async def stream_chunks(body: CompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_lengths):
     offsets = [0] * request.num_choices
     completion_tokens = [0] * request.num_choices
+    echoed = [not body.echo] * request.num_choices
     delta: SeqDelta
     async for delta in stream:
         if delta.error:
             raise APIError(500, f"generation failed: {delta.error}")
-        completion_tokens[delta.index] = delta.completion_tokens
-        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+        index = delta.index
+        completion_tokens[index] = delta.completion_tokens
+        text, records, first_prompt_token = delta.text, delta.logprobs or [], None
+        if not echoed[index]:  # the prompt leads the first chunk of each choice
+            echoed[index] = True
+            prompt = request.prompts[index // request.n]
+            text = engine.tokenizer.decode(prompt) + text
+            records, first_prompt_token = (delta.prompt_logprobs or []) + records, prompt[0]
+        elif not text and delta.finish_reason is None and not records:
             continue  # a token that ends mid-character: its text comes with the next one
         logprobs = None
         if body.logprobs is not None:
-            logprobs = completion_logprobs(delta.logprobs or [], engine.tokenizer, offsets[delta.index])
-        offsets[delta.index] += len(delta.text)
+            logprobs = completion_logprobs(records, engine.tokenizer, offsets[index], first_prompt_token)
+        offsets[index] += len(text)
         chunk = {
             "id": request.request_id,
             "object": "text_completion",
             "created": created,
             "model": engine.model_name,
-            "choices": [{"index": delta.index, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}],
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}],
         }
         if body.include_usage:
             chunk["usage"] = None

@@ -86,6 +86,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Choice]:
@@ -97,6 +98,7 @@ async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Cho
         choice.text += delta.text
         choice.token_ids += delta.token_ids
         choice.logprobs += delta.logprobs or []
+        choice.prompt_logprobs += delta.prompt_logprobs or []
         choice.finish_reason = delta.finish_reason
         choice.completion_tokens = delta.completion_tokens
     return choices

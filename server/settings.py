@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from patches.rope import PositionSpec
 from server.models import DEFAULT_MODEL
 
 
@@ -25,6 +26,7 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_num_seqs: int = Field(16, ge=1, le=1024)
     max_model_len: int | None = Field(None, ge=16)
+    position: PositionSpec = Field(default_factory=PositionSpec)
     max_waiting: int = Field(256, ge=0)
     prefill_chunk: int = Field(1024, ge=16)
     api_key: str | None = None

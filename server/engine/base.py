@@ -36,6 +36,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -79,6 +80,7 @@ class SeqDelta:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first delta, when asked for
 
 
 class Engine(Protocol):

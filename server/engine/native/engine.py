@@ -25,7 +25,7 @@ from server.engine.base import EngineDead, GenerationRequest, SeqDelta
 from server.engine.native.kv_cache import SlotCache
 from server.engine.native.model_runner import ModelRunner
 from server.engine.native.positions import Positions
-from server.engine.native.sampler import sample
+from server.engine.native.sampler import prompt_logprobs, sample
 from server.engine.native.scheduler import Batch, Scheduler
 from server.engine.native.sequence import Sequence
 
@@ -229,18 +229,33 @@ class NativeEngine:
 
     def _step(self, batch: Batch) -> None:
         if batch.prefill is not None:
-            seq = batch.prefill
-            logits = self.runner.prefill(seq, seq.num_cached, batch.prefill_end)
-            seq.num_cached = batch.prefill_end
-            if seq.num_cached == len(seq.prompt_ids):
-                with self._lock:
-                    self.scheduler.prompt_cached(seq)
-                self._accept([seq], logits.unsqueeze(0))
+            self._prefill(batch.prefill, batch.prefill_end)
         if batch.decode:
             logits = self.runner.decode(batch.decode)
             for seq in batch.decode:
                 seq.num_cached += 1
             self._accept(batch.decode, logits)
+
+    def _prefill(self, seq: Sequence, end: int) -> None:
+        start, k = seq.num_cached, seq.params.prompt_logprobs
+        logits = self.runner.prefill(seq, start, end, every_position=k is not None)
+        seq.num_cached = end
+        if k is not None:  # scores of the prompt's own tokens 1..P-1, chunk by chunk
+            seq.prompt_logprobs += prompt_logprobs(logits, seq.prompt_ids[start + 1 : end + 1], k)
+            logits = logits[-1]
+        if end < len(seq.prompt_ids):
+            return
+        if seq.params.max_tokens == 0:  # scoring only (echo): nothing to sample
+            with self._lock:
+                seq.finish("length")
+                self.scheduler.remove(seq)
+                self._forget(seq)
+            self._observe_finished(seq)
+            self._emit(seq)
+            return
+        with self._lock:
+            self.scheduler.prompt_cached(seq)
+        self._accept([seq], logits.unsqueeze(0))
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, records = sample(logits, seqs, self.generator)

@@ -67,8 +67,9 @@ class ModelRunner:
         self.gate_up = [fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.decoder.layers]
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """Cache positions [start, end) of `seq`; return the logits after position end-1."""
+    def prefill(self, seq: Sequence, start: int, end: int, every_position: bool = False) -> torch.Tensor:
+        """Cache positions [start, end) of `seq`; return the logits after position end-1,
+        or after every position of the chunk ([end - start, vocab]) when asked."""
         ids = torch.tensor([seq.all_ids[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
         slot = seq.slot
@@ -87,7 +88,7 @@ class ModelRunner:
             )
 
         hidden = self._forward(ids, positions, [seq.positions], attend)
-        return self._logits(hidden[:, -1])[0]
+        return self._logits(hidden[0] if every_position else hidden[0, -1])
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

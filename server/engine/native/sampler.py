@@ -70,16 +70,23 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.
             tokens[row] = torch.multinomial(probs[i], 1, generator=generator)[0]
 
     token_list = tokens.tolist()
-    records: list[TokenLogprob | None] = []
-    for row, seq in enumerate(seqs):
-        if seq.params.logprobs is None:
-            records.append(None)
-            continue
-        row_logprobs = raw_logprobs[row]
-        top = []
-        if seq.params.logprobs > 0:
-            values, ids = row_logprobs.topk(seq.params.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
-        chosen = token_list[row]
-        records.append(TokenLogprob(chosen, float(row_logprobs[chosen]), top))
+    records = [
+        None if seq.params.logprobs is None else logprob_record(raw_logprobs[row], token_list[row], seq.params.logprobs)
+        for row, seq in enumerate(seqs)
+    ]
     return token_list, records
+
+
+def logprob_record(logprobs: torch.Tensor, chosen: int, top_k: int) -> TokenLogprob:
+    """The log-probability of `chosen` in one row of log-probs, with the top_k alternatives."""
+    top = []
+    if top_k > 0:
+        values, ids = logprobs.topk(top_k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(chosen, float(logprobs[chosen]), top)
+
+
+def prompt_logprobs(logits: torch.Tensor, next_tokens: list[int], top_k: int) -> list[TokenLogprob]:
+    """Log-probabilities of the prompt's own next tokens; logits [len(next_tokens) or more, vocab]."""
+    logprobs = logits[: len(next_tokens)].log_softmax(dim=-1)
+    return [logprob_record(logprobs[i], token, top_k) for i, token in enumerate(next_tokens)]

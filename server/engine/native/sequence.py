@@ -45,6 +45,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     last_token_time: float | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     _sent_text: int = 0
     _sent_tokens: int = 0
     _pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -110,11 +111,12 @@ class Sequence:
         token_ids = self.output_ids[self._sent_tokens :]
         if not done and not text and not token_ids:
             return None
-        self._sent_text = safe_end
-        self._sent_tokens = len(self.output_ids)
         logprobs = None
         if self.params.logprobs is not None:
             logprobs, self._pending_logprobs = self._pending_logprobs, []
+        first = self._sent_tokens == 0 and not self._sent_text
+        self._sent_text = safe_end
+        self._sent_tokens = len(self.output_ids)
         return SeqDelta(
             index=self.index,
             text=text,
@@ -124,4 +126,5 @@ class Sequence:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
             error=error,
+            prompt_logprobs=self.prompt_logprobs if first and self.params.prompt_logprobs is not None else None,
         )
