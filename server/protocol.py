@@ -99,8 +99,6 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def check_unsupported(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens: 0 is only allowed with echo: true (to score the prompt)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:

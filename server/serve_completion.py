@@ -63,6 +63,8 @@ async def create_completion(body: CompletionRequest, raw: Request):
     prompts = tokenize_prompts(body, engine.tokenizer)
     vocab_size = len(engine.tokenizer)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 is only allowed with echo: true (to score the prompt)", "max_tokens")
     for index, ids in enumerate(prompts):
         check_token_ids(ids, vocab_size, "prompt")
         check_length(len(ids), max_tokens, engine.max_model_len, index if len(prompts) > 1 else None)
