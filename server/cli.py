@@ -1,4 +1,4 @@
-"""`longserve serve|fetch-model`: the command line.
+"""`longserve serve|fetch-model|eval`: the command line.
 
 Every expected failure (a bad flag, an unknown model, a corrupt directory)
 ends with one line on stderr and exit code 2, never a traceback.
@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch-model", help="convert the bundled model into the cache (idempotent)")
     fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     fetch.set_defaults(func=run_fetch_model)
+    evaluate = commands.add_parser("eval", help="long-context evaluation against a running server (passkey, loss)")
+    from clients.longeval import add_eval_args, run_eval
+
+    add_eval_args(evaluate)
+    evaluate.set_defaults(func=run_eval)
     return parser
 
 

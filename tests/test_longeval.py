@@ -1,0 +1,73 @@
+"""`longserve eval` against a live server on loopback (tiny random-weight model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clients.longeval import PASSKEY_INTRO, PASSKEY_QUESTION, Server, parse_lengths, passkey_prompt, run_loss, run_passkey
+from server.cli import main
+from tests.conftest import make_engine, running_server, tiny_model
+
+TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+        "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. ") * 60
+
+
+@pytest.fixture(scope="module")
+def eval_server(tokenizer):
+    model = tiny_model("llama", seed=11, max_position_embeddings=256)
+    engine = make_engine(model, tokenizer, max_model_len=1024)
+    with running_server(engine) as url:
+        yield url, model
+
+
+def test_parse_lengths():
+    assert parse_lengths("2k,4k,1500") == [2048, 4096, 1500]
+
+
+def test_passkey_prompts_have_the_asked_length_and_depth(eval_server):
+    url, _ = eval_server
+    server = Server.connect(url, None, None)
+    sizes: dict = {}
+    for target in (300, 900):
+        for depth in (0.0, 0.5, 1.0):
+            prompt = passkey_prompt(server, target, depth, "48213", sizes)
+            assert abs(len(server.tokenize(prompt)) - target) <= sizes["filler"] + 2
+            filler_start, filler_end = len(PASSKEY_INTRO), len(prompt) - len(PASSKEY_QUESTION)
+            at = (prompt.index(" The pass key is 48213") - filler_start) / (filler_end - filler_start)
+            assert abs(at - depth) < 0.1
+    assert prompt.endswith("What is the pass key? The pass key is")
+
+
+def test_loss_equals_a_direct_forward_and_errors_are_recorded(eval_server, tmp_path, tokenizer):
+    url, model = eval_server
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    server = Server.connect(url, None, None)
+    result = run_loss(server, text, [256, 512, 2048], 128, [None])
+    tokens = tokenizer.encode(TEXT, add_special_tokens=False)[:2048]
+    for record, context in zip(result["records"][:2], (256, 512)):
+        window = torch.tensor([tokens[2048 - context :]])
+        with torch.no_grad():
+            logprobs = model(window).logits[0, :-1].log_softmax(-1)
+        targets = window[0, 1:]
+        nll = -logprobs[torch.arange(len(targets)), targets]
+        assert record["loss"] == pytest.approx(float(nll[-128:].mean()), abs=1e-3)
+    assert result["records"][2]["loss"] is None and "max_model_len" in result["records"][2]["error"]
+
+
+def test_eval_command_writes_table_json_and_png(eval_server, tmp_path, capsys):
+    url, _ = eval_server
+    main([
+        "eval", "passkey", "--base-url", f"{url}/v1", "--lengths", "200,400", "--depths", "0.5", "--trials", "2",
+        "--positions", '[{"type": "rope"}, {"type": "ntk-mixed", "factor": 2}]', "--out", str(tmp_path), "--name", "pk",
+    ])
+    result = json.loads((tmp_path / "pk.json").read_text())
+    assert len(result["records"]) == 2 * 2 * 2
+    assert {r["method"] for r in result["records"]} == {"rope", "ntk-mixed x2"}
+    assert all(r["prompt_tokens"] <= r["length"] for r in result["records"])
+    assert (tmp_path / "pk.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "ntk-mixed x2" in table and "/2" in table
