@@ -229,13 +229,14 @@ def run_loss(server: Server, text: Path, contexts: list[int], score_last: int, p
         raise SystemExit(f"every context must be longer than --score-last {score_last}")
     tokens = text_tokens(server, text, max(contexts))
     records = []
+    answer_tokens = [0]  # OpenAI's echo scoring asks for no new token; servers that insist get one
     progress = tqdm(total=len(positions) * len(contexts), desc="loss", unit="context")
     for position in positions:
         for context in contexts:
             window = tokens[len(tokens) - context :]  # every window ends on the same scored tokens
             started = time.perf_counter()
             try:
-                reply = server.complete(window, position, max_tokens=1, echo=True, logprobs=0)
+                reply = score_prompt(server, window, position, answer_tokens)
                 scores = reply["choices"][0]["logprobs"]["token_logprobs"][:context]
                 scored = scores[context - score_last :]
                 loss, error = -sum(scored) / len(scored), None
@@ -249,6 +250,17 @@ def run_loss(server: Server, text: Path, contexts: list[int], score_last: int, p
             progress.update()
     progress.close()
     return {"kind": "loss", "model": server.model, "text": str(text), "contexts": contexts, "score_last": score_last, "records": records}
+
+
+def score_prompt(server: Server, window: list[int], position: dict | None, answer_tokens: list[int]) -> dict:
+    """Completion with echo + logprobs; retries once with max_tokens 1 where 0 is refused."""
+    try:
+        return server.complete(window, position, max_tokens=answer_tokens[0], echo=True, logprobs=0)
+    except RuntimeError as exc:
+        if answer_tokens[0] != 0 or "HTTP 400" not in str(exc) or "max_tokens" not in str(exc):
+            raise
+        answer_tokens[0] = 1
+        return server.complete(window, position, max_tokens=1, echo=True, logprobs=0)
 
 
 def loss_table(result: dict) -> str:

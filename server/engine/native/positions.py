@@ -62,17 +62,21 @@ class Positions:
         rotary = model.model.rotary_emb
         # Plain `rope` keeps the model's own table, whatever rope type its config names.
         self.model_table = RopeTable(rotary.inv_freq.float().to(device), float(getattr(rotary, "attention_scaling", 1.0)))
-        self._tables: dict[tuple, RopeTable] = {}
+        self._tables: dict[PositionSpec, RopeTable] = {}
 
     def for_sequence(self, spec: PositionSpec | None, seq_len: int) -> SequencePositions:
         spec = spec or self.default_spec
         if self.is_identity(spec, seq_len):
             return SequencePositions(self.model_table, spec.logn)
-        key = (spec, seq_len if spec.type == "dynamic" else None)
-        if key not in self._tables:
-            table = rope_table(spec, self.head_dim, self.base, self.trained_len, seq_len)
-            self._tables[key] = RopeTable(table.inv_freq.to(self.device), table.attention_factor)
-        return SequencePositions(self._tables[key], spec.logn)
+        if spec.type == "dynamic":  # one table per length: cheap to build, not worth keeping
+            return SequencePositions(self._build(spec, seq_len), spec.logn)
+        if spec not in self._tables:
+            self._tables[spec] = self._build(spec, seq_len)
+        return SequencePositions(self._tables[spec], spec.logn)
+
+    def _build(self, spec: PositionSpec, seq_len: int) -> RopeTable:
+        table = rope_table(spec, self.head_dim, self.base, self.trained_len, seq_len)
+        return RopeTable(table.inv_freq.to(self.device), table.attention_factor)
 
     def is_identity(self, spec: PositionSpec, seq_len: int) -> bool:
         """True where `spec` leaves the model's own table unchanged, exactly."""
