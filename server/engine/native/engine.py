@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import AsyncIterator
 
 import torch
@@ -91,6 +90,12 @@ class NativeEngine:
         self.position = config.position
         self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
         self.eos_token_ids = eos_ids(model, tokenizer)
+        sliding = getattr(model_config, "sliding_window", None) if getattr(model_config, "use_sliding_window", True) else None
+        if sliding and self.max_model_len > sliding:
+            raise ValueError(
+                f"this model uses sliding-window attention ({sliding} tokens), which the native engine does not "
+                f"implement; set --max-model-len {sliding} or less"
+            )
         self.metrics = metrics
 
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
@@ -307,7 +312,3 @@ class NativeEngine:
                 generation_tokens=len(seq.output_ids),
                 reason=seq.finish_reason or "abort",
             )
-
-
-def engine_from_path(path: str | Path, name: str, **kwargs) -> NativeEngine:
-    return NativeEngine(NativeConfig(model_path=str(path), model_name=name, **kwargs))
