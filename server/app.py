@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from server import __version__
 from server.errors import APIError, error_response, install_error_handlers
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.serve_chat import chat_prompt_ids, create_chat_completion
 from server.serve_completion import create_completion
 from server.serving import check_model, check_token_ids

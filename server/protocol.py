@@ -167,11 +167,5 @@ class DetokenizeRequest(StrictModel):
     tokens: list[int]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
 def now() -> int:
     return int(time.time())

@@ -91,17 +91,18 @@ async def create_completion(body: CompletionRequest, raw: Request):
     }
 
 
+def with_echo(prompt: list[int], prompt_records: list[TokenLogprob], text: str, records: list[TokenLogprob], tokenizer):
+    """Prepend the prompt (text and scores) to a choice's first output; returns (text, records, first prompt token)."""
+    return tokenizer.decode(prompt) + text, prompt_records + records, prompt[0]
+
+
 def choice_body(body: CompletionRequest, choice: Choice, prompt: list[int], tokenizer) -> dict:
-    text, logprobs = choice.text, None
+    text, records, first_prompt_token = choice.text, choice.logprobs, None
     if body.echo:
-        prompt_text = tokenizer.decode(prompt)
-        text = prompt_text + text
+        text, records, first_prompt_token = with_echo(prompt, choice.prompt_logprobs, text, records, tokenizer)
+    logprobs = None
     if body.logprobs is not None:
-        if body.echo:
-            records = choice.prompt_logprobs + choice.logprobs
-            logprobs = completion_logprobs(records, tokenizer, 0, first_prompt_token=prompt[0])
-        else:
-            logprobs = completion_logprobs(choice.logprobs, tokenizer, 0)
+        logprobs = completion_logprobs(records, tokenizer, 0, first_prompt_token)
     return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
 
@@ -119,8 +120,7 @@ async def stream_chunks(body: CompletionRequest, request: GenerationRequest, str
         if not echoed[index]:  # the prompt leads the first chunk of each choice
             echoed[index] = True
             prompt = request.prompts[index // request.n]
-            text = engine.tokenizer.decode(prompt) + text
-            records, first_prompt_token = (delta.prompt_logprobs or []) + records, prompt[0]
+            text, records, first_prompt_token = with_echo(prompt, delta.prompt_logprobs or [], text, records, engine.tokenizer)
         elif not text and delta.finish_reason is None and not records:
             continue  # a token that ends mid-character: its text comes with the next one
         logprobs = None

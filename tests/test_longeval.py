@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from clients.longeval import PASSKEY_INTRO, PASSKEY_QUESTION, Server, parse_lengths, passkey_prompt, run_loss, run_passkey
+from clients.longeval import PASSKEY_INTRO, PASSKEY_QUESTION, Server, parse_lengths, passkey_prompt, run_loss
 from server.cli import main
 from tests.conftest import make_engine, running_server, tiny_model
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import make_engine, metric_value, openai_client, running_server, wait_until
+from tests.conftest import make_engine, openai_client, running_server
 
 
 def assert_openai_error(response: httpx.Response, status: int, *words: str, param: str | None = None):

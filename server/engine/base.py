@@ -20,10 +20,6 @@ class EngineDead(Exception):
     """The engine loop has stopped; nothing can be served (HTTP 503)."""
 
 
-class EngineError(Exception):
-    """A request failed inside the engine (HTTP 500)."""
-
-
 @dataclass
 class SamplingParams:
     max_tokens: int = 16

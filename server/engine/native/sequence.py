@@ -10,12 +10,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tokenizers.decoders import DecodeStream
 
 from server.engine.base import SamplingParams, SeqDelta, TokenLogprob
+
+if TYPE_CHECKING:
+    from server.engine.native.positions import SequencePositions
 
 
 class Status(enum.Enum):
@@ -34,7 +37,7 @@ class Sequence:
     emit: Callable[[SeqDelta], None]  # thread-safe sink for deltas
     tokenizer_backend: object  # a `tokenizers.Tokenizer`, for incremental decoding
     eos_token_ids: frozenset[int]
-    positions: object = None  # positions.SequencePositions: this sequence's rotary table
+    positions: SequencePositions | None = None  # this sequence's rotary table, fixed for its life
     generator: torch.Generator | None = None  # per-sequence RNG when a seed is given
     status: Status = Status.WAITING
     slot: int | None = None
