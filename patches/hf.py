@@ -43,6 +43,8 @@ def forward_positions(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
 
 def install_position(model, spec: PositionSpec) -> list:
     """Patch `model` in place for `spec`; returns hook handles (call .remove() to undo the hooks)."""
+    if spec.clipped:
+        raise ValueError(f"{spec.type!r} changes the attention step itself; it runs in longserve's native engine only")
     head_dim, base, trained_len = model_rope_facts(model.config)
     decoder = model.model
     rotary = decoder.rotary_emb

@@ -20,8 +20,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PositionType = Literal["rope", "linear", "ntk", "ntk-old", "ntk-mixed", "yarn", "dynamic"]
+PositionType = Literal["rope", "linear", "ntk", "ntk-old", "ntk-mixed", "yarn", "dynamic", "rerope", "leaky-rerope"]
 POSITION_TYPES: tuple[str, ...] = PositionType.__args__
+CLIPPED_TYPES = ("rerope", "leaky-rerope")  # patches/rerope.py: relative distances clipped at a window
 
 
 class PositionSpec(BaseModel):
@@ -35,17 +36,32 @@ class PositionSpec(BaseModel):
     logn: bool = False
     beta_fast: float = Field(32.0, gt=0.0, description="yarn: rotations above which a pair is kept as trained")
     beta_slow: float = Field(1.0, gt=0.0, description="yarn: rotations below which a pair is interpolated")
+    window: int | None = Field(None, ge=1, description="rerope: distances past it read as the window (default L/4)")
+    k: float = Field(16.0, ge=1.0, description="leaky-rerope: past the window, distance grows with slope 1/k")
 
     @model_validator(mode="after")
     def check(self):
-        if self.type == "rope" and self.factor != 1.0:
-            raise ValueError("type 'rope' takes no factor; pick a scaling type such as 'ntk-mixed'")
+        if self.type in ("rope", *CLIPPED_TYPES) and self.factor != 1.0:
+            raise ValueError(f"type {self.type!r} takes no factor; set --max-model-len for the length to serve")
+        if self.window is not None and self.type not in CLIPPED_TYPES:
+            raise ValueError(f"'window' applies to {' and '.join(CLIPPED_TYPES)}, not to {self.type!r}")
         if self.beta_slow >= self.beta_fast:
             raise ValueError("yarn needs beta_slow < beta_fast")
         return self
 
+    @property
+    def clipped(self) -> bool:
+        return self.type in CLIPPED_TYPES
+
     def target_len(self, trained_len: int) -> int:
         return int(trained_len * self.factor)
+
+    def window_for(self, trained_len: int) -> int:
+        return self.window or trained_len // 4
+
+    def leak(self) -> float:
+        """Slope of the distance past the window: 0 for rerope, 1/k for leaky-rerope."""
+        return 1.0 / self.k if self.type == "leaky-rerope" else 0.0
 
     def describe(self) -> dict:
         """The fields that matter for this type, for /v1/models and reports."""
@@ -56,6 +72,11 @@ class PositionSpec(BaseModel):
             keep.add("b")
         if self.type == "yarn":
             keep |= {"beta_fast", "beta_slow"}
+        if self.clipped:
+            keep.discard("factor")
+            keep.add("window")
+        if self.type == "leaky-rerope":
+            keep.add("k")
         return self.model_dump(include=keep)
 
 
@@ -129,7 +150,7 @@ def yarn_table(head_dim: int, base: float, factor: float, trained_len: int, beta
 def rope_table(spec: PositionSpec, head_dim: int, base: float, trained_len: int, seq_len: int | None = None) -> RopeTable:
     """The table for `spec`; `seq_len` (prompt + max tokens) fixes dynamic's scale."""
     k = spec.factor
-    if spec.type == "rope":
+    if spec.type in ("rope", *CLIPPED_TYPES):  # clipped types keep the trained frequencies
         return RopeTable(default_inv_freq(head_dim, base))
     if spec.type == "linear":
         return RopeTable(linear_inv_freq(head_dim, base, k))
@@ -150,6 +171,16 @@ def logn_factors(positions: torch.Tensor, trained_len: int) -> torch.Tensor:
     """Query scale for 0-based positions: max(1, ln n / ln L) with n = position + 1."""
     n = positions.to(torch.float32) + 1
     return torch.clamp(torch.log(n) / math.log(trained_len), min=1.0)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn x by the angles whose cos and sin are given (rotate-half layout)."""
+    return x * cos + rotate_half(x) * sin
 
 
 def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float | torch.Tensor = 1.0):

@@ -88,6 +88,8 @@ class NativeEngine:
         model_config = model.config
         self.trained_len = model_config.max_position_embeddings
         self.position = config.position
+        if self.position.clipped:  # report the window in use, not "default"
+            self.position = self.position.model_copy(update={"window": self.position.window_for(self.trained_len)})
         self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
         self.eos_token_ids = eos_ids(model, tokenizer)
         sliding = getattr(model_config, "sliding_window", None) if getattr(model_config, "use_sliding_window", True) else None

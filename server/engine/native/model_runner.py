@@ -10,6 +10,7 @@ Two entry points:
   and attending to everything already cached for that sequence;
 - decode(seqs): one new token for each running sequence, all in one batch,
   whatever their lengths (a length mask per row).
+How positions enter attention, and what the cache keeps, is attention.py's.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from server.engine.native.attention import DecodeAttention, PrefillAttention
 from server.engine.native.kv_cache import SlotCache
-from server.engine.native.positions import Positions, SequencePositions
+from server.engine.native.positions import Positions
 from server.engine.native.sequence import Sequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -59,6 +61,7 @@ class ModelRunner:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.device = cache.device
+        self.dtype = model.dtype
         self.idle_row = positions.for_sequence(None, 0)
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.act = ACT2FN[config.hidden_act]
@@ -72,22 +75,9 @@ class ModelRunner:
         or after every position of the chunk ([end - start, vocab]) when asked."""
         ids = torch.tensor([seq.all_ids[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-        slot = seq.slot
-        mask = None
-        if start > 0:  # queries [start, end) see keys [0, end), causally
-            keys_at = torch.arange(end, device=self.device)
-            mask = keys_at.unsqueeze(0) <= positions.transpose(0, 1)
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.cache.keys[layer][slot, :, start:end] = k[0]
-            self.cache.values[layer][slot, :, start:end] = v[0]
-            keys = self.cache.keys[layer][slot : slot + 1, :, :end]
-            values = self.cache.values[layer][slot : slot + 1, :, :end]
-            return F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
-            )
-
-        hidden = self._forward(ids, positions, [seq.positions], attend)
+        encoding = self.positions.encode([seq.positions], positions, self.dtype)
+        attend = PrefillAttention(self.cache, seq.slot, start, end, encoding, self.scale)
+        hidden = self._forward(ids, attend)
         return self._logits(hidden[0] if every_position else hidden[0, -1])
 
     @torch.inference_mode()
@@ -96,41 +86,22 @@ class ModelRunner:
         rows = self.cache.rows_in_use
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         lengths = torch.zeros(rows, dtype=torch.long)  # free rows: a dummy token at position 0
+        row_positions = [self.idle_row] * rows  # free or prefilling rows: any table will do
         for seq in seqs:
             tokens[seq.slot, 0] = seq.last_token
             lengths[seq.slot] = seq.num_cached
-        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-        positions = lengths.unsqueeze(1)
-        span = int(lengths.max()) + 1
-        mask = torch.arange(span, device=self.device).unsqueeze(0) <= lengths.unsqueeze(1)
-        mask = None if bool(mask.all()) else mask[:, None, None, :]  # [rows, 1, 1, span]
-        slots = torch.tensor([seq.slot for seq in seqs], device=self.device)
-        write_at = lengths[slots]
-        groups = self.num_heads // self.num_kv_heads
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            # Only rows of running sequences write: a free or prefilling row is a
-            # dummy whose output is dropped, and must not touch its slot.
-            self.cache.keys[layer][slots, :, write_at] = k[slots, :, 0]
-            self.cache.values[layer][slots, :, write_at] = v[slots, :, 0]
-            keys = self.cache.keys[layer][:rows, :, :span]
-            values = self.cache.values[layer][:rows, :, :span]
-            # One query token per row: fold the query heads that share a KV head
-            # into the query-length axis, so plain SDPA serves grouped-query attention.
-            grouped = q.reshape(rows, self.num_kv_heads, groups, self.head_dim)
-            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
-            return out.reshape(rows, self.num_heads, 1, self.head_dim)
-
-        row_positions = [self.idle_row] * rows  # free or prefilling rows: any table will do
-        for seq in seqs:
             row_positions[seq.slot] = seq.positions
-        hidden = self._forward(tokens, positions, row_positions, attend)
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        slots = torch.tensor([seq.slot for seq in seqs], device=self.device)
+        encoding = self.positions.encode(row_positions, lengths.unsqueeze(1), self.dtype)
+        attend = DecodeAttention(self.cache, slots, lengths, encoding, self.num_heads, self.scale)
+        hidden = self._forward(tokens, attend)
         return self._logits(hidden[slots, -1])
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: list[SequencePositions], attend) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder stack over ids [rows, tokens]; `attend(layer, q, k, v)` places positions and attends."""
         batch, tokens = ids.shape
         hidden = self.decoder.embed_tokens(ids)
-        encoding = self.positions.encode(rows, positions, hidden.dtype)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, layer in enumerate(self.decoder.layers):
             x = layer.input_layernorm(hidden)
@@ -138,8 +109,6 @@ class ModelRunner:
             q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = encoding.rotate_query(q)
-            k = encoding.rotate_key(k)  # rotated before caching: see positions.py
             out = attend(index, q, k, v)
             out = out.transpose(1, 2).reshape(batch, tokens, q_size)
             hidden = hidden + layer.self_attn.o_proj(out)

@@ -1,15 +1,17 @@
-"""Rotary positions per sequence: which table each sequence uses, and applying it.
+"""Rotary positions per sequence: which table each sequence uses, and how it turns q and k.
 
-Every sequence carries its own table (patches/rope.py), fixed when it is
+Every sequence carries its own setting (patches/rope.py), fixed when it is
 created, so one batch can mix requests with different position settings.
 
-Cache choice: keys are rotated *before* they are cached. A table never
-changes during a request, so a cached key stays right for every later step.
-That makes every type here consistent, `dynamic` included: its scale is fixed
-once per request from prompt length + max_tokens (not re-derived as the
-sequence grows, which would leave old keys at an old scale). Schemes that
-need the relative distance at attention time (ReRoPE) must instead cache keys
-before rotation and rotate what they read.
+What the cache keeps, per sequence:
+- plain and scaled RoPE: keys *after* rotation. A table never changes during
+  a request, so a cached key stays right for every later step. That makes
+  every such type consistent, `dynamic` included: its scale is fixed once per
+  request from prompt length + max_tokens (not re-derived as the sequence
+  grows, which would leave old keys at an old scale).
+- rerope / leaky-rerope: keys in the far form R_{j*leak} k, which for ReRoPE
+  is the key before rotation; attention turns the keys in a query's window
+  on by their remaining angle (patches/rerope.py).
 """
 
 from __future__ import annotations
@@ -18,36 +20,58 @@ from dataclasses import dataclass
 
 import torch
 
-from patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table
+from patches.rerope import far_key_positions, far_query_positions
+from patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table, rotate
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass
+class Rotation:
+    cos: torch.Tensor  # [rows, 1, tokens, d]
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return rotate(x, self.cos, self.sin)
+
+
+@dataclass
+class Clipping:
+    """The rows that use ReRoPE or Leaky ReRoPE, and their settings."""
+
+    rows: torch.Tensor  # bool [rows]
+    window: torch.Tensor  # long [rows]
+    leak: torch.Tensor  # float [rows]
+    inv_freq: torch.Tensor  # the trained table, which every clipped row uses
+    far_query: Rotation  # R_{p(i)}: the query for scores past the window
 
 
 @dataclass
 class Encoding:
-    """What one forward pass needs: cos/sin [rows, 1, tokens, d] and an optional query scale."""
+    """What one forward pass needs to place its tokens."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    query: Rotation  # R_i
+    key: Rotation  # what the cache keeps: R_i, or R_{i*leak} for clipped rows
     query_scale: torch.Tensor | None  # [rows, 1, tokens, 1]; None when no row uses log-n
+    clipping: Clipping | None  # None when no row is clipped
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.cos + rotate_half(x) * self.sin
-
-    def rotate_query(self, q: torch.Tensor) -> torch.Tensor:
-        q = self.rotate(q)
+    def scale(self, q: torch.Tensor) -> torch.Tensor:
         return q if self.query_scale is None else q * self.query_scale
 
-    rotate_key = rotate
+    def rotate_query(self, q: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.query.apply(q))
+
+    def rotate_far_query(self, q: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.clipping.far_query.apply(q))
+
+    def rotate_key(self, k: torch.Tensor) -> torch.Tensor:
+        return self.key.apply(k)
 
 
 @dataclass(frozen=True)
 class SequencePositions:
     table: RopeTable
     logn: bool
+    window: int | None = None  # set for rerope and leaky-rerope
+    leak: float = 0.0
 
 
 class Positions:
@@ -66,6 +90,8 @@ class Positions:
 
     def for_sequence(self, spec: PositionSpec | None, seq_len: int) -> SequencePositions:
         spec = spec or self.default_spec
+        if spec.clipped:
+            return SequencePositions(self.model_table, spec.logn, spec.window_for(self.trained_len), spec.leak())
         if self.is_identity(spec, seq_len):
             return SequencePositions(self.model_table, spec.logn)
         if spec.type == "dynamic":  # one table per length: cheap to build, not worth keeping
@@ -86,16 +112,35 @@ class Positions:
 
     def encode(self, rows: list[SequencePositions], positions: torch.Tensor, dtype: torch.dtype) -> Encoding:
         """Encoding for positions [rows, tokens], row i using rows[i]."""
-        if all(row.table is rows[0].table for row in rows):
-            inv_freq = rows[0].table.inv_freq
-            factor: float | torch.Tensor = rows[0].table.attention_factor
-        else:
-            inv_freq = torch.stack([row.table.inv_freq for row in rows]).unsqueeze(1)  # [rows, 1, d/2]
-            factor = torch.tensor([row.table.attention_factor for row in rows], device=positions.device).view(-1, 1, 1)
-        cos, sin = cos_sin(inv_freq, positions, factor)
+        inv_freq, factor = self._tables_of(rows, positions.device)
+        query = self._rotation(inv_freq, positions, factor, dtype)
+        key, clipping = query, None
+        if any(row.window is not None for row in rows):
+            clipped = torch.tensor([row.window is not None for row in rows], device=positions.device)
+            window = torch.tensor([row.window or 0 for row in rows], device=positions.device)
+            leak = torch.tensor([row.leak for row in rows], device=positions.device)
+            key_at = torch.where(clipped.unsqueeze(1), far_key_positions(positions, leak.unsqueeze(1)), positions)
+            key = self._rotation(inv_freq, key_at, factor, dtype)
+            far_at = far_query_positions(positions, window.unsqueeze(1), leak.unsqueeze(1))
+            far_query = self._rotation(inv_freq, far_at, factor, dtype)
+            clipping = Clipping(clipped, window, leak, self.model_table.inv_freq, far_query)
         query_scale = None
         if any(row.logn for row in rows):
             scale = logn_factors(positions, self.trained_len)
             wanted = torch.tensor([row.logn for row in rows], device=positions.device).unsqueeze(1)
             query_scale = torch.where(wanted, scale, torch.ones_like(scale))[:, None, :, None].to(dtype)
-        return Encoding(cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype), query_scale)
+        return Encoding(query, key, query_scale, clipping)
+
+    @staticmethod
+    def _tables_of(rows: list[SequencePositions], device: torch.device):
+        """One table for all rows where they share it; else per-row stacks."""
+        if all(row.table is rows[0].table for row in rows):
+            return rows[0].table.inv_freq, rows[0].table.attention_factor
+        inv_freq = torch.stack([row.table.inv_freq for row in rows]).unsqueeze(1)  # [rows, 1, d/2]
+        factor = torch.tensor([row.table.attention_factor for row in rows], device=device).view(-1, 1, 1)
+        return inv_freq, factor
+
+    @staticmethod
+    def _rotation(inv_freq, positions: torch.Tensor, factor, dtype: torch.dtype) -> Rotation:
+        cos, sin = cos_sin(inv_freq, positions, factor)
+        return Rotation(cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype))

@@ -1,0 +1,192 @@
+"""ReRoPE and Leaky ReRoPE against a naive reference: the full clipped relative-position matrix.
+
+The reference runs transformers' own model with rotary turned off (cos 1,
+sin 0, so attention gets q and k before rotation) and an attention function
+registered here that builds the distance matrix D[i, j], turns each query by
+D[i, j] against each unrotated key, and takes a plain causal softmax. It
+shares nothing with patches/rerope.py's two-form split.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from patches.rerope import attention_lse, clipped_distance, explicit, flash_cpu
+from patches.rope import PositionSpec
+from server.engine.base import SamplingParams
+from server.engine.native.sequence import Sequence
+from tests.conftest import make_engine, tiny_model
+
+TRAINED = 64  # the tiny model's nominal trained length, so log-n acts past 64 tokens
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def reference_model(seed: int, spec: PositionSpec, **overrides):
+    """A tiny Llama whose attention is the naive clipped-distance formula for `spec`."""
+    from transformers import AttentionInterface
+
+    model = tiny_model("llama", seed=seed, max_position_embeddings=TRAINED, **overrides)
+    inv_freq = model.model.rotary_emb.inv_freq.float()
+    window = spec.window_for(TRAINED)
+    leak = 1.0 / spec.k if spec.type == "leaky-rerope" else 0.0
+
+    def no_rotation(x, position_ids):
+        shape = (*position_ids.shape, inv_freq.shape[0] * 2)
+        return torch.ones(shape, dtype=x.dtype), torch.zeros(shape, dtype=x.dtype)
+
+    def naive(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        batch, heads, length, dim = query.shape
+        groups = heads // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        at = torch.arange(length)
+        if spec.type == "rope":
+            distance = (at[:, None] - at[None, :]).float()
+        else:
+            distance = clipped_distance(at[:, None] - at[None, :], window, leak)  # D[i, j]
+        angles = distance.unsqueeze(-1) * inv_freq  # [L, L, d/2]
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        turned = query.unsqueeze(3) * cos + rotate_half(query).unsqueeze(3) * sin  # [B, H, L(i), L(j), d]
+        scores = (turned * key.unsqueeze(2)).sum(-1) * scaling
+        if spec.logn:
+            n = (at + 1).float()
+            scores = scores * torch.clamp(torch.log(n) / math.log(TRAINED), min=1.0)[:, None]
+        scores = scores.masked_fill(at[None, :] > at[:, None], float("-inf"))
+        return (scores.softmax(-1) @ value).transpose(1, 2), None
+
+    AttentionInterface.register("naive_clipped", naive)
+    model.set_attn_implementation("naive_clipped")
+    model.model.rotary_emb.forward = no_rotation
+    return model
+
+
+def reference_logits(seed: int, spec: PositionSpec, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference_model(seed, spec)(torch.tensor([ids])).logits[0]
+
+
+class Driver:
+    """Drives the engine's model runner directly: chunked prefill, then decode steps in one batch."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def start(self, ids: list[int], spec: PositionSpec, chunk: int) -> tuple[Sequence, list[torch.Tensor]]:
+        engine = self.engine
+        seq = Sequence("probe", 0, list(ids), SamplingParams(max_tokens=64), lambda d: None,
+                       engine.tokenizer.backend_tokenizer, frozenset())
+        seq.positions = engine.positions.for_sequence(spec, len(ids) + 64)
+        seq.slot = engine.cache.allocate()
+        engine.cache.reserve(seq.slot, len(ids) + 64)
+        logits = []
+        for start in range(0, len(ids), chunk):
+            end = min(len(ids), start + chunk)
+            logits += list(engine.runner.prefill(seq, start, end, every_position=True))
+            seq.num_cached = end
+        seq.output_ids.append(int(logits[-1].argmax()))
+        return seq, logits
+
+    def step(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        out = self.engine.runner.decode(seqs)
+        for seq, row in zip(seqs, out):
+            seq.num_cached += 1
+            seq.output_ids.append(int(row.argmax()))
+        return list(out)
+
+
+def engine_for(seed: int, tokenizer, **config):
+    engine = make_engine(tiny_model("llama", seed=seed, max_position_embeddings=TRAINED), tokenizer, max_model_len=512, **config)
+    engine.shutdown()  # the runner is driven directly
+    return engine
+
+
+def prompt(tokenizer, length: int, salt: str = "") -> list[int]:
+    return tokenizer.encode(f"{salt} It was the best of times, it was the worst of times, " * 40)[:length]
+
+
+def assert_logits_close(got: torch.Tensor, expected: torch.Tensor):
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-3)
+
+
+SPECS = [
+    pytest.param(PositionSpec(type="rerope", window=16), 24, id="rerope-w16-chunk24"),
+    pytest.param(PositionSpec(type="rerope", window=16, logn=True), 24, id="rerope-w16-logn"),
+    pytest.param(PositionSpec(type="rerope", window=40), 16, id="rerope-w40-chunk16"),
+    pytest.param(PositionSpec(type="leaky-rerope", window=12, k=4), 16, id="leaky-w12-k4"),
+    pytest.param(PositionSpec(type="leaky-rerope", window=20, k=2, logn=True), 64, id="leaky-w20-k2-logn"),
+]
+
+
+@pytest.mark.parametrize("spec,chunk", SPECS)
+def test_prefill_and_every_decode_step_match_the_naive_reference(tokenizer, spec, chunk):
+    """A batch of unequal lengths, prefilled in chunks, then decoded together: every logit row
+    equals the naive reference recomputed over the whole sequence so far."""
+    driver = Driver(engine_for(11, tokenizer, position=spec))
+    started = [driver.start(prompt(tokenizer, n, salt), spec, chunk) for n, salt in ((90, "a"), (37, "b"), (70, "c"))]
+    seqs = [seq for seq, _ in started]
+    decoded = [[] for _ in seqs]
+    for _ in range(12):
+        for rows, logits in zip(decoded, driver.step(seqs)):
+            rows.append(logits)
+    for (seq, prefill), steps in zip(started, decoded):
+        ids = seq.all_ids[: len(seq.prompt_ids) + len(steps)]
+        expected = reference_logits(11, spec, ids)
+        assert_logits_close(torch.stack(prefill + steps), expected)
+        assert torch.isfinite(torch.stack(steps)).all()
+
+
+def test_window_past_the_sequence_is_plain_rope(tokenizer):
+    ids = prompt(tokenizer, 120)
+    driver = Driver(engine_for(12, tokenizer))
+    _, plain = driver.start(ids, PositionSpec(), chunk=50)
+    for spec in (PositionSpec(type="rerope", window=200), PositionSpec(type="leaky-rerope", window=120, k=3)):
+        _, clipped = driver.start(ids, spec, chunk=50)
+        assert_logits_close(torch.stack(clipped), torch.stack(plain))
+    # and the reference agrees that a window past the sequence is no clipping at all
+    assert_logits_close(reference_logits(12, PositionSpec(type="rerope", window=200), ids), reference_logits(12, PositionSpec(), ids))
+
+
+def test_leaky_with_a_very_large_k_approaches_rerope(tokenizer):
+    ids = prompt(tokenizer, 100)
+    driver = Driver(engine_for(13, tokenizer))
+    _, rerope = driver.start(ids, PositionSpec(type="rerope", window=16), chunk=32)
+    gaps = []
+    for k in (4.0, 64.0, 1e6):
+        _, leaky = driver.start(ids, PositionSpec(type="leaky-rerope", window=16, k=k), chunk=32)
+        gaps.append(float((torch.stack(leaky) - torch.stack(rerope)).abs().max()))
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-3
+
+
+def test_rerope_and_plain_sequences_decode_together(tokenizer):
+    """Per-request settings: one batch mixes a plain row (keys cached rotated) and clipped rows."""
+    spec = PositionSpec(type="rerope", window=16, logn=True)
+    driver = Driver(engine_for(14, tokenizer))
+    plain_seq, _ = driver.start(prompt(tokenizer, 50, "p"), PositionSpec(), chunk=64)
+    clipped_seq, _ = driver.start(prompt(tokenizer, 80, "q"), spec, chunk=64)
+    steps = [driver.step([plain_seq, clipped_seq]) for _ in range(6)]
+    for seq, setting, column in ((plain_seq, PositionSpec(), 0), (clipped_seq, spec, 1)):
+        expected = reference_logits(14, setting, seq.all_ids[: seq.num_cached])
+        assert_logits_close(torch.stack([step[column] for step in steps]), expected[len(seq.prompt_ids) :])
+
+
+def test_the_explicit_path_equals_the_cpu_kernel():
+    """Devices other than CPU use the explicit path; both give the same output and log-sum-exp."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
+    mask = torch.rand(300, 90) > 0.5
+    mask[7] = False  # a query with nothing to look at
+    for rows_mask in (mask, None):
+        fast = flash_cpu(q, k, v, None if rows_mask is None else rows_mask, 0.25)
+        slow = explicit(q, k, v, rows_mask, 0.25)
+        torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+        if rows_mask is None:
+            torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
+    out, lse = attention_lse(torch.randn(1, 4, 300, 16), k, v, mask, 0.25)  # grouped: 4 query heads, 2 KV heads
+    assert torch.all(out[:, :, 7] == 0) and torch.all(lse[:, :, 7] == float("-inf"))
+    assert torch.isfinite(lse[:, :, :7]).all()
