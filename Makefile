@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
 ARGS ?=
 
-.PHONY: setup model serve test bench-engine clean
+.PHONY: setup model serve test bench-engine bench-positions clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test: model
 
 bench-engine: model
 	$(PY) -m server.engine.native.benchmark $(ARGS)
+
+bench-positions: model
+	$(PY) -m server.engine.native.position_cost $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

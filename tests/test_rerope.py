@@ -190,3 +190,25 @@ def test_the_explicit_path_equals_the_cpu_kernel():
     out, lse = attention_lse(torch.randn(1, 4, 300, 16), k, v, mask, 0.25)  # grouped: 4 query heads, 2 KV heads
     assert torch.all(out[:, :, 7] == 0) and torch.all(lse[:, :, 7] == float("-inf"))
     assert torch.isfinite(lse[:, :, :7]).all()
+
+
+def test_bundled_model_answers_with_a_window_shorter_than_the_prompt(bundled_model, tokenizer):
+    import asyncio
+
+    from server.engine.base import GenerationRequest
+
+    engine = make_engine(bundled_model, tokenizer, position=PositionSpec(type="rerope", window=16, logn=True))
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) > 16  # the question sits partly past the window
+
+        async def run():
+            out = ""
+            async for delta in engine.generate(GenerationRequest("r", [ids], SamplingParams(max_tokens=12, temperature=0.0))):
+                out += delta.text
+            return out
+
+        assert "Paris" in asyncio.run(run())
+    finally:
+        engine.shutdown()

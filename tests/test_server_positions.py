@@ -68,3 +68,32 @@ def test_echo_logprobs_score_the_prompt_like_a_direct_forward(tokenizer):
             assert scores[1:] == pytest.approx(expected, abs=1e-4)
         no_echo = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 0})
         assert no_echo.status_code == 400 and "echo" in no_echo.json()["error"]["message"]
+
+
+def test_a_rerope_server_reports_its_window_and_takes_clipped_settings_per_request(tokenizer):
+    model = tiny_model("llama", seed=9, max_position_embeddings=128)
+    engine = make_engine(model, tokenizer, max_model_len=512, position=PositionSpec(type="rerope", logn=True))
+    prompt = tokenizer.decode(tokenizer.encode("Numbers: 1 2 3 4 5 6 7 8 9 10 " * 20)[:300])
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}
+    with running_server(engine) as url:
+        entry = httpx.get(f"{url}/v1/models").json()["data"][0]
+        assert entry["position"] == {"type": "rerope", "window": 32, "logn": True}  # default window L/4
+        assert entry["max_model_len"] == 512
+
+        def scores(extra: dict) -> list:
+            reply = httpx.post(f"{url}/v1/completions", json={**body, **extra})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+        server_default = scores({})
+        assert scores({"position": {"type": "rerope", "window": 32, "logn": True}}) == server_default
+        assert scores({"position": {"type": "leaky-rerope", "window": 64, "k": 8}}) != server_default
+        assert scores({"position": {"type": "rope"}}) != server_default
+        for bad, param in (({"type": "rerope", "window": 0}, "position.window"),
+                           ({"type": "leaky-rerope", "k": 0.5}, "position.k"),
+                           ({"type": "rerope", "factor": 2}, "position")):
+            reply = httpx.post(f"{url}/v1/completions", json={**body, "position": bad})
+            assert reply.status_code == 400, bad
+            assert reply.json()["error"]["param"] == param
+        message = httpx.post(f"{url}/v1/completions", json={**body, "position": {"type": "ntk", "window": 8}}).json()["error"]["message"]
+        assert "window" in message and "rerope" in message
