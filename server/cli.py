@@ -13,6 +13,7 @@ import sys
 
 from pydantic import ValidationError
 
+from patches.rope import POSITION_TYPES
 from server.models import DEFAULT_MODEL, ModelError
 
 EXIT_USAGE = 2
@@ -39,7 +40,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--position",
         type=json_object,
         help='position scaling as JSON, e.g. \'{"type": "ntk-mixed", "factor": 2, "b": 0.625, "logn": true}\'; '
-        "types: rope, linear, ntk, ntk-old, ntk-mixed, yarn, dynamic",
+        f"types: {', '.join(POSITION_TYPES)}",
     )
     add("--max-waiting", type=int, help="sequences queued beyond the batch before 429 (default 256)")
     add("--prefill-chunk", type=int, help="prompt tokens per prefill step (default 1024)")
