@@ -25,6 +25,8 @@ in the near form, then keeps the right one per key.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from patches.rope import cos_sin, rotate
@@ -55,46 +57,59 @@ def turn(keys: torch.Tensor, inv_freq: torch.Tensor, angles_at: torch.Tensor) ->
     return rotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
 
 
-def attention_lse(q, k, v, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale) v over the keys `mask` allows, and the log-sum-exp of those scores.
+@dataclass
+class KeyMask:
+    """Which keys each query may see, prepared once and reused by every layer.
+
+    Rows are folded for grouped-query attention: the `groups` query heads that
+    share a KV head go along the query axis, so the keys are never copied.
+    """
+
+    allowed: torch.Tensor  # bool [groups * Lq, Lk]
+    additive: torch.Tensor  # 0 where allowed, -inf elsewhere, in the compute dtype
+    empty: torch.Tensor  # bool [groups * Lq]: rows that see no key at all
+
+    @classmethod
+    def build(cls, allowed: torch.Tensor, groups: int, dtype: torch.dtype) -> "KeyMask":
+        folded = allowed.repeat(groups, 1)
+        additive = torch.zeros(folded.shape, dtype=dtype, device=folded.device).masked_fill_(~folded, float("-inf"))
+        return cls(folded, additive, ~folded.any(-1))
+
+
+def attention_lse(q, k, v, mask: KeyMask | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale) v over the keys `mask` allows (all when None), and the
+    log-sum-exp of those scores.
 
     q [B, H, Lq, d]; k, v [B, KV, Lk, d] with H a multiple of KV (grouped-query
-    attention); mask bool [Lq, Lk], True where a query may look, or None for all.
-    A query with nothing to look at gets output 0 and log-sum-exp -inf.
+    attention). A query with nothing to look at gets output 0 and log-sum-exp -inf.
     """
     batch, heads, rows, dim = q.shape
     kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    # Queries sharing a KV head go along the query axis: no copies of the keys.
-    folded = q.reshape(batch, kv_heads, groups * rows, dim)
-    folded_mask = None if mask is None else mask.repeat(groups, 1)
+    folded = q.reshape(batch, kv_heads, heads // kv_heads * rows, dim)
     if q.device.type == "cpu":
-        out, lse = flash_cpu(folded, k, v, folded_mask, scale)
+        out, lse = flash_cpu(folded, k, v, None if mask is None else mask.additive, scale)
     else:
-        out, lse = explicit(folded, k, v, folded_mask, scale)
+        out, lse = explicit(folded, k, v, None if mask is None else mask.allowed, scale)
     if mask is not None:
-        lse = lse.masked_fill(~folded_mask.any(-1), float("-inf"))
+        lse = lse.masked_fill(mask.empty, float("-inf"))
     return out.reshape(batch, heads, rows, v.shape[-1]), lse.reshape(batch, heads, rows)
 
 
-def flash_cpu(q, k, v, mask, scale):
+def flash_cpu(q, k, v, additive_mask: torch.Tensor | None, scale: float):
     # Public SDPA does not return the log-sum-exp that merging needs; this is
     # the kernel SDPA itself runs on CPU, and returns it (torch is pinned).
-    additive = None
-    if mask is not None:
-        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive_mask, scale=scale)
     return out, lse.float()
 
 
-def explicit(q, k, v, mask, scale):
+def explicit(q, k, v, allowed: torch.Tensor | None, scale: float):
     """The same computation with materialized scores, a block of query rows at a time."""
     outs, lses = [], []
     for first in range(0, q.shape[2], EXPLICIT_QUERY_ROWS):
         block = slice(first, first + EXPLICIT_QUERY_ROWS)
         scores = (q[:, :, block] @ k.transpose(-1, -2)).float() * scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask[block], float("-inf"))
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[block], float("-inf"))
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         weights = torch.exp(scores - lse).nan_to_num(0.0)  # rows with no keys: -inf - -inf
         outs.append((weights.to(v.dtype) @ v))
@@ -104,38 +119,54 @@ def explicit(q, k, v, mask, scale):
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Attention over the union of disjoint key sets, from each set's (output, log-sum-exp)."""
+    if len(parts) == 1:
+        return parts[0][0]
     total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
     merged = sum(torch.exp(lse - total).unsqueeze(-1) * out.float() for out, lse in parts)
     return merged.to(parts[0][0].dtype)
 
 
-def clipped_prefill_attention(
-    q_near, q_far, keys, values, start: int, window: int, leak: float, inv_freq: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Queries at positions [start, start + Lq) of one sequence over its keys [0, start + Lq).
+@dataclass
+class PrefillPlan:
+    """The key ranges, masks and turning angles of one prefill chunk: the same for every layer."""
 
-    q_near, q_far [1, H, Lq, d]: the queries turned for the near and far forms
-    (log-n already applied); keys, values [1, KV, >= start + Lq, d]: the cache
-    in the far form. Returns [1, H, Lq, d].
-    """
-    device = q_near.device
-    end = start + q_near.shape[2]
-    far_end = max(0, start - window + 1)  # keys [0, far_end): far for every query
-    near_start = max(0, end - window)  # keys [near_start, end): near for every query
-    band = (far_end, max(far_end, near_start))
+    far_end: int  # keys [0, far_end): far for every query
+    band_end: int  # keys [far_end, band_end): far where i - j >= w (band_mask)
+    end: int  # keys [far_end, end): near where 0 <= i - j < w (near_mask)
+    band_mask: KeyMask | None
+    near_mask: KeyMask
+    near_cos: torch.Tensor  # turns cached keys [far_end, end) on to their near form
+    near_sin: torch.Tensor
+
+
+def plan_prefill(start: int, end: int, window: int, leak: float, inv_freq: torch.Tensor, groups: int,
+                 dtype: torch.dtype) -> PrefillPlan:
+    """Queries at positions [start, end) of one sequence, over its keys [0, end)."""
+    device = inv_freq.device
+    far_end = max(0, start - window + 1)
+    band_end = max(far_end, end - window)
     queries_at = torch.arange(start, end, device=device).unsqueeze(1)
+    band_mask = None
+    if band_end > far_end:
+        band_mask = KeyMask.build(queries_at - torch.arange(far_end, band_end, device=device) >= window, groups, dtype)
+    keys_at = torch.arange(far_end, end, device=device)
+    distance = queries_at - keys_at
+    near_mask = KeyMask.build((distance >= 0) & (distance < window), groups, dtype)
+    cos, sin = cos_sin(inv_freq, keys_at * (1.0 - leak))
+    return PrefillPlan(far_end, band_end, end, band_mask, near_mask, cos.to(dtype), sin.to(dtype))
+
+
+def clipped_prefill_attention(q_near, q_far, keys, values, plan: PrefillPlan, scale: float) -> torch.Tensor:
+    """One prefill chunk: q_near, q_far [1, H, Lq, d] are the queries turned for the near and
+    far forms (log-n applied); keys, values [1, KV, >= plan.end, d] the cache in the far form."""
+    far_end, band_end, end = plan.far_end, plan.band_end, plan.end
     parts = []
     if far_end > 0:
         parts.append(attention_lse(q_far, keys[:, :, :far_end], values[:, :, :far_end], None, scale))
-    if band[1] > band[0]:
-        keys_at = torch.arange(*band, device=device)
-        far_mask = queries_at - keys_at >= window
-        parts.append(attention_lse(q_far, keys[:, :, band[0] : band[1]], values[:, :, band[0] : band[1]], far_mask, scale))
-    keys_at = torch.arange(far_end, end, device=device)
-    distance = queries_at - keys_at
-    near_keys = turn(keys[:, :, far_end:end], inv_freq, keys_at * (1.0 - leak))
-    near_mask = (distance >= 0) & (distance < window)
-    parts.append(attention_lse(q_near, near_keys, values[:, :, far_end:end], near_mask, scale))
+    if plan.band_mask is not None:
+        parts.append(attention_lse(q_far, keys[:, :, far_end:band_end], values[:, :, far_end:band_end], plan.band_mask, scale))
+    near_keys = rotate(keys[:, :, far_end:end], plan.near_cos, plan.near_sin)
+    parts.append(attention_lse(q_near, near_keys, values[:, :, far_end:end], plan.near_mask, scale))
     return merge_attention(parts)
 
 

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from patches.rerope import attention_lse, clipped_distance, explicit, flash_cpu
+from patches.rerope import KeyMask, attention_lse, clipped_distance, explicit, flash_cpu
 from patches.rope import PositionSpec
 from server.engine.base import SamplingParams
 from server.engine.native.sequence import Sequence
@@ -179,17 +179,19 @@ def test_the_explicit_path_equals_the_cpu_kernel():
     """Devices other than CPU use the explicit path; both give the same output and log-sum-exp."""
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
-    mask = torch.rand(300, 90) > 0.5
-    mask[7] = False  # a query with nothing to look at
-    for rows_mask in (mask, None):
-        fast = flash_cpu(q, k, v, None if rows_mask is None else rows_mask, 0.25)
-        slow = explicit(q, k, v, rows_mask, 0.25)
-        torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
-        if rows_mask is None:
-            torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
-    out, lse = attention_lse(torch.randn(1, 4, 300, 16), k, v, mask, 0.25)  # grouped: 4 query heads, 2 KV heads
+    allowed = torch.rand(300, 90) > 0.5
+    allowed[7] = False  # a query with nothing to look at
+    mask = KeyMask.build(allowed, 1, torch.float32)
+    fast, slow = flash_cpu(q, k, v, mask.additive, 0.25), explicit(q, k, v, mask.allowed, 0.25)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    fast, slow = flash_cpu(q, k, v, None, 0.25), explicit(q, k, v, None, 0.25)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    grouped = torch.randn(1, 4, 300, 16)  # 4 query heads over 2 KV heads
+    out, lse = attention_lse(grouped, k, v, KeyMask.build(allowed, 2, torch.float32), 0.25)
     assert torch.all(out[:, :, 7] == 0) and torch.all(lse[:, :, 7] == float("-inf"))
     assert torch.isfinite(lse[:, :, :7]).all()
+    one_head = attention_lse(grouped[:, 3:4], k[:, 1:2], v[:, 1:2], mask, 0.25)  # head 3 reads KV head 1
+    torch.testing.assert_close(out[:, 3:4], one_head[0], rtol=1e-5, atol=1e-5)
 
 
 def test_bundled_model_answers_with_a_window_shorter_than_the_prompt(bundled_model, tokenizer):

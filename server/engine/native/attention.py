@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from patches.rerope import clipped_decode_attention, clipped_prefill_attention
+from patches.rerope import clipped_decode_attention, clipped_prefill_attention, plan_prefill
 from server.engine.native.kv_cache import SlotCache
 from server.engine.native.positions import Encoding
 
@@ -20,11 +20,15 @@ from server.engine.native.positions import Encoding
 class PrefillAttention:
     """Positions [start, end) of the sequence in cache row `slot`, attending to all of [0, end)."""
 
-    def __init__(self, cache: SlotCache, slot: int, start: int, end: int, encoding: Encoding, scale: float):
+    def __init__(self, cache: SlotCache, slot: int, start: int, end: int, encoding: Encoding, groups: int, scale: float):
         self.cache, self.slot, self.start, self.end = cache, slot, start, end
         self.encoding, self.scale = encoding, scale
-        self.mask = None
-        if start > 0 and encoding.clipping is None:  # queries [start, end) see keys [0, end), causally
+        self.mask = self.plan = None
+        clipping = encoding.clipping
+        if clipping is not None:
+            window, leak = int(clipping.window[0]), float(clipping.leak[0])
+            self.plan = plan_prefill(start, end, window, leak, clipping.inv_freq, groups, cache.dtype)
+        elif start > 0:  # queries [start, end) see keys [0, end), causally
             device = cache.device
             self.mask = torch.arange(end, device=device).unsqueeze(0) <= torch.arange(start, end, device=device).unsqueeze(1)
 
@@ -34,15 +38,13 @@ class PrefillAttention:
         self.cache.values[layer][slot, :, start:end] = v[0]
         keys = self.cache.keys[layer][slot : slot + 1, :, :end]
         values = self.cache.values[layer][slot : slot + 1, :, :end]
-        clipping = encoding.clipping
-        if clipping is None:
+        if self.plan is None:
             return F.scaled_dot_product_attention(
                 encoding.rotate_query(q), keys, values,
                 attn_mask=self.mask, is_causal=self.mask is None, scale=self.scale, enable_gqa=True,
             )
         return clipped_prefill_attention(
-            encoding.rotate_query(q), encoding.rotate_far_query(q), keys, values, start,
-            int(clipping.window[0]), float(clipping.leak[0]), clipping.inv_freq, self.scale,
+            encoding.rotate_query(q), encoding.rotate_far_query(q), keys, values, self.plan, self.scale
         )
 
 

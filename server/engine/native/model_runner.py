@@ -76,7 +76,7 @@ class ModelRunner:
         ids = torch.tensor([seq.all_ids[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
         encoding = self.positions.encode([seq.positions], positions, self.dtype)
-        attend = PrefillAttention(self.cache, seq.slot, start, end, encoding, self.scale)
+        attend = PrefillAttention(self.cache, seq.slot, start, end, encoding, self.num_heads // self.num_kv_heads, self.scale)
         hidden = self._forward(ids, attend)
         return self._logits(hidden[0] if every_position else hidden[0, -1])
 
