@@ -46,6 +46,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--prefill-chunk", type=int, help="prompt tokens per prefill step (default 1024)")
     add("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or LONGSERVE_API_KEY)")
     add("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
+    add("--max-contexts", type=int, help="most NBCE contexts in one request (default 64; also at most --max-num-seqs - 1)")
     add("--log-level", choices=["debug", "info", "warning", "error"])
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from patches.nbce import NbceParams
 from patches.rope import PositionSpec
 
 MAX_STOP_STRINGS = 16
@@ -53,6 +54,9 @@ class SamplingFields(StrictModel):
     ignore_eos: bool = False
     # longserve extension: position scaling for this request only
     position: PositionSpec | None = None
+    # longserve extension: NBCE, one answer decoded over many contexts
+    contexts: list[str] | None = None
+    nbce: NbceParams | None = None
 
     @field_validator("stop")
     @classmethod
@@ -87,6 +91,21 @@ class SamplingFields(StrictModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    @model_validator(mode="after")
+    def check_contexts(self):
+        if self.nbce is not None and self.contexts is None:
+            raise ValueError("nbce settings need contexts: give the list of context strings")
+        if self.contexts is not None and self.n != 1:
+            raise ValueError("n > 1 is not supported with contexts; send n = 1")
+        return self
+
+    @field_validator("contexts")
+    @classmethod
+    def check_contexts_given(cls, value):
+        if value is not None and not value:
+            raise ValueError("contexts is empty; give at least one context string, or leave contexts out")
+        return value
 
 
 class CompletionRequest(SamplingFields):

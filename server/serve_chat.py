@@ -7,6 +7,7 @@ from fastapi import Request
 from server.engine.base import GenerationRequest, TokenLogprob
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ChatMessage, now, random_id
+from server.serve_nbce import chat_rows, check_context_count, check_rows, nbce_params
 from server.serving import (
     check_length,
     check_model,
@@ -51,18 +52,28 @@ def chat_logprobs(records: list[TokenLogprob], tokenizer) -> dict:
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
     engine = raw.app.state.engine
     check_model(body.model, engine.model_name)
-    prompt = chat_prompt_ids(body.messages, engine.tokenizer, body.add_generation_prompt)
-    max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
-    check_length(len(prompt), max_tokens, engine.max_model_len)
+    nbce = None
+    if body.contexts is not None:
+        check_context_count(body, raw.app.state.settings.max_contexts, engine.max_num_seqs)
+        rows = chat_rows(body.messages, body.contexts)
+        prompts = [chat_prompt_ids(messages, engine.tokenizer, body.add_generation_prompt) for messages in rows]
+        max_tokens = body.token_limit or max(1, engine.max_model_len - max(len(p) for p in prompts))
+        check_rows(prompts, max_tokens, engine.max_model_len)
+        nbce = nbce_params(body)
+    else:
+        prompts = [chat_prompt_ids(body.messages, engine.tokenizer, body.add_generation_prompt)]
+        max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompts[0]))
+        check_length(len(prompts[0]), max_tokens, engine.max_model_len)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer))
-    request = GenerationRequest(random_id("chatcmpl"), [prompt], params, body.n, position=body.position)
+    request = GenerationRequest(random_id("chatcmpl"), prompts, params, body.n, position=body.position, nbce=nbce)
+    prompt_lengths = [len(p) for p in prompts]  # usage counts every NBCE row
     stream = submit(engine, request)
     created = now()
     abort = lambda: engine.abort(request.request_id)  # noqa: E731
 
     if body.stream:
-        return sse_response(stream_chunks(body, request, stream, engine, created, len(prompt)), abort)
+        return sse_response(stream_chunks(body, request, stream, engine, created, prompt_lengths), abort)
 
     choices = await until_disconnect(raw, collect(stream, request.num_choices), abort)
     return {
@@ -70,20 +81,24 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         "object": "chat.completion",
         "created": created,
         "model": engine.model_name,
-        "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs, engine.tokenizer) if body.logprobs else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": usage([len(prompt)], sum(c.completion_tokens for c in choices)),
+        "choices": [choice_body(body, c, engine.tokenizer) for c in choices],
+        "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
     }
 
 
-async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_len: int):
+def choice_body(body: ChatCompletionRequest, choice, tokenizer) -> dict:
+    entry = {
+        "index": choice.index,
+        "message": {"role": "assistant", "content": choice.text},
+        "logprobs": chat_logprobs(choice.logprobs, tokenizer) if body.logprobs else None,
+        "finish_reason": choice.finish_reason,
+    }
+    if body.contexts is not None:
+        entry["nbce_context_ids"] = choice.context_ids
+    return entry
+
+
+async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_lengths: list[int]):
     def chunk(choices: list[dict]) -> dict:
         event = {"id": request.request_id, "object": "chat.completion.chunk", "created": created, "model": engine.model_name, "choices": choices}
         if body.include_usage:
@@ -92,16 +107,21 @@ async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest,
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(request.num_choices)])
     completion_tokens = [0] * request.num_choices
+    context_ids: list[list[int]] = [[] for _ in range(request.num_choices)]  # NBCE: not yet sent
     async for delta in stream:
         if delta.error:
             raise APIError(500, f"generation failed: {delta.error}")
         completion_tokens[delta.index] = delta.completion_tokens
+        context_ids[delta.index] += delta.context_ids or []
         logprobs = chat_logprobs(delta.logprobs or [], engine.tokenizer) if body.logprobs else None
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
             continue  # a token that ends mid-character: its text comes with the next one
         content = {"content": delta.text} if delta.text else {}
-        yield chunk([{"index": delta.index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}])
+        entry = {"index": delta.index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+        if body.contexts is not None:
+            entry["nbce_context_ids"], context_ids[delta.index] = context_ids[delta.index], []
+        yield chunk([entry])
     if body.include_usage:
         final = chunk([])
-        final["usage"] = usage([prompt_len], sum(completion_tokens))
+        final["usage"] = usage(prompt_lengths, sum(completion_tokens))
         yield final

@@ -7,6 +7,7 @@ from fastapi import Request
 from server.engine.base import GenerationRequest, SeqDelta, TokenLogprob
 from server.errors import APIError
 from server.protocol import CompletionRequest, now, random_id
+from server.serve_nbce import check_context_count, check_rows, completion_rows, nbce_params
 from server.serving import (
     check_length,
     check_model,
@@ -60,18 +61,26 @@ async def create_completion(body: CompletionRequest, raw: Request):
     state = raw.app.state
     engine = state.engine
     check_model(body.model, engine.model_name)
-    prompts = tokenize_prompts(body, engine.tokenizer)
     vocab_size = len(engine.tokenizer)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 is only allowed with echo: true (to score the prompt)", "max_tokens")
-    for index, ids in enumerate(prompts):
-        check_token_ids(ids, vocab_size, "prompt")
-        check_length(len(ids), max_tokens, engine.max_model_len, index if len(prompts) > 1 else None)
+    nbce = None
+    if body.contexts is not None:
+        if body.echo:
+            raise APIError(400, "echo is not supported with contexts: the rows have different prompts", "echo")
+        check_context_count(body, state.settings.max_contexts, engine.max_num_seqs)
+        prompts, nbce = completion_rows(body.prompt, body.contexts, engine.tokenizer), nbce_params(body)
+        check_rows(prompts, max_tokens, engine.max_model_len)
+    else:
+        prompts = tokenize_prompts(body, engine.tokenizer)
+        for index, ids in enumerate(prompts):
+            check_token_ids(ids, vocab_size, "prompt")
+            check_length(len(ids), max_tokens, engine.max_model_len, index if len(prompts) > 1 else None)
     params = sampling_params(body, max_tokens, body.logprobs, vocab_size)
     if body.echo and body.logprobs is not None:
         params.prompt_logprobs = body.logprobs
-    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position)
+    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position, nbce=nbce)
     stream = submit(engine, request)
     created = now()
     model = engine.model_name
@@ -103,19 +112,24 @@ def choice_body(body: CompletionRequest, choice: Choice, prompt: list[int], toke
     logprobs = None
     if body.logprobs is not None:
         logprobs = completion_logprobs(records, tokenizer, 0, first_prompt_token)
-    return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+    entry = {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+    if body.contexts is not None:
+        entry["nbce_context_ids"] = choice.context_ids
+    return entry
 
 
 async def stream_chunks(body: CompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_lengths):
     offsets = [0] * request.num_choices
     completion_tokens = [0] * request.num_choices
     echoed = [not body.echo] * request.num_choices
+    context_ids: list[list[int]] = [[] for _ in range(request.num_choices)]  # NBCE: not yet sent
     delta: SeqDelta
     async for delta in stream:
         if delta.error:
             raise APIError(500, f"generation failed: {delta.error}")
         index = delta.index
         completion_tokens[index] = delta.completion_tokens
+        context_ids[index] += delta.context_ids or []
         text, records, first_prompt_token = delta.text, delta.logprobs or [], None
         if not echoed[index]:  # the prompt leads the first chunk of each choice
             echoed[index] = True
@@ -134,6 +148,8 @@ async def stream_chunks(body: CompletionRequest, request: GenerationRequest, str
             "model": engine.model_name,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}],
         }
+        if body.contexts is not None:
+            chunk["choices"][0]["nbce_context_ids"], context_ids[index] = context_ids[index], []
         if body.include_usage:
             chunk["usage"] = None
         yield chunk

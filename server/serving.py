@@ -29,16 +29,17 @@ def check_model(requested: str | None, served: str) -> None:
         raise APIError(404, f"the model {requested!r} does not exist; this server serves {served!r}", "model", "model_not_found")
 
 
-def check_length(prompt_len: int, max_tokens: int, max_model_len: int, index: int | None = None) -> None:
-    which = "the prompt" if index is None else f"prompt {index}"
+def check_length(prompt_len: int, max_tokens: int, max_model_len: int, index: int | None = None,
+                 which: str | None = None, param: str | None = None) -> None:
+    which = which or ("the prompt" if index is None else f"prompt {index}")
     if prompt_len == 0:
-        raise APIError(400, f"{which} is empty; give at least one token", "prompt")
+        raise APIError(400, f"{which} is empty; give at least one token", param or "prompt")
     if prompt_len + max_tokens > max_model_len:
         raise APIError(
             400,
             f"{which} has {prompt_len} tokens and max_tokens is {max_tokens}: together {prompt_len + max_tokens}, "
             f"over this server's max_model_len of {max_model_len}. Shorten the prompt or lower max_tokens.",
-            "max_tokens",
+            param or "max_tokens",
         )
 
 
@@ -87,6 +88,7 @@ class Choice:
     finish_reason: str | None = None
     completion_tokens: int = 0
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    context_ids: list[int] = field(default_factory=list)  # NBCE: the context each token came from
 
 
 async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Choice]:
@@ -99,6 +101,7 @@ async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Cho
         choice.token_ids += delta.token_ids
         choice.logprobs += delta.logprobs or []
         choice.prompt_logprobs += delta.prompt_logprobs or []
+        choice.context_ids += delta.context_ids or []
         choice.finish_reason = delta.finish_reason
         choice.completion_tokens = delta.completion_tokens
     return choices

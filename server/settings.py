@@ -31,6 +31,7 @@ class ServerSettings(BaseSettings):
     prefill_chunk: int = Field(1024, ge=16)
     api_key: str | None = None
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_contexts: int = Field(64, ge=1, le=4096)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

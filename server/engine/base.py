@@ -44,17 +44,22 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """`n` choices for each prompt; choice index = prompt index * n + i."""
+    """`n` choices for each prompt; choice index = prompt index * n + i.
+
+    With `nbce` set, the prompts are instead the rows of one NBCE choice:
+    row 0 the question alone, row k context k followed by the question.
+    """
 
     request_id: str
     prompts: list[list[int]]
     params: SamplingParams
     n: int = 1
     position: Any = None  # a patches.rope.PositionSpec overriding the server's, or None
+    nbce: Any = None  # a patches.nbce.NbceParams: decode one answer over the rows
 
     @property
     def num_choices(self) -> int:
-        return len(self.prompts) * self.n
+        return 1 if self.nbce is not None else len(self.prompts) * self.n
 
 
 @dataclass
@@ -77,6 +82,7 @@ class SeqDelta:
     completion_tokens: int
     error: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first delta, when asked for
+    context_ids: list[int] | None = None  # NBCE: the context (0-based) each of token_ids came from
 
 
 class Engine(Protocol):

@@ -23,12 +23,17 @@ from patches.rope import PositionSpec
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta
 from server.engine.native.kv_cache import SlotCache
 from server.engine.native.model_runner import ModelRunner
+from server.engine.native.nbce_group import NbceGroup
 from server.engine.native.positions import Positions
 from server.engine.native.sampler import prompt_logprobs, sample
 from server.engine.native.scheduler import Batch, Scheduler
 from server.engine.native.sequence import Sequence
 
 log = logging.getLogger("longserve.engine")
+
+
+def ignore(delta: SeqDelta) -> None:
+    """Where the silent rows of an NBCE request send their deltas."""
 
 
 @dataclass
@@ -80,6 +85,7 @@ class NativeEngine:
     def __init__(self, config: NativeConfig, metrics=None, model=None, tokenizer=None):
         self.config = config
         self.model_name = config.model_name
+        self.max_num_seqs = config.max_num_seqs
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         if model is None:
@@ -149,11 +155,14 @@ class NativeEngine:
         def emit(delta: SeqDelta) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, delta)
 
-        seqs = [
-            self._new_sequence(request, prompt, index=p * request.n + i, emit=emit)
-            for p, prompt in enumerate(request.prompts)
-            for i in range(request.n)
-        ]
+        if request.nbce is not None:
+            seqs = self._nbce_rows(request, emit)
+        else:
+            seqs = [
+                self._new_sequence(request, prompt, index=p * request.n + i, emit=emit)
+                for p, prompt in enumerate(request.prompts)
+                for i in range(request.n)
+            ]
         with self._lock:
             self.scheduler.add(seqs)  # raises EngineOverloaded when the queue is full
             self._requests[request.request_id] = seqs
@@ -188,6 +197,15 @@ class NativeEngine:
             generator=generator,
             positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
         )
+
+    def _nbce_rows(self, request: GenerationRequest, emit) -> list[Sequence]:
+        if len(request.prompts) > self.max_num_seqs:
+            raise ValueError(f"{len(request.prompts)} NBCE rows do not fit a batch of --max-num-seqs {self.max_num_seqs}")
+        rows = [self._new_sequence(request, prompt, index=0, emit=emit if k == 0 else ignore) for k, prompt in enumerate(request.prompts)]
+        group = NbceGroup(rows, request.nbce)
+        for row in rows:
+            row.group = group
+        return rows
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -241,7 +259,12 @@ class NativeEngine:
             logits = self.runner.decode(batch.decode)
             for seq in batch.decode:
                 seq.num_cached += 1
-            self._accept(batch.decode, logits)
+            row_of = {seq: row for row, seq in enumerate(batch.decode)}
+            singles = [seq for seq in batch.decode if seq.group is None]
+            if singles:
+                self._accept(singles, logits[[row_of[seq] for seq in singles]])
+            for group in dict.fromkeys(seq.group for seq in batch.decode if seq.group is not None):
+                self._accept_group(group, group.merge(logits[[row_of[row] for row in group.rows]]))
 
     def _prefill(self, seq: Sequence, end: int) -> None:
         start, k = seq.num_cached, seq.params.prompt_logprobs
@@ -260,6 +283,16 @@ class NativeEngine:
             self._observe_finished(seq)
             self._emit(seq)
             return
+        if seq.group is not None:  # an NBCE row: the group decodes once every row is cached
+            with self._lock:
+                self.scheduler.park(seq)
+            group = seq.group
+            if group.prompt_cached(seq, logits):
+                with self._lock:
+                    for row in group.rows:
+                        self.scheduler.prompt_cached(row)
+                self._accept_group(group, group.merge(group.first_logits()))
+            return
         with self._lock:
             self.scheduler.prompt_cached(seq)
         self._accept([seq], logits.unsqueeze(0))
@@ -277,6 +310,23 @@ class NativeEngine:
                     self._forget(seq)
                 self._observe_finished(seq)
             self._emit(seq)
+
+    def _accept_group(self, group: NbceGroup, merged: torch.Tensor) -> None:
+        """Sample the group's token from its merged distribution; every row takes it."""
+        leader = group.leader
+        tokens, records = sample(merged, [leader], self.generator)
+        previous = leader.last_token_time
+        leader.append(tokens[0], records[0])
+        group.follow(tokens[0])
+        self._observe_token(leader, previous)
+        if leader.finish_reason is not None:
+            with self._lock:
+                group.finish(leader.finish_reason)
+                for row in group.rows:
+                    self.scheduler.remove(row)
+                self._forget(leader)
+            self._observe_finished(leader)
+        self._emit(leader)
 
     def _forget(self, seq: Sequence) -> None:
         seqs = self._requests.get(seq.request_id, [])

@@ -37,13 +37,14 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.decoding: list[Sequence] = []
+        self.parked: list[Sequence] = []  # NBCE rows waiting for the rest of their group
 
     @property
     def num_running(self) -> int:
-        return len(self.prefilling) + len(self.decoding)
+        return len(self.prefilling) + len(self.decoding) + len(self.parked)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.decoding)
+        return bool(self.waiting or self.prefilling or self.decoding or self.parked)
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue `seqs`, or refuse them all if the batch and the waiting queue cannot hold them.
@@ -60,11 +61,16 @@ class Scheduler:
         self.waiting.extend(seqs)
 
     def schedule(self) -> Batch:
-        while self.waiting and self.num_running < self.max_num_seqs:
-            seq = self.waiting.popleft()
-            seq.slot = self.cache.allocate()
-            seq.status = Status.PREFILLING
-            self.prefilling.append(seq)
+        while self.waiting:
+            group = self.waiting[0].group  # the rows of an NBCE request come in together, or wait together
+            size = len(group.rows) if group is not None else 1
+            if self.num_running + size > self.max_num_seqs:
+                break
+            for _ in range(size):
+                seq = self.waiting.popleft()
+                seq.slot = self.cache.allocate()
+                seq.status = Status.PREFILLING
+                self.prefilling.append(seq)
 
         batch = Batch(decode=list(self.decoding))
         for seq in batch.decode:
@@ -76,9 +82,16 @@ class Scheduler:
             self.cache.reserve(seq.slot, batch.prefill_end)
         return batch
 
+    def park(self, seq: Sequence) -> None:
+        """An NBCE row with its prompt cached waits, holding its slot, for the rest of its group."""
+        self.prefilling.remove(seq)
+        self.parked.append(seq)
+
     def prompt_cached(self, seq: Sequence) -> None:
         """`seq` has its whole prompt in the cache and its first token: it decodes from now on."""
-        self.prefilling.remove(seq)
+        for queue in (self.prefilling, self.parked):
+            if seq in queue:
+                queue.remove(seq)
         seq.status = Status.DECODING
         self.decoding.append(seq)
 
@@ -90,6 +103,8 @@ class Scheduler:
             self.prefilling.remove(seq)
         if seq in self.decoding:
             self.decoding.remove(seq)
+        if seq in self.parked:
+            self.parked.remove(seq)
         if seq.slot is not None:
             self.cache.free(seq.slot)
             seq.slot = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from tokenizers.decoders import DecodeStream
@@ -49,6 +49,8 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    group: Any = None  # an nbce_group.NbceGroup when this is one row of an NBCE request
+    context_ids: list[int] = field(default_factory=list)  # NBCE, row 0: the context each output token came from
     _sent_text: int = 0
     _sent_tokens: int = 0
     _pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -118,6 +120,7 @@ class Sequence:
         if self.params.logprobs is not None:
             logprobs, self._pending_logprobs = self._pending_logprobs, []
         first = self._sent_tokens == 0 and not self._sent_text
+        context_ids = self.context_ids[self._sent_tokens :] if self.group is not None else None
         self._sent_text = safe_end
         self._sent_tokens = len(self.output_ids)
         return SeqDelta(
@@ -130,4 +133,5 @@ class Sequence:
             completion_tokens=len(self.output_ids),
             error=error,
             prompt_logprobs=self.prompt_logprobs if first and self.params.prompt_logprobs is not None else None,
+            context_ids=context_ids,
         )

@@ -1,0 +1,55 @@
+"""NBCE in the native engine: the rows of one request, kept and stepped together.
+
+A request with contexts becomes n + 1 sequences, row 0 the question alone.
+They are admitted together, prefilled one after another, and join the decode
+batch together once every row's prompt is cached. Each step the group merges
+its rows' logits (patches/nbce.py), the request's sampler draws one token
+from the merged distribution, and every row takes that token. Row 0 talks to
+the client (text, stop strings, logprobs, the context each token came from);
+the other rows follow silently. Whatever ends row 0 ends every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from patches.nbce import NbceParams, nbce_merge
+from server.engine.native.sequence import Sequence
+
+
+@dataclass(eq=False)
+class NbceGroup:
+    rows: list[Sequence]
+    params: NbceParams
+    previous: int | None = None  # the row chosen at the previous step
+    prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> logits after its prompt
+
+    @property
+    def leader(self) -> Sequence:
+        return self.rows[0]
+
+    def prompt_cached(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Record that `seq` has its prompt cached; True once every row has."""
+        self.prompt_logits[self.rows.index(seq)] = logits
+        return len(self.prompt_logits) == len(self.rows)
+
+    def first_logits(self) -> torch.Tensor:
+        return torch.stack([self.prompt_logits.pop(row) for row in range(len(self.rows))])
+
+    def merge(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, vocab] in row order -> merged log-probabilities [1, vocab]; remembers the choice."""
+        result = nbce_merge(logits, self.params, self.previous)
+        self.previous = result.chosen
+        self.leader.context_ids.append(result.chosen - 1)  # row k holds context k - 1
+        return result.merged.unsqueeze(0)
+
+    def follow(self, token: int) -> None:
+        """Every other row takes the token the leader took."""
+        for row in self.rows[1:]:
+            row.output_ids.append(token)
+
+    def finish(self, reason: str) -> None:
+        for row in self.rows:
+            row.finish(reason)
