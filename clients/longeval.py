@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+METHODS = ("nbce", "concat", "concat-scaled", "truncate")  # clients/nbce_eval.py
+
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about the important information there."
@@ -301,18 +303,30 @@ def plot_loss(result: dict, path: Path) -> None:
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True)
-    for kind in ("passkey", "loss"):
-        sub = kinds.add_parser(kind, help=f"{kind} evaluation")
+    helps = {"passkey": "passkey retrieval by length and depth", "loss": "loss of a text's last tokens as context grows",
+             "nbce": "passkey in one of n documents: NBCE, one long prompt, truncation"}
+    for kind, text in helps.items():
+        sub = kinds.add_parser(kind, help=text)
         sub.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL")
         sub.add_argument("--model", help="model name (default: the server's first model)")
         sub.add_argument("--api-key", help="bearer key, if the server wants one")
-        sub.add_argument("--positions", type=json.loads, help="JSON list of position settings to compare (longserve only)")
+        if kind != "nbce":
+            sub.add_argument("--positions", type=json.loads, help="JSON list of position settings to compare (longserve only)")
         sub.add_argument("--out", type=Path, default=Path("results"), help="directory for the JSON and PNG (default results/)")
         sub.add_argument("--name", help="file name stem (default: the kind and a timestamp)")
         if kind == "passkey":
             sub.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k"))
             sub.add_argument("--depths", type=lambda t: [float(x) for x in t.split(",")], default=[0.1, 0.5, 0.9])
             sub.add_argument("--trials", type=int, default=3)
+            sub.add_argument("--seed", type=int, default=0)
+        elif kind == "nbce":
+            sub.add_argument("--docs", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8], help="document counts n")
+            sub.add_argument("--trials", type=int, default=5)
+            sub.add_argument("--doc-tokens", type=int, default=1536, help="filler tokens per document")
+            sub.add_argument("--truncate", type=int, default=7168, help="tokens kept by the truncation method")
+            sub.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+            sub.add_argument("--scaled-position", type=json.loads, default={"type": "dynamic", "factor": 2},
+                             help="position setting for concat-scaled (JSON)")
             sub.add_argument("--seed", type=int, default=0)
         else:
             sub.add_argument("--text", type=Path, required=True, help="a long UTF-8 text file")
@@ -321,11 +335,21 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    positions = args.positions if args.positions is not None else [None]
+    positions = getattr(args, "positions", None)
+    positions = positions if positions is not None else [None]
     if not isinstance(positions, list):
         raise SystemExit("--positions takes a JSON list, e.g. '[{\"type\": \"rope\"}, {\"type\": \"ntk-mixed\", \"factor\": 2}]'")
     server = Server.connect(args.base_url, args.model, args.api_key)
-    if args.kind == "passkey":
+    if args.kind == "nbce":
+        from clients.nbce_eval import nbce_table, plot_nbce, run_nbce
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        result = run_nbce(server, args.docs, args.trials, methods, args.doc_tokens, args.truncate, args.scaled_position, args.seed)
+        table, plot = nbce_table(result), plot_nbce
+    elif args.kind == "passkey":
         result = run_passkey(server, args.lengths, args.depths, args.trials, positions, args.seed)
         table, plot = passkey_table(result), plot_passkey
     else:

@@ -71,3 +71,28 @@ def test_eval_command_writes_table_json_and_png(eval_server, tmp_path, capsys):
     assert (tmp_path / "pk.png").stat().st_size > 1000
     table = capsys.readouterr().out
     assert "ntk-mixed x2" in table and "/2" in table
+
+
+def test_nbce_eval_runs_every_method_on_the_same_documents(eval_server, tmp_path, capsys):
+    import random
+
+    from clients.nbce_eval import documents
+
+    docs, key, holder = documents(5, 120, 20.0, random.Random(1))
+    assert [key in doc for doc in docs] == [i == holder for i in range(5)]
+
+    url, _ = eval_server
+    main(["eval", "nbce", "--base-url", url, "--docs", "2,3", "--trials", "2", "--doc-tokens", "60",
+          "--truncate", "100", "--out", str(tmp_path), "--name", "nb"])
+    result = json.loads((tmp_path / "nb.json").read_text())
+    assert (tmp_path / "nb.png").stat().st_size > 0
+    records = result["records"]
+    assert len(records) == 2 * 2 * 4 and all(r["error"] is None for r in records)
+    for n in (2, 3):
+        for trial in range(2):
+            mine = {r["method"]: r for r in records if r["n"] == n and r["trial"] == trial}
+            assert len({r["key"] for r in mine.values()}) == 1  # one set of documents for every method
+            assert mine["truncate"]["prompt_tokens"] == 100
+            assert mine["concat"]["prompt_tokens"] == mine["concat-scaled"]["prompt_tokens"] > 100
+            assert mine["nbce"]["prompt_tokens"] > mine["concat"]["prompt_tokens"]  # n + 1 rows, each with the question
+    assert "nbce" in capsys.readouterr().out
