@@ -141,6 +141,18 @@ def test_prefill_and_every_decode_step_match_the_naive_reference(tokenizer, spec
         assert torch.isfinite(torch.stack(steps)).all()
 
 
+def test_the_explicit_attention_path_used_off_cpu_matches_the_reference_too(tokenizer, monkeypatch):
+    """CUDA runs patches/rerope.py's explicit path; drive the whole engine through it here."""
+    import patches.rerope as rerope
+
+    monkeypatch.setattr(rerope, "flash_cpu", lambda q, k, v, additive, scale: explicit(q, k, v, None if additive is None else additive == 0, scale))
+    spec = PositionSpec(type="leaky-rerope", window=16, k=8, logn=True)
+    driver = Driver(engine_for(15, tokenizer, position=spec))
+    seq, prefill = driver.start(prompt(tokenizer, 90), spec, chunk=32)
+    steps = [driver.step([seq])[0] for _ in range(4)]
+    assert_logits_close(torch.stack(prefill + steps), reference_logits(15, spec, seq.all_ids[: seq.num_cached]))
+
+
 def test_window_past_the_sequence_is_plain_rope(tokenizer):
     ids = prompt(tokenizer, 120)
     driver = Driver(engine_for(12, tokenizer))
