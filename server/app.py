@@ -14,10 +14,12 @@ from fastapi.responses import JSONResponse
 
 from server import __version__
 from server.errors import APIError, error_response, install_error_handlers
+from server.knowledge import KnowledgeStore, Limits
 from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.serve_chat import chat_prompt_ids, create_chat_completion
 from server.serve_completion import create_completion
+from server.serve_tries import trie_routes
 from server.serving import check_model, check_token_ids
 from server.settings import ServerSettings
 
@@ -29,16 +31,20 @@ class BodyLimit:
     and replays it, then hands later receive() calls (disconnects) through.
     """
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, upload_limit: int):
         self.app = app
         self.limit = limit
+        self.upload_limit = upload_limit  # PUT /v1/tries/{name}: a knowledge base as JSON lines
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_big = error_response(413, f"the request body is over this server's limit of {self.limit} bytes (--max-body-bytes)")
+        limit, flag = self.limit, "--max-body-bytes"
+        if scope["method"] == "PUT" and scope["path"].startswith("/v1/tries/"):
+            limit, flag = self.upload_limit, "--max-upload-bytes"
+        too_big = error_response(413, f"the request body is over this server's limit of {limit} bytes ({flag})")
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return await too_big(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -47,7 +53,7 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.limit:
+            if size > limit:
                 return await too_big(scope, receive, send)
             if not message.get("more_body", False):
                 break
@@ -79,8 +85,10 @@ def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.started = int(time.time())
+    limits = Limits(settings.max_trie_keys, settings.max_key_chars, settings.max_trie_bytes)
+    app.state.knowledge = KnowledgeStore(settings.data_dir / "tries", limits)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -103,6 +111,7 @@ def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None)
 
     v1.post("/completions")(create_completion)
     v1.post("/chat/completions")(create_chat_completion)
+    v1.include_router(trie_routes())
     app.include_router(v1)
 
     @app.get("/health")

@@ -47,6 +47,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or LONGSERVE_API_KEY)")
     add("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
     add("--max-contexts", type=int, help="most NBCE contexts in one request (default 64; also at most --max-num-seqs - 1)")
+    add("--data-dir", help="where knowledge bases (tries) persist (default ~/.local/share/longserve)")
+    add("--max-trie-keys", type=int, help="keys per knowledge base (default 2000000)")
+    add("--max-key-chars", type=int, help="characters per key (default 512)")
+    add("--max-trie-bytes", type=int, help="memory of all knowledge bases together (default 4 GiB)")
+    add("--max-upload-bytes", type=int, help="largest JSON-lines upload to PUT /v1/tries/NAME (default 1 GiB)")
     add("--log-level", choices=["debug", "info", "warning", "error"])
 
 

@@ -6,6 +6,8 @@ start-up with a message that names the flag.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Literal
 
 from pydantic import Field
@@ -32,6 +34,11 @@ class ServerSettings(BaseSettings):
     api_key: str | None = None
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_contexts: int = Field(64, ge=1, le=4096)
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "longserve")
+    max_trie_keys: int = Field(2_000_000, ge=1)
+    max_key_chars: int = Field(512, ge=1)
+    max_trie_bytes: int = Field(4 * 2**30, ge=2**20)
+    max_upload_bytes: int = Field(2**30, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -84,6 +85,7 @@ def running_server(engine: NativeEngine, **settings):
     """create_app(engine) under uvicorn on a loopback port, in a thread; yields the base URL."""
     import uvicorn
 
+    settings.setdefault("data_dir", tempfile.mkdtemp(prefix="longserve-test-"))  # never the user's own bases
     settings = ServerSettings(model=engine.model_name, port=free_port(), **settings)
     app = create_app(engine, settings, engine.metrics)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))

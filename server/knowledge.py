@@ -1,0 +1,194 @@
+"""Knowledge bases: named sets of (key, value) entries behind a token trie, kept on disk.
+
+A base is built from its entries with the served model's tokenizer: each key
+is tokenized the way the model writes it after the prompt (`lead` + key; a
+lead of " " gives the leading-space tokens a completion after "Answer:" uses),
+and patches/trie.py indexes the token sequences. Keys and values are kept as
+two UTF-8 blobs with offsets, not as Python objects, so a million entries
+stay within a few hundred bytes each.
+
+On disk a base is one .npz file under --data-dir, written to a temporary
+file and renamed over the old one: an interrupted or failed upload leaves
+the previous version whole. Every base in the directory loads at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from patches.trie import TokenTrie
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class EntryError(ValueError):
+    """A bad entry; `line` is 1-based (the JSON-lines line, or the entry index + 1)."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(f"entry {line}: {message}")
+        self.line = line
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_keys: int = 2_000_000  # keys per base
+    max_key_chars: int = 512
+    max_total_bytes: int = 4 * 2**30  # all bases together, in memory
+
+
+def pack(texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in texts], out=offsets[1:])
+    return np.frombuffer(b"".join(texts), dtype=np.uint8).copy(), offsets
+
+
+@dataclass
+class KnowledgeBase:
+    name: str
+    lead: str
+    trie: TokenTrie
+    key_blob: np.ndarray  # uint8
+    key_offsets: np.ndarray  # int64 [keys + 1]
+    value_blob: np.ndarray  # uint8, JSON
+    value_offsets: np.ndarray
+    num_tokens: int
+    build_seconds: float
+
+    @property
+    def num_keys(self) -> int:
+        return self.trie.num_keys
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.key_blob, self.key_offsets, self.value_blob, self.value_offsets)
+        return self.trie.nbytes + sum(a.nbytes for a in arrays)
+
+    def key(self, entry: int) -> str:
+        return self.key_blob[self.key_offsets[entry] : self.key_offsets[entry + 1]].tobytes().decode("utf-8")
+
+    def value(self, entry: int):
+        return json.loads(self.value_blob[self.value_offsets[entry] : self.value_offsets[entry + 1]].tobytes())
+
+    def stats(self) -> dict:
+        return {
+            "name": self.name, "object": "trie", "lead": self.lead, "keys": self.num_keys, "tokens": self.num_tokens,
+            "nodes": self.trie.num_nodes, "bytes": self.nbytes, "bytes_per_key": round(self.nbytes / max(1, self.num_keys), 1),
+            "build_seconds": round(self.build_seconds, 3),
+        }
+
+
+def check_entries(entries, limits: Limits) -> tuple[list[str], list[bytes]]:
+    """Keys and JSON-encoded values of `entries` (dicts), or EntryError naming the first bad one."""
+    if len(entries) > limits.max_keys:
+        raise EntryError(limits.max_keys + 1, f"over the limit of {limits.max_keys} keys per base (--max-trie-keys)")
+    keys, values, seen = [], [], set()
+    for line, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or "key" not in entry:
+            raise EntryError(line, 'missing "key": each entry is {"key": string, "value": any JSON}')
+        key = entry["key"]
+        if not isinstance(key, str):
+            raise EntryError(line, f'"key" must be a string, got {type(key).__name__}')
+        if not key:
+            raise EntryError(line, '"key" is empty')
+        if len(key) > limits.max_key_chars:
+            raise EntryError(line, f'"key" has {len(key)} characters, over the limit of {limits.max_key_chars} (--max-key-chars)')
+        if key in seen:
+            raise EntryError(line, f"the key {key!r} appears twice; keys must be distinct")
+        extra = set(entry) - {"key", "value"}
+        if extra:
+            raise EntryError(line, f"unknown field {sorted(extra)[0]!r}; an entry has only key and value")
+        seen.add(key)
+        keys.append(key)
+        values.append(json.dumps(entry.get("value"), ensure_ascii=False).encode("utf-8"))
+    if not keys:
+        raise EntryError(1, "no entries; a base needs at least one key")
+    return keys, values
+
+
+def build(name: str, entries: list, tokenizer, lead: str, limits: Limits) -> KnowledgeBase:
+    started = time.perf_counter()
+    keys, values = check_entries(entries, limits)
+    token_lists = tokenizer([lead + key for key in keys], add_special_tokens=False)["input_ids"]
+    seen: dict[tuple, int] = {}
+    for line, tokens in enumerate(token_lists, start=1):
+        if tuple(tokens) in seen:  # distinct strings, same tokens: the model could not tell them apart
+            raise EntryError(line, f"the key {keys[line - 1]!r} tokenizes like entry {seen[tuple(tokens)]}'s key")
+        seen[tuple(tokens)] = line
+    trie = TokenTrie.build(token_lists)
+    key_blob, key_offsets = pack([key.encode("utf-8") for key in keys])
+    value_blob, value_offsets = pack(values)
+    num_tokens = sum(len(t) for t in token_lists)
+    return KnowledgeBase(name, lead, trie, key_blob, key_offsets, value_blob, value_offsets, num_tokens, time.perf_counter() - started)
+
+
+class KnowledgeStore:
+    """The bases this server holds, persisted under `directory` (None: memory only)."""
+
+    def __init__(self, directory: Path | None, limits: Limits):
+        self.directory = directory
+        self.limits = limits
+        self.bases: dict[str, KnowledgeBase] = {}
+        self._lock = threading.Lock()
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            for path in sorted(directory.glob("*.npz")):
+                self.bases[path.stem] = self._load(path)
+
+    @staticmethod
+    def check_name(name: str) -> None:
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"the name {name!r} is not allowed: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+
+    def put(self, base: KnowledgeBase) -> None:
+        """Add or replace `base`, on disk first (atomically), then in memory."""
+        with self._lock:
+            others = sum(b.nbytes for n, b in self.bases.items() if n != base.name)
+            if others + base.nbytes > self.limits.max_total_bytes:
+                raise MemoryError(
+                    f"the base takes {base.nbytes} bytes; with the others that is over the limit of "
+                    f"{self.limits.max_total_bytes} bytes (--max-trie-bytes); delete a base or raise the limit"
+                )
+            if self.directory is not None:
+                self._save(base)
+            self.bases[base.name] = base
+
+    def delete(self, name: str) -> bool:
+        with self._lock:
+            if self.bases.pop(name, None) is None:
+                return False
+            if self.directory is not None:
+                (self.directory / f"{name}.npz").unlink(missing_ok=True)
+            return True
+
+    def _save(self, base: KnowledgeBase) -> None:
+        handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".partial")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(
+                    file, offsets=base.trie.offsets, labels=base.trie.labels, targets=base.trie.targets,
+                    key_blob=base.key_blob, key_offsets=base.key_offsets, value_blob=base.value_blob,
+                    value_offsets=base.value_offsets,
+                    meta=np.frombuffer(json.dumps({"lead": base.lead, "tokens": base.num_tokens,
+                                                   "build_seconds": base.build_seconds}).encode(), dtype=np.uint8),
+                )
+            os.replace(temporary, self.directory / f"{base.name}.npz")
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _load(path: Path) -> KnowledgeBase:
+        with np.load(path) as data:
+            meta = json.loads(data["meta"].tobytes())
+            trie = TokenTrie(data["offsets"], data["labels"], data["targets"], len(data["key_offsets"]) - 1)
+            return KnowledgeBase(path.stem, meta["lead"], trie, data["key_blob"], data["key_offsets"], data["value_blob"],
+                                 data["value_offsets"], meta["tokens"], meta["build_seconds"])

@@ -1,0 +1,103 @@
+"""/v1/tries: register, list, inspect and delete knowledge bases (server/knowledge.py).
+
+    POST   /v1/tries          {"name", "entries": [{"key", "value"}], "lead": ""}
+    PUT    /v1/tries/{name}   JSON lines, one {"key", "value"} per line (large bases); ?lead=%20
+    GET    /v1/tries          stats of every base
+    GET    /v1/tries/{name}   stats of one
+    DELETE /v1/tries/{name}
+
+Building runs in a worker thread, so serving goes on meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from server.errors import APIError
+from server.knowledge import EntryError, KnowledgeStore, build
+from server.protocol import StrictModel
+
+MAX_LEAD_CHARS = 8
+
+
+class TrieUpload(StrictModel):
+    name: str
+    entries: list = Field(description='[{"key": string, "value": any JSON}, ...]')
+    lead: str = Field("", max_length=MAX_LEAD_CHARS, description="text the model writes before a key, e.g. ' '")
+
+
+def parse_json_lines(body: bytes) -> list:
+    entries = []
+    for line_number, line in enumerate(body.decode("utf-8", errors="strict").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise EntryError(line_number, f"not valid JSON ({exc.msg})") from None
+    return entries
+
+
+async def register(request: Request, name: str, entries: list, lead: str) -> dict:
+    store: KnowledgeStore = request.app.state.knowledge
+    try:
+        store.check_name(name)
+    except ValueError as exc:
+        raise APIError(400, str(exc), "name") from None
+    tokenizer = request.app.state.engine.tokenizer
+    try:
+        base = await asyncio.to_thread(build, name, entries, tokenizer, lead, store.limits)
+        await asyncio.to_thread(store.put, base)
+    except EntryError as exc:
+        raise APIError(400, str(exc), "entries") from None
+    except MemoryError as exc:
+        raise APIError(413, str(exc), "entries") from None
+    return base.stats()
+
+
+def find(request: Request, name: str):
+    base = request.app.state.knowledge.bases.get(name)
+    if base is None:
+        known = ", ".join(sorted(request.app.state.knowledge.bases)) or "none yet"
+        raise APIError(404, f"no trie named {name!r}; this server has: {known}", "name", "trie_not_found")
+    return base
+
+
+def trie_routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/tries")
+    async def create(body: TrieUpload, request: Request):
+        return await register(request, body.name, body.entries, body.lead)
+
+    @router.put("/tries/{name}")
+    async def upload_lines(name: str, request: Request, lead: str = ""):
+        if len(lead) > MAX_LEAD_CHARS:
+            raise APIError(400, f"lead has {len(lead)} characters; at most {MAX_LEAD_CHARS}", "lead")
+        try:
+            entries = parse_json_lines(await request.body())
+        except UnicodeDecodeError:
+            raise APIError(400, "the body is not UTF-8 text", "entries") from None
+        except EntryError as exc:
+            raise APIError(400, str(exc), "entries") from None
+        return await register(request, name, entries, lead)
+
+    @router.get("/tries")
+    async def list_tries(request: Request):
+        return {"object": "list", "data": [b.stats() for b in request.app.state.knowledge.bases.values()]}
+
+    @router.get("/tries/{name}")
+    async def show(name: str, request: Request):
+        return find(request, name).stats()
+
+    @router.delete("/tries/{name}")
+    async def delete(name: str, request: Request):
+        find(request, name)
+        request.app.state.knowledge.delete(name)
+        return {"name": name, "object": "trie", "deleted": True}
+
+    return router

@@ -1,0 +1,103 @@
+"""Knowledge bases over HTTP: register, inspect, replace atomically, survive a restart, refuse bad input."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from server.knowledge import KnowledgeStore, Limits, build
+from tests.conftest import make_engine, running_server, tiny_model
+
+ENTRIES = [
+    {"key": "Paris ||| capital of", "value": "France"},
+    {"key": "Paris ||| population", "value": 2102650},
+    {"key": "Paris", "value": {"note": "a key that is a prefix of others"}},
+    {"key": "夜曲（歌曲） ||| 演唱", "value": "周杰伦"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tokenizer):
+    engine = make_engine(tiny_model("llama", seed=31), tokenizer, max_model_len=256)
+    yield engine
+    engine.shutdown()
+
+
+def test_register_inspect_list_and_delete(tiny_engine, tmp_path):
+    with running_server(tiny_engine, data_dir=str(tmp_path)) as url:
+        created = httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES, "lead": " "}).json()
+        assert created["keys"] == 4 and created["tokens"] > 4 and created["bytes"] > 0 and created["build_seconds"] >= 0
+        assert httpx.get(f"{url}/v1/tries/kb").json() == created
+        assert [t["name"] for t in httpx.get(f"{url}/v1/tries").json()["data"]] == ["kb"]
+        lines = "\n".join(json.dumps(e, ensure_ascii=False) for e in ENTRIES[:2]) + "\n"
+        uploaded = httpx.put(f"{url}/v1/tries/small", content=lines.encode(), headers={"Content-Type": "application/x-ndjson"})
+        assert uploaded.status_code == 200 and uploaded.json()["keys"] == 2
+        assert httpx.delete(f"{url}/v1/tries/small").json()["deleted"] is True
+        missing = httpx.get(f"{url}/v1/tries/small")
+        assert missing.status_code == 404 and "kb" in missing.json()["error"]["message"]
+    assert sorted(p.name for p in (tmp_path / "tries").iterdir()) == ["kb.npz"]
+
+
+def test_bases_survive_a_restart_and_keep_their_entries(tiny_engine, tokenizer, tmp_path):
+    with running_server(tiny_engine, data_dir=str(tmp_path)) as url:
+        before = httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES}).json()
+    store = KnowledgeStore(tmp_path / "tries", Limits())
+    base = store.bases["kb"]
+    assert {**base.stats(), "build_seconds": None} == {**before, "build_seconds": None}
+    for entry, item in enumerate(ENTRIES):
+        assert base.key(entry) == item["key"] and base.value(entry) == item["value"]
+        assert base.trie.entry_at(base.trie.walk(tokenizer.encode(item["key"], add_special_tokens=False))) == entry
+
+
+def test_a_failed_or_interrupted_upload_leaves_the_previous_version(tiny_engine, tokenizer, tmp_path, monkeypatch):
+    with running_server(tiny_engine, data_dir=str(tmp_path)) as url:
+        httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES})
+        bad = httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a", "value": 1}\n{"value": 2}\n')
+        assert bad.status_code == 400 and "entry 2" in bad.json()["error"]["message"]
+        assert httpx.get(f"{url}/v1/tries/kb").json()["keys"] == 4
+    store = KnowledgeStore(tmp_path / "tries", Limits())
+    replacement = build("kb", [{"key": "only", "value": 1}], tokenizer, "", Limits())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError):
+        store.put(replacement)
+    assert store.bases["kb"].num_keys == 4
+    assert KnowledgeStore(tmp_path / "tries", Limits()).bases["kb"].num_keys == 4
+    assert sorted(p.name for p in (tmp_path / "tries").iterdir()) == ["kb.npz"]  # no half-written file left
+
+
+@pytest.mark.parametrize(
+    "entries,says",
+    [
+        ([{"key": "a", "value": 1}, {"value": 2}], 'entry 2: missing "key"'),
+        ([{"key": "a"}, {"key": 7, "value": 1}], 'entry 2: "key" must be a string'),
+        ([{"key": ""}], 'entry 1: "key" is empty'),
+        ([{"key": "a"}, {"key": "b"}, {"key": "a"}], "entry 3: the key 'a' appears twice"),
+        ([{"key": "a", "valeu": 1}], "entry 1: unknown field 'valeu'"),
+        ([{"key": "x" * 40}], "over the limit of 32"),
+        ([], "no entries"),
+    ],
+)
+def test_bad_entries_get_400_naming_the_first_bad_one(tiny_engine, tmp_path, entries, says):
+    with running_server(tiny_engine, data_dir=str(tmp_path), max_key_chars=32) as url:
+        reply = httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": entries})
+        assert reply.status_code == 400 and says in reply.json()["error"]["message"], reply.text
+        assert httpx.get(f"{url}/v1/tries").json()["data"] == []
+
+
+def test_names_sizes_and_limits_are_checked(tiny_engine, tmp_path):
+    with running_server(tiny_engine, data_dir=str(tmp_path), max_trie_keys=3, max_upload_bytes=2048) as url:
+        bad_name = httpx.post(f"{url}/v1/tries", json={"name": "../etc", "entries": ENTRIES[:1]})
+        assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name"
+        too_many = httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES})
+        assert too_many.status_code == 400 and "--max-trie-keys" in too_many.json()["error"]["message"]
+        big = httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\n' * 400)
+        assert big.status_code == 413 and "--max-upload-bytes" in big.json()["error"]["message"]
+        not_json = httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\nnot json\n')
+        assert not_json.status_code == 400 and "entry 2: not valid JSON" in not_json.json()["error"]["message"]
