@@ -32,6 +32,22 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class Constraint(StrictModel):
+    """Answers restricted to keys: of a registered trie, or of an inline list."""
+
+    trie: str | None = None
+    choices: list[str] | None = Field(None, min_length=1)
+    lead: str = Field("", max_length=8, description="inline choices: text the model writes before a key")
+
+    @model_validator(mode="after")
+    def one_source(self):
+        if (self.trie is None) == (self.choices is None):
+            raise ValueError('give exactly one of "trie" (a registered name) or "choices" (a list of strings)')
+        if self.trie is not None and self.lead:
+            raise ValueError("a registered trie has its own lead; set lead when you register it")
+        return self
+
+
 class SamplingFields(StrictModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -57,6 +73,8 @@ class SamplingFields(StrictModel):
     # longserve extension: NBCE, one answer decoded over many contexts
     contexts: list[str] | None = None
     nbce: NbceParams | None = None
+    # longserve extension: the answer must be a key of a knowledge base
+    constraint: Constraint | None = None
 
     @field_validator("stop")
     @classmethod
@@ -98,6 +116,8 @@ class SamplingFields(StrictModel):
             raise ValueError("nbce settings need contexts: give the list of context strings")
         if self.contexts is not None and self.n != 1:
             raise ValueError("n > 1 is not supported with contexts; send n = 1")
+        if self.contexts is not None and self.constraint is not None:
+            raise ValueError("contexts and constraint cannot be combined; send one of them")
         return self
 
     @field_validator("contexts")

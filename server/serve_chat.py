@@ -8,6 +8,7 @@ from server.engine.base import GenerationRequest, TokenLogprob
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ChatMessage, now, random_id
 from server.serve_nbce import chat_rows, check_context_count, check_rows, nbce_params
+from server.serve_tries import key_constraint, key_fields
 from server.serving import (
     check_length,
     check_model,
@@ -66,14 +67,15 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         check_length(len(prompts[0]), max_tokens, engine.max_model_len)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer))
-    request = GenerationRequest(random_id("chatcmpl"), prompts, params, body.n, position=body.position, nbce=nbce)
+    constraint, base = key_constraint(raw, body.constraint)
+    request = GenerationRequest(random_id("chatcmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint)
     prompt_lengths = [len(p) for p in prompts]  # usage counts every NBCE row
     stream = submit(engine, request)
     created = now()
     abort = lambda: engine.abort(request.request_id)  # noqa: E731
 
     if body.stream:
-        return sse_response(stream_chunks(body, request, stream, engine, created, prompt_lengths), abort)
+        return sse_response(stream_chunks(body, request, stream, engine, created, prompt_lengths, base), abort)
 
     choices = await until_disconnect(raw, collect(stream, request.num_choices), abort)
     return {
@@ -81,7 +83,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         "object": "chat.completion",
         "created": created,
         "model": engine.model_name,
-        "choices": [choice_body(body, c, engine.tokenizer) for c in choices],
+        "choices": [{**choice_body(body, c, engine.tokenizer), **key_fields(base, c.entry)} for c in choices],
         "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
     }
 
@@ -98,7 +100,8 @@ def choice_body(body: ChatCompletionRequest, choice, tokenizer) -> dict:
     return entry
 
 
-async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_lengths: list[int]):
+async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest, stream, engine, created: int,
+                        prompt_lengths: list[int], base=None):
     def chunk(choices: list[dict]) -> dict:
         event = {"id": request.request_id, "object": "chat.completion.chunk", "created": created, "model": engine.model_name, "choices": choices}
         if body.include_usage:
@@ -120,6 +123,8 @@ async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest,
         entry = {"index": delta.index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
         if body.contexts is not None:
             entry["nbce_context_ids"], context_ids[delta.index] = context_ids[delta.index], []
+        if delta.finish_reason is not None:
+            entry.update(key_fields(base, delta.entry))
         yield chunk([entry])
     if body.include_usage:
         final = chunk([])

@@ -8,6 +8,7 @@ from server.engine.base import GenerationRequest, SeqDelta, TokenLogprob
 from server.errors import APIError
 from server.protocol import CompletionRequest, now, random_id
 from server.serve_nbce import check_context_count, check_rows, completion_rows, nbce_params
+from server.serve_tries import key_constraint, key_fields
 from server.serving import (
     check_length,
     check_model,
@@ -80,14 +81,16 @@ async def create_completion(body: CompletionRequest, raw: Request):
     params = sampling_params(body, max_tokens, body.logprobs, vocab_size)
     if body.echo and body.logprobs is not None:
         params.prompt_logprobs = body.logprobs
-    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position, nbce=nbce)
+    constraint, base = key_constraint(raw, body.constraint)
+    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint)
     stream = submit(engine, request)
     created = now()
     model = engine.model_name
     prompt_lengths = [len(p) for p in prompts]
 
     if body.stream:
-        return sse_response(stream_chunks(body, request, stream, engine, created, prompt_lengths), lambda: engine.abort(request.request_id))
+        chunks = stream_chunks(body, request, stream, engine, created, prompt_lengths, base)
+        return sse_response(chunks, lambda: engine.abort(request.request_id))
 
     choices = await until_disconnect(raw, collect(stream, request.num_choices), lambda: engine.abort(request.request_id))
     return {
@@ -95,7 +98,7 @@ async def create_completion(body: CompletionRequest, raw: Request):
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [choice_body(body, c, prompts[c.index // body.n], engine.tokenizer) for c in choices],
+        "choices": [{**choice_body(body, c, prompts[c.index // body.n], engine.tokenizer), **key_fields(base, c.entry)} for c in choices],
         "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
     }
 
@@ -118,7 +121,7 @@ def choice_body(body: CompletionRequest, choice: Choice, prompt: list[int], toke
     return entry
 
 
-async def stream_chunks(body: CompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_lengths):
+async def stream_chunks(body: CompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_lengths, base=None):
     offsets = [0] * request.num_choices
     completion_tokens = [0] * request.num_choices
     echoed = [not body.echo] * request.num_choices
@@ -150,6 +153,8 @@ async def stream_chunks(body: CompletionRequest, request: GenerationRequest, str
         }
         if body.contexts is not None:
             chunk["choices"][0]["nbce_context_ids"], context_ids[index] = context_ids[index], []
+        if delta.finish_reason is not None:
+            chunk["choices"][0].update(key_fields(base, delta.entry))
         if body.include_usage:
             chunk["usage"] = None
         yield chunk

@@ -18,8 +18,9 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from server.errors import APIError
+from server.engine.base import KeyConstraint
 from server.knowledge import EntryError, KnowledgeStore, build
-from server.protocol import StrictModel
+from server.protocol import Constraint, StrictModel
 
 MAX_LEAD_CHARS = 8
 
@@ -65,6 +66,34 @@ def find(request: Request, name: str):
         known = ", ".join(sorted(request.app.state.knowledge.bases)) or "none yet"
         raise APIError(404, f"no trie named {name!r}; this server has: {known}", "name", "trie_not_found")
     return base
+
+
+def key_constraint(request: Request, constraint: Constraint | None):
+    """The engine's KeyConstraint and the base that answers for it, or (None, None)."""
+    if constraint is None:
+        return None, None
+    engine = request.app.state.engine
+    if constraint.trie is not None:
+        base = find(request, constraint.trie)
+    else:
+        entries = [{"key": choice, "value": None} for choice in constraint.choices]
+        try:
+            base = build("inline", entries, engine.tokenizer, constraint.lead, request.app.state.knowledge.limits)
+        except EntryError as exc:
+            raise APIError(400, str(exc).replace("entry", "choice", 1), "constraint.choices") from None
+    end_token = engine.tokenizer.eos_token_id
+    if end_token is None:
+        raise APIError(400, "this model has no end-of-sequence token to end a key with", "constraint")
+    return KeyConstraint(base.trie, end_token), base
+
+
+def key_fields(base, entry: int | None) -> dict:
+    """The extension fields of a constrained choice: its key and the stored value, once complete."""
+    if base is None:
+        return {}
+    if entry is None:
+        return {"key": None, "value": None}
+    return {"key": base.key(entry), "value": base.value(entry)}
 
 
 def trie_routes() -> APIRouter:

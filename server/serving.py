@@ -89,6 +89,7 @@ class Choice:
     completion_tokens: int = 0
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     context_ids: list[int] = field(default_factory=list)  # NBCE: the context each token came from
+    entry: int | None = None  # constrained: the knowledge-base entry of the finished key
 
 
 async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Choice]:
@@ -102,6 +103,7 @@ async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Cho
         choice.logprobs += delta.logprobs or []
         choice.prompt_logprobs += delta.prompt_logprobs or []
         choice.context_ids += delta.context_ids or []
+        choice.entry = delta.entry if delta.entry is not None else choice.entry
         choice.finish_reason = delta.finish_reason
         choice.completion_tokens = delta.completion_tokens
     return choices

@@ -101,3 +101,80 @@ def test_names_sizes_and_limits_are_checked(tiny_engine, tmp_path):
         assert big.status_code == 413 and "--max-upload-bytes" in big.json()["error"]["message"]
         not_json = httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\nnot json\n')
         assert not_json.status_code == 400 and "entry 2: not valid JSON" in not_json.json()["error"]["message"]
+
+
+KEYS = ["Paris", "Paris ||| capital of", "Paris ||| population", "Lyon ||| river", "夜曲（歌曲） ||| 演唱",
+        "夜曲（小说） ||| 作者", "ab", "ab cd", "ab cde", "Zürich ||| lake"]
+
+
+@pytest.fixture(scope="module")
+def constrained_server(tokenizer, tmp_path_factory):
+    engine = make_engine(tiny_model("llama", seed=32), tokenizer, max_model_len=256, max_num_seqs=8)
+    with running_server(engine, data_dir=str(tmp_path_factory.mktemp("kb"))) as url:
+        entries = [{"key": key, "value": {"id": i}} for i, key in enumerate(KEYS)]
+        assert httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": entries}).status_code == 200
+        yield url
+
+
+def test_every_sampled_answer_is_a_key_with_its_value(constrained_server):
+    from tests.conftest import openai_client
+
+    client = openai_client(constrained_server)
+    seen = set()
+    for seed, prompt in enumerate(["Q: capital? A:", "The river of Lyon is", "谁演唱了夜曲？", "x"]):
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=32, temperature=1.0, n=4, seed=seed,
+                                          extra_body={"constraint": {"trie": "kb"}})
+        for choice in reply.choices:
+            extra = choice.model_extra
+            assert choice.finish_reason == "stop" and extra["key"] in KEYS, choice
+            assert choice.text == extra["key"] and extra["value"] == {"id": KEYS.index(extra["key"])}
+            seen.add(extra["key"])
+    assert len(seen) > 2  # sampling explores several keys, all of them valid
+
+
+def test_a_prefix_key_is_reachable_through_the_end_of_key_step(constrained_server, tokenizer):
+    from tests.conftest import openai_client
+
+    client = openai_client(constrained_server)
+    eos = tokenizer.eos_token_id
+    choices = {"choices": ["ab", "ab cd", "ab cde"]}
+    for bias, expected in ((100, "ab"), (-100, None)):
+        reply = client.completions.create(model="tiny", prompt="pick:", max_tokens=16, temperature=0,
+                                          logit_bias={str(eos): bias}, extra_body={"constraint": choices})
+        key = reply.choices[0].model_extra["key"]
+        assert key == expected if expected else key in ("ab cd", "ab cde")
+
+
+def test_a_key_cut_by_max_tokens_is_no_answer_and_streaming_carries_the_value(constrained_server):
+    from tests.conftest import openai_client
+
+    client = openai_client(constrained_server)
+    cut = client.completions.create(model="tiny", prompt="Q:", max_tokens=1, temperature=0,
+                                    extra_body={"constraint": {"choices": ["Paris ||| capital of", "Lyon ||| river"]}})
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].model_extra["key"] is None and cut.choices[0].model_extra["value"] is None
+    whole = client.completions.create(model="tiny", prompt="Q:", max_tokens=32, temperature=0, extra_body={"constraint": {"trie": "kb"}})
+    chunks = list(client.completions.create(model="tiny", prompt="Q:", max_tokens=32, temperature=0, stream=True,
+                                            extra_body={"constraint": {"trie": "kb"}}))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].model_extra["value"] == whole.choices[0].model_extra["value"] is not None
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Where?"}], max_tokens=32,
+                                          temperature=0, extra_body={"constraint": {"trie": "kb"}})
+    assert chat.choices[0].message.content in KEYS and chat.choices[0].model_extra["key"] == chat.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "constraint,status,param",
+    [
+        ({"trie": "nope"}, 404, "name"),
+        ({"trie": "kb", "choices": ["a"]}, 400, "constraint"),
+        ({}, 400, "constraint"),
+        ({"choices": []}, 400, "constraint.choices"),
+        ({"choices": ["a", "a"]}, 400, "constraint.choices"),
+        ({"trie": "kb", "lead": " "}, 400, "constraint"),
+    ],
+)
+def test_bad_constraints_get_4xx(constrained_server, constraint, status, param):
+    reply = httpx.post(f"{constrained_server}/v1/completions", json={"prompt": "Q:", "max_tokens": 8, "constraint": constraint})
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["param"] == param

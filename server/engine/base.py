@@ -42,6 +42,14 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
+@dataclass(frozen=True)
+class KeyConstraint:
+    """The output must be one key of `trie` (a patches.trie.TokenTrie); `end_token` ends a key."""
+
+    trie: Any
+    end_token: int
+
+
 @dataclass
 class GenerationRequest:
     """`n` choices for each prompt; choice index = prompt index * n + i.
@@ -56,6 +64,7 @@ class GenerationRequest:
     n: int = 1
     position: Any = None  # a patches.rope.PositionSpec overriding the server's, or None
     nbce: Any = None  # a patches.nbce.NbceParams: decode one answer over the rows
+    constraint: KeyConstraint | None = None  # the output must be one of its keys
 
     @property
     def num_choices(self) -> int:
@@ -83,6 +92,7 @@ class SeqDelta:
     error: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first delta, when asked for
     context_ids: list[int] | None = None  # NBCE: the context (0-based) each of token_ids came from
+    entry: int | None = None  # constrained: the key's entry, once a whole key is out (last delta)
 
 
 class Engine(Protocol):

@@ -21,6 +21,7 @@ import torch
 
 from patches.rope import PositionSpec
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta
+from server.engine.native.constraint import KeyState, mask_to_keys
 from server.engine.native.kv_cache import SlotCache
 from server.engine.native.model_runner import ModelRunner
 from server.engine.native.nbce_group import NbceGroup
@@ -195,6 +196,7 @@ class NativeEngine:
             tokenizer_backend=self.tokenizer.backend_tokenizer,
             eos_token_ids=self.eos_token_ids,
             generator=generator,
+            key_state=KeyState(request.constraint) if request.constraint is not None else None,
             positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
         )
 
@@ -298,10 +300,14 @@ class NativeEngine:
         self._accept([seq], logits.unsqueeze(0))
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        if any(seq.key_state is not None for seq in seqs):
+            logits = mask_to_keys(logits, [seq.key_state for seq in seqs])
         tokens, records = sample(logits, seqs, self.generator)
         for seq, token, record in zip(seqs, tokens, records):
             previous = seq.last_token_time
             seq.append(token, record)
+            if seq.key_state is not None and seq.key_state.advance(token):
+                seq.finish_reason = "stop"  # a whole key: the answer, even on the last allowed token
             self._observe_token(seq, previous)
             if seq.finish_reason is not None:
                 with self._lock:

@@ -50,6 +50,7 @@ class Sequence:
     last_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     group: Any = None  # an nbce_group.NbceGroup when this is one row of an NBCE request
+    key_state: Any = None  # a constraint.KeyState when the output must be a key of a trie
     context_ids: list[int] = field(default_factory=list)  # NBCE, row 0: the context each output token came from
     _sent_text: int = 0
     _sent_tokens: int = 0
@@ -134,4 +135,5 @@ class Sequence:
             error=error,
             prompt_logprobs=self.prompt_logprobs if first and self.params.prompt_logprobs is not None else None,
             context_ids=context_ids,
+            entry=self.key_state.entry if self.key_state is not None and done else None,
         )
