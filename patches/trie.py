@@ -1,14 +1,16 @@
 """A compact prefix trie over token sequences, for generation constrained to a set of keys.
 
-Nodes are numbered in depth-first order; the edges leaving a node sit in one
-contiguous, label-sorted slice of two numpy arrays (CSR form), so a step is a
-binary search in that slice and the allowed set is the slice itself. Where a
-key ends, the node has an edge labelled END to the key's entry: a key that
-is a prefix of another key stays reachable, through an explicit end-of-key
-step (the engine spends the model's EOS token on it).
+Nodes are numbered breadth-first, so the children of a node are consecutive
+nodes and need no pointers: the edges leaving node i are the label slice
+labels[offsets[i]:offsets[i + 1]], sorted, and edge e leads to node e + 1
+(the root is node 0). A step is a binary search in one slice; the allowed
+set is the slice itself. Where a key ends, the node is listed in `end_nodes`
+with the key's entry: a key that is a prefix of another key stays reachable
+through an explicit end-of-key step (the engine spends the model's EOS on
+it). About 6 bytes per node: a 4-byte offset and a 2-byte label.
 
 Why by hand: marisa-trie and friends index strings and answer "which keys
-start with this prefix", enumerating them all, while a decoding step needs
+start with this prefix" by enumerating them, while a decoding step needs
 "which tokens may come next" at once, even at the root of a million keys.
 Nothing here knows about a model, an engine or HTTP.
 """
@@ -19,15 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-END = -1  # the label of the edge from the node where a key ends to that key's entry
+END = -1  # stands for the end-of-key step in `allowed`
 
 
 @dataclass
 class TokenTrie:
-    offsets: np.ndarray  # int64 [nodes + 1]: the edges of node i are offsets[i]:offsets[i + 1]
-    labels: np.ndarray  # int32 [edges]: token ids, sorted within a node, END first
-    targets: np.ndarray  # int32 [edges]: the child node, or for END the entry index
-    num_keys: int
+    offsets: np.ndarray  # [nodes + 1]: node i's edges are offsets[i]:offsets[i + 1]; edge e leads to node e + 1
+    labels: np.ndarray  # [nodes - 1]: the token on each edge, sorted within a node
+    end_nodes: np.ndarray  # int32, sorted: the nodes where a key ends
+    end_entries: np.ndarray  # int32: the entry whose key ends at end_nodes[i]
 
     ROOT = 0
 
@@ -35,10 +37,10 @@ class TokenTrie:
     def build(cls, keys: list[list[int]]) -> "TokenTrie":
         """A trie over token sequences; entry i is keys[i]. Empty or repeated keys are refused."""
         order = sorted(range(len(keys)), key=lambda i: keys[i])
-        parents, labels, targets = [], [], []
+        parent, label, depth = [-1], [0], [0]  # nodes in depth-first (creation) order
+        ends: list[tuple[int, int]] = []  # (node, entry)
         path = [0]  # the nodes along the previous key: path[d] is the node at depth d
         previous: list[int] = []
-        num_nodes = 1
         for entry in order:
             key = keys[entry]
             if not key:
@@ -50,50 +52,78 @@ class TokenTrie:
             while shared < limit and key[shared] == previous[shared]:
                 shared += 1
             del path[shared + 1 :]
-            for depth in range(shared, len(key)):
-                parents.append(path[depth])
-                labels.append(key[depth])
-                targets.append(num_nodes)
-                path.append(num_nodes)
-                num_nodes += 1
-            parents.append(path[len(key)])
-            labels.append(END)
-            targets.append(entry)
+            for d in range(shared, len(key)):
+                parent.append(path[d])
+                label.append(key[d])
+                depth.append(d + 1)
+                path.append(len(parent) - 1)
+            ends.append((path[len(key)], entry))
             previous = key
-        parents_array = np.asarray(parents, dtype=np.int64)
-        # Depth-first numbering: sorting edges by parent (stably) keeps each node's labels in key order,
-        # except END, which sorted order puts before the longer keys sharing the prefix.
-        by_parent = np.argsort(parents_array, kind="stable")
-        offsets = np.zeros(num_nodes + 1, dtype=np.int64)
-        np.cumsum(np.bincount(parents_array, minlength=num_nodes), out=offsets[1:])
-        return cls(offsets, np.asarray(labels, dtype=np.int32)[by_parent], np.asarray(targets, dtype=np.int32)[by_parent], len(keys))
+        return cls._breadth_first(np.asarray(parent), np.asarray(label), np.asarray(depth), ends, len(keys))
+
+    @classmethod
+    def _breadth_first(cls, parent, label, depth, ends, num_keys) -> "TokenTrie":
+        """Renumber depth-first nodes breadth-first: by depth, then by parent, then by label.
+
+        Within one parent, creation order is already label order (the keys were
+        sorted), so a stable sort by the parent's new number finishes the job.
+        """
+        count = len(parent)
+        new_id = np.zeros(count, dtype=np.int64)
+        next_id = 1
+        by_depth = np.argsort(depth, kind="stable")
+        bounds = np.searchsorted(depth[by_depth], np.arange(depth.max() + 2))
+        for d in range(1, depth.max() + 1):
+            level = by_depth[bounds[d] : bounds[d + 1]]
+            level = level[np.argsort(new_id[parent[level]], kind="stable")]
+            new_id[level] = np.arange(next_id, next_id + len(level))
+            next_id += len(level)
+        order = np.argsort(new_id)  # old ids in breadth-first order
+        parents = new_id[parent[order[1:]]]
+        index_type = np.int32 if count < 2**31 else np.int64
+        offsets = np.zeros(count + 1, dtype=index_type)
+        np.cumsum(np.bincount(parents, minlength=count), out=offsets[1:])
+        label_type = np.uint16 if label.max(initial=0) < 2**16 else np.int32
+        end_nodes = np.asarray([new_id[node] for node, _ in ends], dtype=np.int64)
+        end_order = np.argsort(end_nodes)
+        end_entries = np.asarray([entry for _, entry in ends], dtype=np.int32)[end_order]
+        trie = cls(offsets, label[order[1:]].astype(label_type), end_nodes[end_order].astype(np.int32), end_entries)
+        assert trie.num_keys == num_keys
+        return trie
 
     @property
     def num_nodes(self) -> int:
         return len(self.offsets) - 1
 
     @property
+    def num_keys(self) -> int:
+        return len(self.end_nodes)
+
+    @property
     def nbytes(self) -> int:
-        return self.offsets.nbytes + self.labels.nbytes + self.targets.nbytes
+        return self.offsets.nbytes + self.labels.nbytes + self.end_nodes.nbytes + self.end_entries.nbytes
+
+    def children(self, node: int) -> np.ndarray:
+        """The tokens that continue some key from `node`, sorted."""
+        return self.labels[self.offsets[node] : self.offsets[node + 1]]
 
     def allowed(self, node: int) -> np.ndarray:
-        """The labels that may follow `node`: token ids, and END where a key ends here."""
-        return self.labels[self.offsets[node] : self.offsets[node + 1]]
+        """What may follow `node` (int64): END first where a key ends here, then the tokens."""
+        tokens = self.children(node).astype(np.int64)
+        return np.concatenate(([END], tokens)) if self.entry_at(node) is not None else tokens
 
     def step(self, node: int, token: int) -> int | None:
         """The node after `token`, or None when no key continues that way."""
-        start, stop = self.offsets[node], self.offsets[node + 1]
-        at = start + np.searchsorted(self.labels[start:stop], token)
-        if at < stop and self.labels[at] == token and token != END:
-            return int(self.targets[at])
-        return None
+        start, stop = int(self.offsets[node]), int(self.offsets[node + 1])
+        if token < 0:
+            return None
+        at = start + int(np.searchsorted(self.labels[start:stop], token))
+        return at + 1 if at < stop and self.labels[at] == token else None
 
     def entry_at(self, node: int) -> int | None:
         """The entry whose key ends at `node`, or None."""
-        start, stop = self.offsets[node], self.offsets[node + 1]
-        if start < stop and self.labels[start] == END:
-            return int(self.targets[start])
-        return None
+        at = int(np.searchsorted(self.end_nodes, node))
+        return int(self.end_entries[at]) if at < len(self.end_nodes) and self.end_nodes[at] == node else None
 
     def walk(self, tokens: list[int]) -> int | None:
         node = self.ROOT

@@ -174,7 +174,8 @@ class KnowledgeStore:
         try:
             with os.fdopen(handle, "wb") as file:
                 np.savez(
-                    file, offsets=base.trie.offsets, labels=base.trie.labels, targets=base.trie.targets,
+                    file, offsets=base.trie.offsets, labels=base.trie.labels, end_nodes=base.trie.end_nodes,
+                    end_entries=base.trie.end_entries,
                     key_blob=base.key_blob, key_offsets=base.key_offsets, value_blob=base.value_blob,
                     value_offsets=base.value_offsets,
                     meta=np.frombuffer(json.dumps({"lead": base.lead, "tokens": base.num_tokens,
@@ -189,6 +190,6 @@ class KnowledgeStore:
     def _load(path: Path) -> KnowledgeBase:
         with np.load(path) as data:
             meta = json.loads(data["meta"].tobytes())
-            trie = TokenTrie(data["offsets"], data["labels"], data["targets"], len(data["key_offsets"]) - 1)
+            trie = TokenTrie(data["offsets"], data["labels"], data["end_nodes"], data["end_entries"])
             return KnowledgeBase(path.stem, meta["lead"], trie, data["key_blob"], data["key_offsets"], data["value_blob"],
                                  data["value_offsets"], meta["tokens"], meta["build_seconds"])
