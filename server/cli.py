@@ -141,11 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch-model", help="convert the bundled model into the cache (idempotent)")
     fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     fetch.set_defaults(func=run_fetch_model)
-    evaluate = commands.add_parser("eval", help="long-context evaluation against a running server (passkey, loss)")
+    evaluate = commands.add_parser("eval", help="long-context evaluation against a running server (passkey, loss, nbce)")
     from clients.longeval import add_eval_args, run_eval
 
     add_eval_args(evaluate)
     evaluate.set_defaults(func=run_eval)
+    kgclue = commands.add_parser("kgclue", help="KgCLUE-style KBQA through trie-constrained answers, against a running server")
+    from clients.kgclue import add_kgclue_args, run_kgclue
+
+    add_kgclue_args(kgclue)
+    kgclue.set_defaults(func=run_kgclue)
     return parser
 
 

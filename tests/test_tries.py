@@ -178,3 +178,24 @@ def test_bad_constraints_get_4xx(constrained_server, constraint, status, param):
     reply = httpx.post(f"{constrained_server}/v1/completions", json={"prompt": "Q:", "max_tokens": 8, "constraint": constraint})
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+def test_kgclue_client_on_the_bundled_dataset_gives_only_valid_keys(constrained_server, tmp_path, capsys):
+    """The client end to end on a tiny model: every answer is a key of the base (the model's quality is not judged)."""
+    from pathlib import Path
+
+    from clients.kgclue import lcs_f1, read_triples
+    from server.cli import main
+
+    data = Path(__file__).parent / "data" / "kgclue"
+    main(["kgclue", "--base-url", constrained_server, "--kb", str(data / "kb.tsv"), "--questions", str(data / "questions.jsonl"),
+          "--name", "kgclue", "--shots", "2", "--limit", "12", "--max-tokens", "48", "--out", str(tmp_path)])
+    result = json.loads(next(tmp_path.glob("kgclue-*.json")).read_text())
+    keys = read_triples(data / "kb.tsv")
+    assert result["summary"]["questions"] == 12 and result["trie"]["keys"] == len(keys)
+    for record in result["records"]:
+        assert record["valid"] and record["key"] in keys and record["objects"] == keys[record["key"]]
+    assert "validity 100.0%" in capsys.readouterr().out
+    assert lcs_f1("周杰伦", "周杰伦") == 1.0 and lcs_f1("abc", "xbz") == pytest.approx(1 / 3)
+    several = [k for k, v in keys.items() if len(v) > 1]
+    assert several and any("（歌曲）" in k for k in several)  # the dataset holds one (S, P) with several objects
