@@ -75,6 +75,7 @@ class SamplingFields(StrictModel):
     nbce: NbceParams | None = None
     # longserve extension: the answer must be a key of a knowledge base
     constraint: Constraint | None = None
+    use_beam_search: bool = False  # vLLM's name; here with a constraint: n = the beam width
 
     @field_validator("stop")
     @classmethod
@@ -118,6 +119,8 @@ class SamplingFields(StrictModel):
             raise ValueError("n > 1 is not supported with contexts; send n = 1")
         if self.contexts is not None and self.constraint is not None:
             raise ValueError("contexts and constraint cannot be combined; send one of them")
+        if self.use_beam_search and self.constraint is None:
+            raise ValueError("use_beam_search works with a constraint here: add constraint {\"trie\": NAME} or {\"choices\": [...]}")
         return self
 
     @field_validator("contexts")

@@ -67,8 +67,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         check_length(len(prompts[0]), max_tokens, engine.max_model_len)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer))
-    constraint, base = key_constraint(raw, body.constraint)
-    request = GenerationRequest(random_id("chatcmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint)
+    constraint, base = key_constraint(raw, body.constraint, body.n if body.use_beam_search else None)
+    request = GenerationRequest(random_id("chatcmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint,
+                                beam_search=body.use_beam_search)
     prompt_lengths = [len(p) for p in prompts]  # usage counts every NBCE row
     stream = submit(engine, request)
     created = now()
@@ -83,7 +84,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         "object": "chat.completion",
         "created": created,
         "model": engine.model_name,
-        "choices": [{**choice_body(body, c, engine.tokenizer), **key_fields(base, c.entry)} for c in choices],
+        "choices": [{**choice_body(body, c, engine.tokenizer), **key_fields(base, c.entry, c.score)} for c in choices],
         "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
     }
 
@@ -124,7 +125,7 @@ async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest,
         if body.contexts is not None:
             entry["nbce_context_ids"], context_ids[delta.index] = context_ids[delta.index], []
         if delta.finish_reason is not None:
-            entry.update(key_fields(base, delta.entry))
+            entry.update(key_fields(base, delta.entry, delta.score))
         yield chunk([entry])
     if body.include_usage:
         final = chunk([])

@@ -81,8 +81,9 @@ async def create_completion(body: CompletionRequest, raw: Request):
     params = sampling_params(body, max_tokens, body.logprobs, vocab_size)
     if body.echo and body.logprobs is not None:
         params.prompt_logprobs = body.logprobs
-    constraint, base = key_constraint(raw, body.constraint)
-    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint)
+    constraint, base = key_constraint(raw, body.constraint, body.n if body.use_beam_search else None)
+    request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint,
+                                beam_search=body.use_beam_search)
     stream = submit(engine, request)
     created = now()
     model = engine.model_name
@@ -98,7 +99,7 @@ async def create_completion(body: CompletionRequest, raw: Request):
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{**choice_body(body, c, prompts[c.index // body.n], engine.tokenizer), **key_fields(base, c.entry)} for c in choices],
+        "choices": [{**choice_body(body, c, prompts[c.index // body.n], engine.tokenizer), **key_fields(base, c.entry, c.score)} for c in choices],
         "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
     }
 
@@ -154,7 +155,7 @@ async def stream_chunks(body: CompletionRequest, request: GenerationRequest, str
         if body.contexts is not None:
             chunk["choices"][0]["nbce_context_ids"], context_ids[index] = context_ids[index], []
         if delta.finish_reason is not None:
-            chunk["choices"][0].update(key_fields(base, delta.entry))
+            chunk["choices"][0].update(key_fields(base, delta.entry, delta.score))
         if body.include_usage:
             chunk["usage"] = None
         yield chunk

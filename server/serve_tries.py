@@ -68,7 +68,7 @@ def find(request: Request, name: str):
     return base
 
 
-def key_constraint(request: Request, constraint: Constraint | None):
+def key_constraint(request: Request, constraint: Constraint | None, beam_width: int | None = None):
     """The engine's KeyConstraint and the base that answers for it, or (None, None)."""
     if constraint is None:
         return None, None
@@ -81,19 +81,25 @@ def key_constraint(request: Request, constraint: Constraint | None):
             base = build("inline", entries, engine.tokenizer, constraint.lead, request.app.state.knowledge.limits)
         except EntryError as exc:
             raise APIError(400, str(exc).replace("entry", "choice", 1), "constraint.choices") from None
+    if beam_width is not None and beam_width > base.num_keys:
+        raise APIError(400, f"a beam of n = {beam_width} asks for more distinct keys than the {base.num_keys} there are; lower n", "n")
+    if beam_width is not None and beam_width > engine.max_num_seqs:
+        raise APIError(400, f"a beam of n = {beam_width} does not fit --max-num-seqs {engine.max_num_seqs}; lower n", "n")
     end_token = engine.tokenizer.eos_token_id
     if end_token is None:
         raise APIError(400, "this model has no end-of-sequence token to end a key with", "constraint")
     return KeyConstraint(base.trie, end_token), base
 
 
-def key_fields(base, entry: int | None) -> dict:
-    """The extension fields of a constrained choice: its key and the stored value, once complete."""
+def key_fields(base, entry: int | None, score: float | None = None) -> dict:
+    """The extension fields of a constrained choice: its key and the stored value once complete,
+    and with beam search its score (cumulative log-probability)."""
     if base is None:
         return {}
-    if entry is None:
-        return {"key": None, "value": None}
-    return {"key": base.key(entry), "value": base.value(entry)}
+    fields = {"key": None, "value": None} if entry is None else {"key": base.key(entry), "value": base.value(entry)}
+    if score is not None:
+        fields["score"] = score
+    return fields
 
 
 def trie_routes() -> APIRouter:

@@ -90,6 +90,7 @@ class Choice:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     context_ids: list[int] = field(default_factory=list)  # NBCE: the context each token came from
     entry: int | None = None  # constrained: the knowledge-base entry of the finished key
+    score: float | None = None  # beam search: the key's cumulative log-probability
 
 
 async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Choice]:
@@ -104,6 +105,7 @@ async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Cho
         choice.prompt_logprobs += delta.prompt_logprobs or []
         choice.context_ids += delta.context_ids or []
         choice.entry = delta.entry if delta.entry is not None else choice.entry
+        choice.score = delta.score if delta.score is not None else choice.score
         choice.finish_reason = delta.finish_reason
         choice.completion_tokens = delta.completion_tokens
     return choices

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from server.knowledge import KnowledgeStore, Limits, build
-from tests.conftest import make_engine, running_server, tiny_model
+from tests.conftest import make_engine, running_server, tiny_model, wait_until
 
 ENTRIES = [
     {"key": "Paris ||| capital of", "value": "France"},
@@ -199,3 +199,52 @@ def test_kgclue_client_on_the_bundled_dataset_gives_only_valid_keys(constrained_
     assert lcs_f1("周杰伦", "周杰伦") == 1.0 and lcs_f1("abc", "xbz") == pytest.approx(1 / 3)
     several = [k for k, v in keys.items() if len(v) > 1]
     assert several and any("（歌曲）" in k for k in several)  # the dataset holds one (S, P) with several objects
+
+
+def exact_key_scores(model, tokenizer, prompt: str, keys: list[str]) -> dict[str, float]:
+    """log P(key) under the model, token by token, plus the end-of-key step where a longer key continues it."""
+    import torch
+
+    from patches.trie import TokenTrie
+
+    prompt_ids = tokenizer.encode(prompt)
+    tokenized = [tokenizer.encode(key, add_special_tokens=False) for key in keys]
+    trie = TokenTrie.build(tokenized)
+    scores = {}
+    for key, tokens in zip(keys, tokenized):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([prompt_ids + tokens])).logits[0].float().log_softmax(-1)
+        total = sum(float(logprobs[len(prompt_ids) - 1 + t, token]) for t, token in enumerate(tokens))
+        if len(trie.children(trie.walk(tokens))):
+            total += float(logprobs[-1, tokenizer.eos_token_id])
+        scores[key] = total
+    return scores
+
+
+def test_beam_search_returns_the_best_distinct_keys_with_their_scores(tokenizer, tmp_path):
+    from tests.conftest import openai_client
+
+    choices = ["ab", "ab cd", "ab cde", "Lyon ||| river", "Paris", "Paris ||| capital of"]
+    model = tiny_model("llama", seed=33)
+    engine = make_engine(model, tokenizer, max_model_len=256, max_num_seqs=8)
+    reference = exact_key_scores(tiny_model("llama", seed=33), tokenizer, "Answer:", choices)
+    with running_server(engine, data_dir=str(tmp_path)) as url:
+        client = openai_client(url)
+        for stream in (False, True):
+            reply = client.completions.create(model="tiny", prompt="Answer:", max_tokens=16, n=len(choices), stream=stream,
+                                              extra_body={"constraint": {"choices": choices}, "use_beam_search": True})
+            found = [c for c in reply] if stream else reply.choices
+            found = sorted((c.choices[0] if stream else c for c in found), key=lambda c: c.index)
+            keys = [c.model_extra["key"] for c in found]
+            assert sorted(keys) == sorted(choices)  # all distinct, all valid
+            assert keys == sorted(choices, key=lambda k: -reference[k])  # best first
+            assert [c.model_extra["score"] for c in found] == pytest.approx([reference[k] for k in keys], abs=1e-3)
+        narrow = client.completions.create(model="tiny", prompt="Answer:", max_tokens=16, n=2,
+                                           extra_body={"constraint": {"choices": choices}, "use_beam_search": True})
+        assert len({c.model_extra["key"] for c in narrow.choices}) == 2
+        assert narrow.choices[0].model_extra["score"] >= narrow.choices[1].model_extra["score"]
+        too_wide = httpx.post(f"{url}/v1/completions", json={"prompt": "A", "n": 7, "use_beam_search": True, "constraint": {"choices": choices}})
+        assert too_wide.status_code == 400 and too_wide.json()["error"]["param"] == "n"
+        no_constraint = httpx.post(f"{url}/v1/completions", json={"prompt": "A", "n": 2, "use_beam_search": True})
+        assert no_constraint.status_code == 400 and "constraint" in no_constraint.json()["error"]["message"]
+        assert wait_until(lambda: engine.scheduler.num_running == 0 and engine.cache.rows_in_use == 0)

@@ -65,6 +65,7 @@ class GenerationRequest:
     position: Any = None  # a patches.rope.PositionSpec overriding the server's, or None
     nbce: Any = None  # a patches.nbce.NbceParams: decode one answer over the rows
     constraint: KeyConstraint | None = None  # the output must be one of its keys
+    beam_search: bool = False  # with a constraint: the n best distinct keys, best first
 
     @property
     def num_choices(self) -> int:
@@ -93,6 +94,7 @@ class SeqDelta:
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first delta, when asked for
     context_ids: list[int] | None = None  # NBCE: the context (0-based) each of token_ids came from
     entry: int | None = None  # constrained: the key's entry, once a whole key is out (last delta)
+    score: float | None = None  # beam search: the key's cumulative log-probability
 
 
 class Engine(Protocol):

@@ -21,6 +21,7 @@ import torch
 
 from patches.rope import PositionSpec
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta
+from server.engine.native.beam_group import BeamGroup
 from server.engine.native.constraint import KeyState, mask_to_keys
 from server.engine.native.kv_cache import SlotCache
 from server.engine.native.model_runner import ModelRunner
@@ -158,6 +159,8 @@ class NativeEngine:
 
         if request.nbce is not None:
             seqs = self._nbce_rows(request, emit)
+        elif request.beam_search:
+            seqs = self._beam_rows(request, emit)
         else:
             seqs = [
                 self._new_sequence(request, prompt, index=p * request.n + i, emit=emit)
@@ -205,6 +208,15 @@ class NativeEngine:
             raise ValueError(f"{len(request.prompts)} NBCE rows do not fit a batch of --max-num-seqs {self.max_num_seqs}")
         rows = [self._new_sequence(request, prompt, index=0, emit=emit if k == 0 else ignore) for k, prompt in enumerate(request.prompts)]
         group = NbceGroup(rows, request.nbce)
+        for row in rows:
+            row.group = group
+        return rows
+
+    def _beam_rows(self, request: GenerationRequest, emit) -> list[Sequence]:
+        if request.n > self.max_num_seqs:
+            raise ValueError(f"a beam of {request.n} does not fit a batch of --max-num-seqs {self.max_num_seqs}")
+        rows = [self._new_sequence(request, request.prompts[0], index=i, emit=emit) for i in range(request.n)]
+        group = BeamGroup(rows, request.n)
         for row in rows:
             row.group = group
         return rows
@@ -266,7 +278,11 @@ class NativeEngine:
             if singles:
                 self._accept(singles, logits[[row_of[seq] for seq in singles]])
             for group in dict.fromkeys(seq.group for seq in batch.decode if seq.group is not None):
-                self._accept_group(group, group.merge(logits[[row_of[row] for row in group.rows]]))
+                rows_logits = logits[[row_of[row] for row in group.rows]]
+                if isinstance(group, BeamGroup):
+                    self._advance_beam(group, rows_logits)
+                else:
+                    self._accept_group(group, group.merge(rows_logits))
 
     def _prefill(self, seq: Sequence, end: int) -> None:
         start, k = seq.num_cached, seq.params.prompt_logprobs
@@ -284,6 +300,13 @@ class NativeEngine:
                 self._forget(seq)
             self._observe_finished(seq)
             self._emit(seq)
+            return
+        if isinstance(seq.group, BeamGroup):  # the leader's prompt is every beam's prompt
+            with self._lock:
+                self.scheduler.park(seq)
+                for row in seq.group.rows:
+                    self.scheduler.prompt_cached(row)
+            self._advance_beam(seq.group, logits.unsqueeze(0), first=True)
             return
         if seq.group is not None:  # an NBCE row: the group decodes once every row is cached
             with self._lock:
@@ -333,6 +356,19 @@ class NativeEngine:
                 self._forget(leader)
             self._observe_finished(leader)
         self._emit(leader)
+
+    def _advance_beam(self, group: BeamGroup, logits: torch.Tensor, first: bool = False) -> None:
+        group.advance(logits, self.cache, first)
+        if not group.done():
+            return
+        group.finish(self.tokenizer)
+        with self._lock:
+            for row in group.rows:
+                self.scheduler.remove(row)
+            self._forget(group.leader)
+        for row in group.rows:
+            self._observe_finished(row)
+            self._emit(row)
 
     def _forget(self, seq: Sequence) -> None:
         seqs = self._requests.get(seq.request_id, [])

@@ -94,6 +94,18 @@ class SlotCache:
             grown = min(self.max_len, max(round_up(length, CAPACITY_BLOCK), 2 * self.capacity))
             self._resize(slots=self.num_slots, capacity=grown)
 
+    def copy_rows(self, sources: list[int], destinations: list[int], length: int) -> None:
+        """Positions [0, length) of each source row into its destination row (beam search).
+
+        All sources are read before any destination is written, so rows may swap.
+        """
+        source, destination = torch.tensor(sources, device=self.device), torch.tensor(destinations, device=self.device)
+        for layer in range(self.num_layers):
+            self.keys[layer][destination, :, :length] = self.keys[layer][source, :, :length]
+            self.values[layer][destination, :, :length] = self.values[layer][source, :, :length]
+        for slot in destinations:
+            self.lengths[slot] = max(self.lengths[slot], length)
+
     def _resize(self, slots: int, capacity: int) -> None:
         shape = (slots, self.num_kv_heads, capacity, self.head_dim)
         keep_slots = min(slots, self.num_slots)

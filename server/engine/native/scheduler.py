@@ -70,7 +70,10 @@ class Scheduler:
                 seq = self.waiting.popleft()
                 seq.slot = self.cache.allocate()
                 seq.status = Status.PREFILLING
-                self.prefilling.append(seq)
+                if group is not None and getattr(group, "shares_prompt", False) and seq is not group.leader:
+                    self.parked.append(seq)  # a beam: its cache rows are copied from the leader's
+                else:
+                    self.prefilling.append(seq)
 
         batch = Batch(decode=list(self.decoding))
         for seq in batch.decode:

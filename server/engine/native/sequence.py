@@ -51,6 +51,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     group: Any = None  # an nbce_group.NbceGroup when this is one row of an NBCE request
     key_state: Any = None  # a constraint.KeyState when the output must be a key of a trie
+    score: float | None = None  # beam search: the cumulative log-probability of the output
     context_ids: list[int] = field(default_factory=list)  # NBCE, row 0: the context each output token came from
     _sent_text: int = 0
     _sent_tokens: int = 0
@@ -136,4 +137,5 @@ class Sequence:
             prompt_logprobs=self.prompt_logprobs if first and self.params.prompt_logprobs is not None else None,
             context_ids=context_ids,
             entry=self.key_state.entry if self.key_state is not None and done else None,
+            score=self.score if done else None,
         )

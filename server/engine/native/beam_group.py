@@ -1,0 +1,113 @@
+"""Beam search over the keys of a trie: the n best distinct keys, best first, with their scores.
+
+A request with use_beam_search and a constraint becomes n sequences (n = the
+beam width) with one prompt. Only the first is prefilled; the others copy its
+cache rows. Each step every live beam proposes its best allowed next tokens,
+scored by the model's own log-probabilities (the sum over the key's tokens,
+end-of-key step included); the n best continuations become the next beams,
+and the cache rows follow their parents. A continuation that completes a key
+leaves the beam as a finished hypothesis. The search stops when n keys are
+finished and no live beam can still beat the worst of them (scores only
+fall), when nothing is live, or at max_tokens; beams cut there are reported
+with finish_reason "length" and no key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.native.constraint import KeyState
+from server.engine.native.sequence import Sequence
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    score: float
+    state: KeyState
+
+
+@dataclass(eq=False)
+class BeamGroup:
+    rows: list[Sequence]
+    width: int
+    live: list[Hypothesis | None] = field(default_factory=list)  # one per row; None: the row idles
+    finished: list[Hypothesis] = field(default_factory=list)
+    shares_prompt = True  # the scheduler prefills the leader only
+
+    @property
+    def leader(self) -> Sequence:
+        return self.rows[0]
+
+    def advance(self, logits: torch.Tensor, cache, first: bool = False) -> None:
+        """One search step; every row's cache and state then follow the beam it now holds."""
+        sources = self.step(logits, first)
+        length = self.leader.num_cached
+        moves = [(self.rows[src].slot, row.slot) for row, src in zip(self.rows, sources) if first or row is not self.rows[src]]
+        if moves:
+            cache.copy_rows([src for src, _ in moves], [dst for _, dst in moves], length)
+        fallback = next((h for h in self.live if h is not None), None)
+        for row, hypothesis in zip(self.rows, self.live):
+            row.num_cached = length
+            row.output_ids = list((hypothesis or fallback).tokens) if (hypothesis or fallback) else row.output_ids
+
+    def finish(self, tokenizer) -> None:
+        """Write the answers into the rows, best first; rows beyond the answers end empty."""
+        answers = self.results()
+        for index, row in enumerate(self.rows):
+            if index < len(answers):
+                hypothesis, reason = answers[index]
+                row.output_ids, row.key_state, row.score = hypothesis.tokens, hypothesis.state, hypothesis.score
+                row.text = tokenizer.decode(hypothesis.tokens, skip_special_tokens=True)
+            else:
+                row.output_ids, row.text, reason = [], "", "length"
+                row.key_state = KeyState(self.leader.key_state.constraint)
+            row.finish(reason)
+
+    def step(self, logits: torch.Tensor, first: bool = False) -> list[int]:
+        """Advance with logits [rows, vocab]; returns, per row, the row whose cache it continues."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        parents = [Hypothesis([], 0.0, KeyState(self.leader.key_state.constraint))] if first else self.live
+        candidates = []  # (score, parent row, token)
+        for row, parent in enumerate(parents):
+            if parent is None:
+                continue
+            allowed = parent.state.allowed_tokens().to(logprobs.device)
+            scores = logprobs[row, allowed]
+            best = scores.topk(min(self.width, len(allowed)))
+            for value, index in zip(best.values.tolist(), best.indices.tolist()):
+                candidates.append((parent.score + value, row, int(allowed[index])))
+        candidates.sort(key=lambda c: -c[0])
+        live, sources = [], []
+        for score, row, token in candidates:
+            if len(live) == self.width:
+                break
+            parent = parents[row]
+            state = KeyState(parent.state.constraint, parent.state.node)
+            hypothesis = Hypothesis(parent.tokens + [token], score, state)
+            if state.advance(token):
+                if state.entry not in {h.state.entry for h in self.finished}:
+                    self.finished.append(hypothesis)
+            else:
+                live.append(hypothesis)
+                sources.append(row)
+        self.finished.sort(key=lambda h: -h.score)
+        del self.finished[self.width :]
+        self.live = live + [None] * (len(self.rows) - len(live))
+        return sources + [sources[0] if sources else 0] * (len(self.rows) - len(sources))
+
+    def done(self) -> bool:
+        live_scores = [h.score for h in self.live if h is not None]
+        steps = max((len(h.tokens) for h in self.live if h is not None), default=0)
+        if not live_scores or steps >= self.leader.params.max_tokens:
+            return True
+        return len(self.finished) >= self.width and max(live_scores) <= self.finished[-1].score
+
+    def results(self) -> list[tuple[Hypothesis, str]]:
+        """The answers, best first: finished keys, then (if too few) the best cut beams."""
+        answers = [(h, "stop") for h in self.finished]
+        cut = sorted((h for h in self.live if h is not None), key=lambda h: -h.score)
+        answers += [(h, "length") for h in cut[: self.width - len(answers)]]
+        return answers
