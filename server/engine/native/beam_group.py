@@ -37,6 +37,13 @@ class BeamGroup:
     finished: list[Hypothesis] = field(default_factory=list)
     shares_prompt = True  # the scheduler prefills the leader only
 
+    @classmethod
+    def of(cls, rows: list[Sequence]) -> "BeamGroup":
+        group = cls(rows, len(rows))
+        for row in rows:
+            row.group = group
+        return group
+
     @property
     def leader(self) -> Sequence:
         return self.rows[0]

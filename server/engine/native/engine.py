@@ -157,10 +157,12 @@ class NativeEngine:
         def emit(delta: SeqDelta) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, delta)
 
-        if request.nbce is not None:
-            seqs = self._nbce_rows(request, emit)
+        if request.nbce is not None:  # row 0 talks to the client, the others follow silently
+            seqs = [self._new_sequence(request, p, index=0, emit=emit if k == 0 else ignore) for k, p in enumerate(request.prompts)]
+            NbceGroup.of(seqs, request.nbce)
         elif request.beam_search:
-            seqs = self._beam_rows(request, emit)
+            seqs = [self._new_sequence(request, request.prompts[0], index=i, emit=emit) for i in range(request.n)]
+            BeamGroup.of(seqs)
         else:
             seqs = [
                 self._new_sequence(request, prompt, index=p * request.n + i, emit=emit)
@@ -202,24 +204,6 @@ class NativeEngine:
             key_state=KeyState(request.constraint) if request.constraint is not None else None,
             positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
         )
-
-    def _nbce_rows(self, request: GenerationRequest, emit) -> list[Sequence]:
-        if len(request.prompts) > self.max_num_seqs:
-            raise ValueError(f"{len(request.prompts)} NBCE rows do not fit a batch of --max-num-seqs {self.max_num_seqs}")
-        rows = [self._new_sequence(request, prompt, index=0, emit=emit if k == 0 else ignore) for k, prompt in enumerate(request.prompts)]
-        group = NbceGroup(rows, request.nbce)
-        for row in rows:
-            row.group = group
-        return rows
-
-    def _beam_rows(self, request: GenerationRequest, emit) -> list[Sequence]:
-        if request.n > self.max_num_seqs:
-            raise ValueError(f"a beam of {request.n} does not fit a batch of --max-num-seqs {self.max_num_seqs}")
-        rows = [self._new_sequence(request, request.prompts[0], index=i, emit=emit) for i in range(request.n)]
-        group = BeamGroup(rows, request.n)
-        for row in rows:
-            row.group = group
-        return rows
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -26,6 +26,13 @@ class NbceGroup:
     previous: int | None = None  # the row chosen at the previous step
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> logits after its prompt
 
+    @classmethod
+    def of(cls, rows: list[Sequence], params: NbceParams) -> "NbceGroup":
+        group = cls(rows, params)
+        for row in rows:
+            row.group = group
+        return group
+
     @property
     def leader(self) -> Sequence:
         return self.rows[0]

@@ -52,6 +52,9 @@ class Scheduler:
         Free batch slots count as room too: admission happens at the next
         step, so counting only the queue would depend on the step's timing.
         """
+        group = seqs[0].group if seqs else None
+        if group is not None and len(group.rows) > self.max_num_seqs:
+            raise ValueError(f"{len(group.rows)} rows decoded together do not fit --max-num-seqs {self.max_num_seqs}")
         room = self.max_num_seqs + self.max_waiting - self.num_running - len(self.waiting)
         if len(seqs) > room:
             raise EngineOverloaded(
