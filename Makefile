@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
 ARGS ?=
 
-.PHONY: setup model serve test bench-engine bench-positions clean
+.PHONY: setup model serve test bench-engine bench-positions bench-tries clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ bench-engine: model
 
 bench-positions: model
 	$(PY) -m server.engine.native.position_cost $(ARGS)
+
+bench-tries: model
+	$(PY) -m server.trie_benchmark $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
