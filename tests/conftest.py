@@ -74,6 +74,26 @@ def make_engine(model, tokenizer, name="tiny", **config) -> NativeEngine:
     return NativeEngine(NativeConfig(model_path="", model_name=name, **config), metrics=metrics, model=model, tokenizer=tokenizer)
 
 
+def chat_ids(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def greedy_text(engine, ids: list[int], max_tokens: int = 12) -> str:
+    """The engine's greedy answer to token ids, as text."""
+    import asyncio
+
+    from server.engine.base import GenerationRequest, SamplingParams
+
+    async def run():
+        out = ""
+        async for delta in engine.generate(GenerationRequest("greedy", [ids], SamplingParams(max_tokens=max_tokens, temperature=0.0))):
+            out += delta.text
+        return out
+
+    return asyncio.run(run())
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from patches.rerope import KeyMask, attention_lse, clipped_distance, explicit, f
 from patches.rope import PositionSpec
 from server.engine.base import SamplingParams
 from server.engine.native.sequence import Sequence
-from tests.conftest import make_engine, tiny_model
+from tests.conftest import chat_ids, greedy_text, make_engine, tiny_model
 
 TRAINED = 64  # the tiny model's nominal trained length, so log-n acts past 64 tokens
 
@@ -207,22 +207,10 @@ def test_the_explicit_path_equals_the_cpu_kernel():
 
 
 def test_bundled_model_answers_with_a_window_shorter_than_the_prompt(bundled_model, tokenizer):
-    import asyncio
-
-    from server.engine.base import GenerationRequest
-
     engine = make_engine(bundled_model, tokenizer, position=PositionSpec(type="rerope", window=16, logn=True))
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = chat_ids(tokenizer, "What is the capital of France?")
         assert len(ids) > 16  # the question sits partly past the window
-
-        async def run():
-            out = ""
-            async for delta in engine.generate(GenerationRequest("r", [ids], SamplingParams(max_tokens=12, temperature=0.0))):
-                out += delta.text
-            return out
-
-        assert "Paris" in asyncio.run(run())
+        assert "Paris" in greedy_text(engine, ids)
     finally:
         engine.shutdown()

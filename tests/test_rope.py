@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from patches.hf import install_position
 from patches.rope import PositionSpec, logn_factors, rope_table
 from server.engine.base import GenerationRequest, SamplingParams
-from tests.conftest import make_engine, tiny_model
+from tests.conftest import chat_ids, greedy_text, make_engine, tiny_model
 
 HEAD_DIM, BASE, TRAINED = 64, 100000.0, 8192
 
@@ -173,15 +173,6 @@ def test_bundled_model_still_answers_with_ntk_mixed(bundled_model, tokenizer):
     engine = make_engine(bundled_model, tokenizer, position=PositionSpec(type="ntk-mixed", factor=2, logn=True))
     try:
         assert engine.max_model_len == 16384
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-
-        async def run():
-            out = ""
-            async for delta in engine.generate(GenerationRequest("r", [ids], SamplingParams(max_tokens=12, temperature=0.0))):
-                out += delta.text
-            return out
-
-        assert "Paris" in asyncio.run(run())
+        assert "Paris" in greedy_text(engine, chat_ids(tokenizer, "What is the capital of France?"))
     finally:
         engine.shutdown()

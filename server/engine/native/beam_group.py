@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.native.constraint import KeyState
-from server.engine.native.sequence import Sequence
+from server.engine.native.row_group import RowGroup
 
 
 @dataclass
@@ -30,23 +30,11 @@ class Hypothesis:
 
 
 @dataclass(eq=False)
-class BeamGroup:
-    rows: list[Sequence]
+class BeamGroup(RowGroup):
     width: int
     live: list[Hypothesis | None] = field(default_factory=list)  # one per row; None: the row idles
     finished: list[Hypothesis] = field(default_factory=list)
     shares_prompt = True  # the scheduler prefills the leader only
-
-    @classmethod
-    def of(cls, rows: list[Sequence]) -> "BeamGroup":
-        group = cls(rows, len(rows))
-        for row in rows:
-            row.group = group
-        return group
-
-    @property
-    def leader(self) -> Sequence:
-        return self.rows[0]
 
     def advance(self, logits: torch.Tensor, cache, first: bool = False) -> None:
         """One search step; every row's cache and state then follow the beam it now holds."""

@@ -159,10 +159,10 @@ class NativeEngine:
 
         if request.nbce is not None:  # row 0 talks to the client, the others follow silently
             seqs = [self._new_sequence(request, p, index=0, emit=emit if k == 0 else ignore) for k, p in enumerate(request.prompts)]
-            NbceGroup.of(seqs, request.nbce)
+            NbceGroup(seqs, request.nbce)
         elif request.beam_search:
             seqs = [self._new_sequence(request, request.prompts[0], index=i, emit=emit) for i in range(request.n)]
-            BeamGroup.of(seqs)
+            BeamGroup(seqs, request.n)
         else:
             seqs = [
                 self._new_sequence(request, prompt, index=p * request.n + i, emit=emit)

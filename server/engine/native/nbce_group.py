@@ -16,26 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from patches.nbce import NbceParams, nbce_merge
+from server.engine.native.row_group import RowGroup
 from server.engine.native.sequence import Sequence
 
 
 @dataclass(eq=False)
-class NbceGroup:
-    rows: list[Sequence]
+class NbceGroup(RowGroup):
     params: NbceParams
     previous: int | None = None  # the row chosen at the previous step
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> logits after its prompt
-
-    @classmethod
-    def of(cls, rows: list[Sequence], params: NbceParams) -> "NbceGroup":
-        group = cls(rows, params)
-        for row in rows:
-            row.group = group
-        return group
-
-    @property
-    def leader(self) -> Sequence:
-        return self.rows[0]
 
     def prompt_cached(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Record that `seq` has its prompt cached; True once every row has."""

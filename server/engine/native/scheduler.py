@@ -73,7 +73,7 @@ class Scheduler:
                 seq = self.waiting.popleft()
                 seq.slot = self.cache.allocate()
                 seq.status = Status.PREFILLING
-                if group is not None and getattr(group, "shares_prompt", False) and seq is not group.leader:
+                if group is not None and group.shares_prompt and seq is not group.leader:
                     self.parked.append(seq)  # a beam: its cache rows are copied from the leader's
                 else:
                     self.prefilling.append(seq)
