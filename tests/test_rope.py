@@ -45,10 +45,14 @@ def test_ntk_and_ntk_mixed_follow_the_written_out_formula(factor):
 
 def test_ntk_tables_equal_vllm_when_installed():
     rotary = pytest.importorskip("vllm.model_executor.layers.rotary_embedding")
-    for b in (None, 0.625):
-        reference = rotary.NTKScalingRotaryEmbedding(HEAD_DIM, HEAD_DIM, TRAINED, BASE, True, 2.0, torch.float32, mixed_b=b)
-        spec = PositionSpec(type="ntk", factor=2.0) if b is None else PositionSpec(type="ntk-mixed", factor=2.0, b=b)
-        assert torch.allclose(table(spec).inv_freq, reference._compute_inv_freq(BASE), rtol=1e-5)
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):  # vLLM's rotary modules want a config in scope
+        for b in (None, 0.625, 0.75):
+            for factor in (2.0, 4.0):
+                reference = rotary.NTKScalingRotaryEmbedding(HEAD_DIM, HEAD_DIM, TRAINED, BASE, True, factor, torch.float32, mixed_b=b)
+                spec = PositionSpec(type="ntk", factor=factor) if b is None else PositionSpec(type="ntk-mixed", factor=factor, b=b)
+                assert torch.allclose(table(spec).inv_freq, reference._compute_inv_freq(BASE), rtol=1e-5)
 
 
 def hf_table(rope_type: str, seq_len: int | None = None, **params):
