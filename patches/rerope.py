@@ -8,9 +8,9 @@ Leaky ReRoPE sees r inside the window and w + (r - w) * leak past it
 - far (r >= w): (R_{p(i)} q) . (R_{j*leak} k) with p(i) = i*leak + w*(1 - leak),
   whose angle difference is exactly the clipped distance.
 
-The far key R_{j*leak} k depends on j alone, so that is what the cache keeps:
-for ReRoPE it is the key before rotation. A near key is a cached key turned
-on by j*(1 - leak); only keys inside some query's window need it.
+Both key forms depend on j alone, so the cache keeps both: the far key
+R_{j*leak} k (for ReRoPE the key before rotation) and the near key R_j k.
+No step has to turn a cached key again.
 
 Prefill of queries [s, e) splits the keys [0, e) into three ranges: [0, a)
 is far for every query (a = s - w + 1), [b, e) is near for every query
@@ -19,8 +19,8 @@ range and form is one fused attention call that also returns the
 log-sum-exp of its scores; the parts then merge exactly, the way flash
 attention merges its tiles. Only the band (as wide as the chunk) is scored
 in both forms, and memory grows as chunk x length, never length².
-Decode (one query per row) scores every key in the far form and the window
-in the near form, then keeps the right one per key.
+Decode (one query per row) is the same split with a mask per row: keys at
+distance >= w in the far form, the last w keys in the near form.
 """
 
 from __future__ import annotations
@@ -29,14 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from patches.rope import cos_sin, rotate
 
 EXPLICIT_QUERY_ROWS = 256  # query rows per block on the explicit path: bounds its score memory
-
-
-def clipped_distance(distance: torch.Tensor, window: int, leak: float) -> torch.Tensor:
-    """The distance attention sees: r inside the window, w + (r - w) * leak past it."""
-    return torch.where(distance < window, distance.float(), window + (distance - window) * leak)
 
 
 def far_query_positions(positions: torch.Tensor, window, leak) -> torch.Tensor:
@@ -47,14 +41,6 @@ def far_query_positions(positions: torch.Tensor, window, leak) -> torch.Tensor:
 def far_key_positions(positions: torch.Tensor, leak) -> torch.Tensor:
     """j*leak: where a cached key stands (0 for ReRoPE: the key before rotation)."""
     return positions * leak
-
-
-def turn(keys: torch.Tensor, inv_freq: torch.Tensor, angles_at: torch.Tensor) -> torch.Tensor:
-    """Rotate keys [..., n, d] by the positions angles_at [n] (or [rows, n] for keys [rows, h, n, d])."""
-    cos, sin = cos_sin(inv_freq, angles_at)
-    if angles_at.dim() == 2:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return rotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
 
 
 @dataclass
@@ -86,13 +72,18 @@ def attention_lse(q, k, v, mask: KeyMask | None, scale: float) -> tuple[torch.Te
     batch, heads, rows, dim = q.shape
     kv_heads = k.shape[1]
     folded = q.reshape(batch, kv_heads, heads // kv_heads * rows, dim)
-    if q.device.type == "cpu":
+    if fused_kernel_for(q.device):
         out, lse = flash_cpu(folded, k, v, None if mask is None else mask.additive, scale)
     else:
         out, lse = explicit(folded, k, v, None if mask is None else mask.allowed, scale)
     if mask is not None:
         lse = lse.masked_fill(mask.empty, float("-inf"))
     return out.reshape(batch, heads, rows, v.shape[-1]), lse.reshape(batch, heads, rows)
+
+
+def fused_kernel_for(device: torch.device) -> bool:
+    """Whether the fused kernel with log-sum-exp serves this device; elsewhere the explicit path does."""
+    return device.type == "cpu"
 
 
 def flash_cpu(q, k, v, additive_mask: torch.Tensor | None, scale: float):
@@ -103,13 +94,16 @@ def flash_cpu(q, k, v, additive_mask: torch.Tensor | None, scale: float):
 
 
 def explicit(q, k, v, allowed: torch.Tensor | None, scale: float):
-    """The same computation with materialized scores, a block of query rows at a time."""
+    """The same computation with materialized scores, a block of query rows at a time.
+
+    `allowed` broadcasts to the scores [B, KV, Lq, Lk]: [Lq, Lk], or [B, 1, 1, Lk] for one mask per batch row.
+    """
     outs, lses = [], []
     for first in range(0, q.shape[2], EXPLICIT_QUERY_ROWS):
         block = slice(first, first + EXPLICIT_QUERY_ROWS)
         scores = (q[:, :, block] @ k.transpose(-1, -2)).float() * scale
         if allowed is not None:
-            scores = scores.masked_fill(~allowed[block], float("-inf"))
+            scores = scores.masked_fill(~(allowed if allowed.shape[-2] == 1 else allowed[..., block, :]), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         weights = torch.exp(scores - lse).nan_to_num(0.0)  # rows with no keys: -inf - -inf
         outs.append((weights.to(v.dtype) @ v))
@@ -135,14 +129,10 @@ class PrefillPlan:
     end: int  # keys [far_end, end): near where 0 <= i - j < w (near_mask)
     band_mask: KeyMask | None
     near_mask: KeyMask
-    near_cos: torch.Tensor  # turns cached keys [far_end, end) on to their near form
-    near_sin: torch.Tensor
 
 
-def plan_prefill(start: int, end: int, window: int, leak: float, inv_freq: torch.Tensor, groups: int,
-                 dtype: torch.dtype) -> PrefillPlan:
+def plan_prefill(start: int, end: int, window: int, groups: int, dtype: torch.dtype, device: torch.device) -> PrefillPlan:
     """Queries at positions [start, end) of one sequence, over its keys [0, end)."""
-    device = inv_freq.device
     far_end = max(0, start - window + 1)
     band_end = max(far_end, end - window)
     queries_at = torch.arange(start, end, device=device).unsqueeze(1)
@@ -152,47 +142,61 @@ def plan_prefill(start: int, end: int, window: int, leak: float, inv_freq: torch
     keys_at = torch.arange(far_end, end, device=device)
     distance = queries_at - keys_at
     near_mask = KeyMask.build((distance >= 0) & (distance < window), groups, dtype)
-    cos, sin = cos_sin(inv_freq, keys_at * (1.0 - leak))
-    return PrefillPlan(far_end, band_end, end, band_mask, near_mask, cos.to(dtype), sin.to(dtype))
+    return PrefillPlan(far_end, band_end, end, band_mask, near_mask)
 
 
-def clipped_prefill_attention(q_near, q_far, keys, values, plan: PrefillPlan, scale: float) -> torch.Tensor:
-    """One prefill chunk: q_near, q_far [1, H, Lq, d] are the queries turned for the near and
-    far forms (log-n applied); keys, values [1, KV, >= plan.end, d] the cache in the far form."""
+def clipped_prefill_attention(q_near, q_far, far_keys, near_keys, values, plan: PrefillPlan, scale: float) -> torch.Tensor:
+    """One prefill chunk: q_near, q_far [1, H, Lq, d] are the queries turned for the near and far
+    forms (log-n applied); far_keys, near_keys, values [1, KV, >= plan.end, d] the cache planes."""
     far_end, band_end, end = plan.far_end, plan.band_end, plan.end
     parts = []
     if far_end > 0:
-        parts.append(attention_lse(q_far, keys[:, :, :far_end], values[:, :, :far_end], None, scale))
+        parts.append(attention_lse(q_far, far_keys[:, :, :far_end], values[:, :, :far_end], None, scale))
     if plan.band_mask is not None:
-        parts.append(attention_lse(q_far, keys[:, :, far_end:band_end], values[:, :, far_end:band_end], plan.band_mask, scale))
-    near_keys = rotate(keys[:, :, far_end:end], plan.near_cos, plan.near_sin)
-    parts.append(attention_lse(q_near, near_keys, values[:, :, far_end:end], plan.near_mask, scale))
+        band = slice(far_end, band_end)
+        parts.append(attention_lse(q_far, far_keys[:, :, band], values[:, :, band], plan.band_mask, scale))
+    parts.append(attention_lse(q_near, near_keys[:, :, far_end:end], values[:, :, far_end:end], plan.near_mask, scale))
     return merge_attention(parts)
 
 
 def clipped_decode_attention(
-    q_near, q_far, keys, values, lengths: torch.Tensor, window: torch.Tensor, leak: torch.Tensor,
-    inv_freq: torch.Tensor, scale: float,
+    q_near, q_far, far_keys, near_keys, values, lengths: torch.Tensor, window: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """One query per row, at position lengths[r], over that row's keys [0, lengths[r]].
 
-    q_near, q_far [R, H, 1, d]; keys, values [R, KV, span, d] in the far form;
-    window (int) and leak (float) are per row, [R]. Returns [R, H, 1, d].
+    q_near, q_far [R, H, 1, d]; far_keys, near_keys, values [R, KV, span, d]:
+    the cache planes; window [R] per row (>= 1). The far part is one fused
+    call with a mask per row; the near part reads each row's own window slice,
+    so rows of any lengths cost what their windows hold. Returns [R, H, 1, d].
     """
-    rows, heads, _, dim = q_near.shape
-    kv_heads, span = keys.shape[1], keys.shape[2]
-    groups = heads // kv_heads
-    far_scores = q_far.reshape(rows, kv_heads, groups, dim) @ keys.transpose(-1, -2)  # [R, KV, g, span]
-    # The near form only for the last `window` keys of each row, gathered.
-    width = min(int(window.max()), span)
-    first = (lengths - window + 1).clamp(min=0, max=span - width)
-    keys_at = first.unsqueeze(1) + torch.arange(width, device=keys.device)  # [R, width]
-    gathered = keys.gather(2, keys_at[:, None, :, None].expand(rows, kv_heads, width, dim))
-    near_keys = turn(gathered, inv_freq, keys_at * (1.0 - leak).unsqueeze(1))
-    near_scores = q_near.reshape(rows, kv_heads, groups, dim) @ near_keys.transpose(-1, -2)  # [R, KV, g, width]
-    is_near = (lengths.unsqueeze(1) - keys_at < window.unsqueeze(1))[:, None, None, :]
-    at = keys_at[:, None, None, :].expand(rows, kv_heads, groups, width)
-    scores = far_scores.scatter(-1, at, torch.where(is_near, near_scores, far_scores.gather(-1, at))).float() * scale
-    visible = torch.arange(span, device=keys.device).unsqueeze(0) <= lengths.unsqueeze(1)
-    weights = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
-    return (weights.to(values.dtype) @ values).reshape(rows, heads, 1, values.shape[-1])
+    far_limit = lengths - window  # row r looks at keys [0, far_limit[r]] in the far form
+    far_span = max(0, int(far_limit.max()) + 1)
+    parts = []
+    if far_span > 0:
+        at = torch.arange(far_span, device=values.device)
+        far_allowed = at.unsqueeze(0) <= far_limit.unsqueeze(1)
+        parts.append(attention_per_row(q_far, far_keys[:, :, :far_span], values[:, :, :far_span], far_allowed, scale))
+    outs, lses = [], []
+    for row, (length, first) in enumerate(zip(lengths.tolist(), (far_limit + 1).clamp(min=0).tolist())):
+        every = torch.ones(1, length + 1 - first, dtype=torch.bool, device=values.device)
+        window_slice = slice(first, length + 1)
+        out, lse = attention_per_row(q_near[row : row + 1], near_keys[row : row + 1, :, window_slice],
+                                     values[row : row + 1, :, window_slice], every, scale)
+        outs.append(out)
+        lses.append(lse)
+    parts.append((torch.cat(outs), torch.cat(lses)))
+    return merge_attention(parts)
+
+
+def attention_per_row(q, k, v, allowed: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_lse for one query per row with a key mask per row: allowed bool [R, Lk]."""
+    rows, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    folded = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # one query per row: groups along the query axis
+    if fused_kernel_for(q.device):
+        additive = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        out, lse = flash_cpu(folded, k, v, additive[:, None, None, :], scale)
+    else:
+        out, lse = explicit(folded, k, v, allowed[:, None, None, :], scale)
+    lse = lse.masked_fill(~allowed.any(-1)[:, None, None], float("-inf"))
+    return out.reshape(rows, heads, 1, v.shape[-1]), lse.reshape(rows, heads, 1)

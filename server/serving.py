@@ -17,6 +17,7 @@ from server.engine.base import (
     SamplingParams,
     SeqDelta,
     TokenLogprob,
+    Unsupported,
 )
 from server.errors import APIError, error_body
 from server.protocol import SamplingFields
@@ -77,6 +78,8 @@ def submit(engine, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
         raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
     except EngineDead as exc:
         raise APIError(503, f"the engine is not running: {exc}") from None
+    except Unsupported as exc:
+        raise APIError(400, str(exc)) from None
 
 
 @dataclass

@@ -24,6 +24,7 @@ class ServerSettings(BaseSettings):
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    engine: Literal["native", "vllm", "auto"] = "native"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_num_seqs: int = Field(16, ge=1, le=1024)

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from patches.rerope import KeyMask, attention_lse, clipped_distance, explicit, flash_cpu
+from patches.rerope import KeyMask, attention_lse, explicit, flash_cpu
 from patches.rope import PositionSpec
 from server.engine.base import SamplingParams
 from server.engine.native.sequence import Sequence
@@ -49,7 +49,8 @@ def reference_model(seed: int, spec: PositionSpec, **overrides):
         if spec.type == "rope":
             distance = (at[:, None] - at[None, :]).float()
         else:
-            distance = clipped_distance(at[:, None] - at[None, :], window, leak)  # D[i, j]
+            r = (at[:, None] - at[None, :]).float()
+            distance = torch.where(r < window, r, window + (r - window) * leak)  # D[i, j], DESIGN.md section 3
         angles = distance.unsqueeze(-1) * inv_freq  # [L, L, d/2]
         cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
         turned = query.unsqueeze(3) * cos + rotate_half(query).unsqueeze(3) * sin  # [B, H, L(i), L(j), d]
@@ -145,7 +146,7 @@ def test_the_explicit_attention_path_used_off_cpu_matches_the_reference_too(toke
     """CUDA runs patches/rerope.py's explicit path; drive the whole engine through it here."""
     import patches.rerope as rerope
 
-    monkeypatch.setattr(rerope, "flash_cpu", lambda q, k, v, additive, scale: explicit(q, k, v, None if additive is None else additive == 0, scale))
+    monkeypatch.setattr(rerope, "fused_kernel_for", lambda device: False)
     spec = PositionSpec(type="leaky-rerope", window=16, k=8, logn=True)
     driver = Driver(engine_for(15, tokenizer, position=spec))
     seq, prefill = driver.start(prompt(tokenizer, 90), spec, chunk=32)

@@ -20,6 +20,10 @@ class EngineDead(Exception):
     """The engine loop has stopped; nothing can be served (HTTP 503)."""
 
 
+class Unsupported(ValueError):
+    """The request asks for something this engine does not do (HTTP 400); the message says which engine does."""
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16

@@ -26,25 +26,28 @@ class PrefillAttention:
         self.mask = self.plan = None
         clipping = encoding.clipping
         if clipping is not None:
-            window, leak = int(clipping.window[0]), float(clipping.leak[0])
-            self.plan = plan_prefill(start, end, window, leak, clipping.inv_freq, groups, cache.dtype)
+            cache.ensure_near_keys()
+            self.plan = plan_prefill(start, end, int(clipping.window[0]), groups, cache.dtype, cache.device)
         elif start > 0:  # queries [start, end) see keys [0, end), causally
             device = cache.device
             self.mask = torch.arange(end, device=device).unsqueeze(0) <= torch.arange(start, end, device=device).unsqueeze(1)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         encoding, slot, start, end = self.encoding, self.slot, self.start, self.end
-        self.cache.keys[layer][slot, :, start:end] = encoding.rotate_key(k)[0]
-        self.cache.values[layer][slot, :, start:end] = v[0]
-        keys = self.cache.keys[layer][slot : slot + 1, :, :end]
-        values = self.cache.values[layer][slot : slot + 1, :, :end]
+        cache = self.cache
+        cache.keys[layer][slot, :, start:end] = encoding.rotate_key(k)[0]
+        cache.values[layer][slot, :, start:end] = v[0]
+        keys = cache.keys[layer][slot : slot + 1, :, :end]
+        values = cache.values[layer][slot : slot + 1, :, :end]
         if self.plan is None:
             return F.scaled_dot_product_attention(
                 encoding.rotate_query(q), keys, values,
                 attn_mask=self.mask, is_causal=self.mask is None, scale=self.scale, enable_gqa=True,
             )
+        cache.near_keys[layer][slot, :, start:end] = encoding.rotate_near_key(k)[0]
+        near_keys = cache.near_keys[layer][slot : slot + 1, :, :end]
         return clipped_prefill_attention(
-            encoding.rotate_query(q), encoding.rotate_far_query(q), keys, values, self.plan, self.scale
+            encoding.rotate_query(q), encoding.rotate_far_query(q), keys, near_keys, values, self.plan, self.scale
         )
 
 
@@ -66,12 +69,16 @@ class DecodeAttention:
         self.write_at = lengths[slots]
         clipping = encoding.clipping
         self.clipped_rows = None if clipping is None else clipping.rows[:, None, None, None]
+        if clipping is not None:
+            cache.ensure_near_keys()
         self.any_plain = clipping is None or not bool(clipping.rows[slots].all())
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        slots, encoding = self.slots, self.encoding
-        self.cache.keys[layer][slots, :, self.write_at] = encoding.rotate_key(k)[slots, :, 0]
-        self.cache.values[layer][slots, :, self.write_at] = v[slots, :, 0]
+        slots, encoding, cache = self.slots, self.encoding, self.cache
+        cache.keys[layer][slots, :, self.write_at] = encoding.rotate_key(k)[slots, :, 0]
+        cache.values[layer][slots, :, self.write_at] = v[slots, :, 0]
+        if cache.with_near_keys:
+            cache.near_keys[layer][slots, :, self.write_at] = encoding.rotate_near_key(k)[slots, :, 0]
         keys = self.cache.keys[layer][: self.rows, :, : self.span]
         values = self.cache.values[layer][: self.rows, :, : self.span]
         query = encoding.rotate_query(q)
@@ -79,9 +86,9 @@ class DecodeAttention:
         clipping = encoding.clipping
         if clipping is None:
             return out
+        near_keys = cache.near_keys[layer][: self.rows, :, : self.span]
         clipped = clipped_decode_attention(
-            query, encoding.rotate_far_query(q), keys, values, self.lengths,
-            clipping.window, clipping.leak, clipping.inv_freq, self.scale,
+            query, encoding.rotate_far_query(q), keys, near_keys, values, self.lengths, clipping.window, self.scale
         )
         return clipped if out is None else torch.where(self.clipped_rows, clipped, out)
 

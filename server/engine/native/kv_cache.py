@@ -12,11 +12,12 @@ capacity in blocks of CAPACITY_BLOCK up to --max-model-len) and capacity
 shrinks when the longest sequence leaves, so memory follows the batch actually
 running: rows x longest sequence.
 
-What the cache holds is decided by the position scheme (model_runner.py):
-with plain RoPE the keys are stored *after* rotation, because they never need
-to move again. Schemes that rotate at attention time (ReRoPE, consistent
-dynamic scaling) store keys before rotation and rotate the slice they read;
-the cache itself does not care which.
+What the cache holds is decided by the position scheme (attention.py): with
+plain and scaled RoPE the keys are stored *after* rotation, because they never
+need to move again. ReRoPE rows store keys in the far form in `keys` and, in a
+third plane `near_keys` that exists only once a ReRoPE sequence has come, the
+same keys rotated by their own position (the near form), so no step has to
+turn keys again. The cache itself does not care which.
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ class SlotCache:
         self.lengths = [0] * max_slots  # tokens a slot is known to need (for shrinking)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.near_keys: list[torch.Tensor] = []  # only with_near_keys: the near-form plane of ReRoPE rows
+        self.with_near_keys = False
         self._resize(slots=0, capacity=0)
+
+    def ensure_near_keys(self) -> None:
+        """Add the near-form key plane (ReRoPE), shaped like the others, from now on."""
+        if not self.with_near_keys:
+            self.with_near_keys = True
+            self.near_keys = [torch.zeros_like(k) for k in self.keys]
 
     @property
     def num_slots(self) -> int:
@@ -68,7 +77,7 @@ class SlotCache:
         return max(used) + 1 if used else 0
 
     def bytes_allocated(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values + self.near_keys)
 
     def allocate(self) -> int:
         slot = min(self.free_slots)  # lowest first keeps the rows in use compact
@@ -100,9 +109,9 @@ class SlotCache:
         All sources are read before any destination is written, so rows may swap.
         """
         source, destination = torch.tensor(sources, device=self.device), torch.tensor(destinations, device=self.device)
-        for layer in range(self.num_layers):
-            self.keys[layer][destination, :, :length] = self.keys[layer][source, :, :length]
-            self.values[layer][destination, :, :length] = self.values[layer][source, :, :length]
+        for planes in (self.keys, self.values, self.near_keys):
+            for plane in planes:
+                plane[destination, :, :length] = plane[source, :, :length]
         for slot in destinations:
             self.lengths[slot] = max(self.lengths[slot], length)
 
@@ -110,13 +119,15 @@ class SlotCache:
         shape = (slots, self.num_kv_heads, capacity, self.head_dim)
         keep_slots = min(slots, self.num_slots)
         keep_len = min(capacity, self.capacity)
-        new_keys, new_values = [], []
-        for layer in range(self.num_layers):
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if self.keys and keep_slots and keep_len:
-                k[:keep_slots, :, :keep_len] = self.keys[layer][:keep_slots, :, :keep_len]
-                v[:keep_slots, :, :keep_len] = self.values[layer][:keep_slots, :, :keep_len]
-            new_keys.append(k)
-            new_values.append(v)
-        self.keys, self.values = new_keys, new_values
+        def resized(planes: list[torch.Tensor]) -> list[torch.Tensor]:
+            grown = []
+            for layer in range(self.num_layers):
+                plane = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if planes and keep_slots and keep_len:
+                    plane[:keep_slots, :, :keep_len] = planes[layer][:keep_slots, :, :keep_len]
+                grown.append(plane)
+            return grown
+
+        self.keys, self.values = resized(self.keys), resized(self.values)
+        if self.with_near_keys:
+            self.near_keys = resized(self.near_keys)

@@ -9,9 +9,9 @@ What the cache keeps, per sequence:
   every such type consistent, `dynamic` included: its scale is fixed once per
   request from prompt length + max_tokens (not re-derived as the sequence
   grows, which would leave old keys at an old scale).
-- rerope / leaky-rerope: keys in the far form R_{j*leak} k, which for ReRoPE
-  is the key before rotation; attention turns the keys in a query's window
-  on by their remaining angle (patches/rerope.py).
+- rerope / leaky-rerope: keys in the far form R_{j*leak} k (for ReRoPE the
+  key before rotation) and, in a second plane, in the near form R_j k
+  (patches/rerope.py); neither ever moves again.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class Clipping:
     rows: torch.Tensor  # bool [rows]
     window: torch.Tensor  # long [rows]
     leak: torch.Tensor  # float [rows]
-    inv_freq: torch.Tensor  # the trained table, which every clipped row uses
     far_query: Rotation  # R_{p(i)}: the query for scores past the window
 
 
@@ -64,6 +63,10 @@ class Encoding:
 
     def rotate_key(self, k: torch.Tensor) -> torch.Tensor:
         return self.key.apply(k)
+
+    def rotate_near_key(self, k: torch.Tensor) -> torch.Tensor:
+        """R_j k: the near form that clipped rows also keep."""
+        return self.query.apply(k)
 
 
 @dataclass(frozen=True)
@@ -117,13 +120,13 @@ class Positions:
         key, clipping = query, None
         if any(row.window is not None for row in rows):
             clipped = torch.tensor([row.window is not None for row in rows], device=positions.device)
-            window = torch.tensor([row.window or 0 for row in rows], device=positions.device)
+            window = torch.tensor([row.window or 1 for row in rows], device=positions.device)  # unclipped rows: any valid window
             leak = torch.tensor([row.leak for row in rows], device=positions.device)
             key_at = torch.where(clipped.unsqueeze(1), far_key_positions(positions, leak.unsqueeze(1)), positions)
             key = self._rotation(inv_freq, key_at, factor, dtype)
             far_at = far_query_positions(positions, window.unsqueeze(1), leak.unsqueeze(1))
             far_query = self._rotation(inv_freq, far_at, factor, dtype)
-            clipping = Clipping(clipped, window, leak, self.model_table.inv_freq, far_query)
+            clipping = Clipping(clipped, window, leak, far_query)
         query_scale = None
         if any(row.logn for row in rows):
             scale = logn_factors(positions, self.trained_len)

@@ -1,0 +1,232 @@
+"""The vLLM engine: vLLM's AsyncLLM in-process, behind longserve's Engine interface.
+
+vLLM brings the paged cache, its scheduler and its kernels; this file maps
+requests and results between the two worlds, and nothing more:
+
+- one vLLM request per choice (prompt x n), with a delta output kind, so
+  streams, seeds and aborts work per choice as in the native engine;
+- position settings become vLLM model overrides where vLLM has the same
+  rotary type (positions_for_vllm); others are refused at start-up, naming
+  the native engine;
+- what vLLM cannot do here (NBCE rows, trie constraints, ReRoPE, a per-request
+  position) is refused per request with a 400 that names the native engine.
+
+TTFT, inter-token and end-to-end latencies are observed from the deltas, so
+/metrics has the same names with either engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from patches.rope import PositionSpec
+from server.engine.base import EngineDead, EngineOverloaded, GenerationRequest, SamplingParams, SeqDelta, TokenLogprob, Unsupported
+
+log = logging.getLogger("longserve.vllm")
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def positions_for_vllm(spec: PositionSpec, head_dim: int, base: float, trained_len: int, max_model_len: int) -> dict:
+    """hf_overrides that make vLLM compute `spec`; ValueError where vLLM has no such rotary type.
+
+    vLLM sizes its cos/sin table by max_position_embeddings, not by the scaled
+    length: past the trained length it would read out of bounds (garbage on
+    CPU, no error). So every scaled type also raises max_position_embeddings
+    to the served length.
+    """
+    if spec.logn:
+        raise ValueError("log-n needs the native engine (vLLM has no query scaling by position); use --engine native")
+    if spec.clipped:
+        raise ValueError(f"{spec.type} needs the native engine (vLLM caches rotated keys); use --engine native")
+    if spec.type == "rope" or spec.factor == 1.0:
+        return {}
+    length = {"max_position_embeddings": max(trained_len, max_model_len)}
+    if spec.type == "linear":
+        return {**length, "rope_parameters": {"rope_type": "linear", "factor": spec.factor, "rope_theta": base}}
+    if spec.type == "ntk":
+        return {**length, "rope_parameters": {"rope_type": "ntk", "factor": spec.factor, "rope_theta": base}}
+    if spec.type == "ntk-mixed":
+        return {**length, "rope_parameters": {"rope_type": "ntk", "factor": spec.factor, "mixed_b": spec.b, "rope_theta": base}}
+    if spec.type == "yarn":
+        return {**length, "rope_parameters": {"rope_type": "yarn", "factor": spec.factor, "rope_theta": base,
+                                              "original_max_position_embeddings": trained_len,
+                                              "beta_fast": spec.beta_fast, "beta_slow": spec.beta_slow}}
+    if spec.type in ("dynamic", "ntk-old"):  # a base change; dynamic's scale fixed by the served length
+        scale = spec.factor
+        if spec.type == "dynamic":
+            scale = max(1.0, spec.factor * max_model_len / trained_len - (spec.factor - 1))
+        return {**length, "rope_parameters": {"rope_type": "default", "rope_theta": base * scale ** (head_dim / (head_dim - 2))}}
+    raise ValueError(f"the vLLM engine has no {spec.type!r} positions; use --engine native")
+
+
+@dataclass
+class VllmConfig:
+    model_path: str
+    model_name: str
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    max_num_seqs: int = 16
+    max_model_len: int | None = None
+    max_waiting: int = 256
+    position: PositionSpec = field(default_factory=PositionSpec)
+    kv_cache_gib: float = 2.0  # CPU only: vLLM's KV cache space
+
+
+class VllmEngine:
+    def __init__(self, config: VllmConfig, metrics=None):
+        import os
+
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config, self.metrics = config, metrics
+        self.model_name = config.model_name
+        self.max_num_seqs = config.max_num_seqs
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        model_config = AutoConfig.from_pretrained(config.model_path)
+        self.trained_len = model_config.max_position_embeddings
+        self.position = config.position
+        self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        rope_parameters = getattr(model_config, "rope_parameters", None) or {}
+        base = float(rope_parameters.get("rope_theta", getattr(model_config, "rope_theta", 10000.0)))
+        overrides = positions_for_vllm(self.position, head_dim, base, self.trained_len, self.max_model_len)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16"}[config.dtype]
+        args = AsyncEngineArgs(model=config.model_path, served_model_name=config.model_name, dtype=dtype,
+                               max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
+                               hf_overrides=overrides or None, enforce_eager=True, disable_log_stats=True)
+        self.engine = AsyncLLM.from_engine_args(args)
+        self._in_flight: dict[str, list[str]] = {}  # our request id -> vLLM request ids
+        self._dead_reason: str | None = None
+
+    # ---- Engine interface ---------------------------------------------------
+
+    def describe(self) -> dict:
+        import vllm
+
+        return {"engine": "vllm", "vllm_version": vllm.__version__, "max_model_len": self.max_model_len,
+                "trained_len": self.trained_len, "position": self.position.describe()}
+
+    def is_alive(self) -> bool:
+        return self._dead_reason is None and not getattr(self.engine, "errored", False)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
+        if not self.is_alive():
+            raise EngineDead(self._dead_reason or "the vLLM engine has stopped")
+        self._refuse_unsupported(request)
+        running = sum(len(ids) for ids in self._in_flight.values())
+        if running + request.num_choices > self.max_num_seqs + self.config.max_waiting:
+            raise EngineOverloaded(f"the server is full: {running} sequences in vLLM (--max-num-seqs {self.max_num_seqs}, "
+                                   f"--max-waiting {self.config.max_waiting}); retry later")
+        choices = [(p * request.n + i, prompt) for p, prompt in enumerate(request.prompts) for i in range(request.n)]
+        self._in_flight[request.request_id] = [f"{request.request_id}-{index}" for index, _ in choices]
+        return self._stream(request, choices)
+
+    def abort(self, request_id: str) -> None:
+        ids = self._in_flight.pop(request_id, [])
+        if ids:
+            asyncio.get_running_loop().create_task(self.engine.abort(ids))
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    # ---- mapping ------------------------------------------------------------
+
+    @staticmethod
+    def _refuse_unsupported(request: GenerationRequest) -> None:
+        for present, what in ((request.nbce is not None, "contexts (NBCE)"), (request.constraint is not None, "constraint"),
+                              (request.beam_search, "use_beam_search"), (request.position is not None, "a per-request position")):
+            if present:
+                raise Unsupported(f"{what} needs the native engine; this server runs vLLM (start it with --engine native)")
+
+    def _sampling_params(self, params: SamplingParams, index: int):
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VllmSamplingParams(
+            n=1, max_tokens=max(params.max_tokens, 1), temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else 0, min_p=params.min_p,
+            seed=None if params.seed is None else params.seed + index, stop=params.stop or None,
+            stop_token_ids=params.stop_token_ids or None, ignore_eos=params.ignore_eos,
+            logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            logit_bias=params.logit_bias or None, output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def _stream(self, request: GenerationRequest, choices: list[tuple[int, list[int]]]) -> AsyncIterator[SeqDelta]:
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._run_choice(request, index, prompt, queue)) for index, prompt in choices]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                delta = await queue.get()
+                if delta.finish_reason is not None:
+                    remaining -= 1
+                yield delta
+        finally:
+            for task in tasks:
+                task.cancel()
+            if remaining:
+                self.abort(request.request_id)
+            self._in_flight.pop(request.request_id, None)
+
+    async def _run_choice(self, request: GenerationRequest, index: int, prompt: list[int], queue: asyncio.Queue) -> None:
+        params = request.params
+        request_id = f"{request.request_id}-{index}"
+        started, previous = time.perf_counter(), None
+        completion_tokens = 0
+        first = True
+        try:
+            async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index), request_id):
+                piece = output.outputs[0]
+                completion_tokens += len(piece.token_ids)
+                now = time.perf_counter()
+                if self.metrics and piece.token_ids:
+                    if previous is None:
+                        self.metrics.observe_first_token(now - started)
+                    else:
+                        self.metrics.observe_inter_token(now - previous)
+                    previous = now
+                finish = piece.finish_reason if output.finished else None
+                if params.max_tokens == 0:  # scoring only: vLLM generated one token we do not report
+                    piece.token_ids, piece.text, completion_tokens, finish = [], "", 0, "length"
+                delta = SeqDelta(
+                    index=index, text=piece.text, token_ids=list(piece.token_ids),
+                    logprobs=self._logprobs(piece.token_ids, piece.logprobs, params.logprobs) if params.logprobs is not None else None,
+                    finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                    prompt_logprobs=(self._logprobs(prompt[1:], (output.prompt_logprobs or [None])[1:], params.prompt_logprobs)
+                                     if first and params.prompt_logprobs is not None else None),
+                )
+                first = False
+                await queue.put(delta)
+                if finish is not None:
+                    if self.metrics:
+                        self.metrics.observe_finished(e2e=now - started, prompt_tokens=len(prompt), generation_tokens=completion_tokens)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # vLLM failed this request: say so in the stream
+            log.exception("vLLM request %s failed", request_id)
+            await queue.put(SeqDelta(index=index, text="", token_ids=[], logprobs=None, finish_reason="error",
+                                     prompt_tokens=len(prompt), completion_tokens=completion_tokens, error=f"{type(exc).__name__}: {exc}"))
+
+    @staticmethod
+    def _logprobs(token_ids, steps, k: int) -> list[TokenLogprob]:
+        """vLLM's per-step {token: Logprob} (the chosen token and the k best) as our records."""
+        records = []
+        for token, step in zip(token_ids, steps or []):
+            ranked = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= k)
+            records.append(TokenLogprob(token, step[token].logprob, [(t, logprob) for _, t, logprob in ranked]))
+        return records
