@@ -115,6 +115,10 @@ def position_label(position: dict | None) -> str:
         parts.append(f"x{position['factor']:g}")
     if position.get("type") == "ntk-mixed" and "b" in position:
         parts.append(f"b{position['b']:g}")
+    if "window" in position:
+        parts.append(f"w{position['window']}")
+    if position.get("type") == "leaky-rerope" and "k" in position:
+        parts.append(f"k{position['k']:g}")
     if position.get("logn"):
         parts.append("+logn")
     return " ".join(parts)

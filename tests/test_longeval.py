@@ -96,3 +96,11 @@ def test_nbce_eval_runs_every_method_on_the_same_documents(eval_server, tmp_path
             assert mine["concat"]["prompt_tokens"] == mine["concat-scaled"]["prompt_tokens"] > 100
             assert mine["nbce"]["prompt_tokens"] > mine["concat"]["prompt_tokens"]  # n + 1 rows, each with the question
     assert "nbce" in capsys.readouterr().out
+
+
+def test_position_labels_tell_every_setting_apart():
+    from clients.longeval import position_label
+
+    labels = {position_label(p) for p in ({"type": "rerope", "window": 1024}, {"type": "rerope", "window": 2048, "logn": True},
+                                          {"type": "leaky-rerope", "window": 2048, "k": 16}, {"type": "ntk-mixed", "factor": 2, "b": 0.625})}
+    assert labels == {"rerope w1024", "rerope w2048 +logn", "leaky-rerope w2048 k16", "ntk-mixed x2 b0.625"}
