@@ -79,7 +79,7 @@ class VllmConfig:
     max_model_len: int | None = None
     max_waiting: int = 256
     position: PositionSpec = field(default_factory=PositionSpec)
-    kv_cache_gib: float = 2.0  # CPU only: vLLM's KV cache space
+    kv_cache_gib: int = 2  # CPU only: vLLM's KV cache space (VLLM_CPU_KVCACHE_SPACE, whole GiB)
 
 
 class VllmEngine:
@@ -106,7 +106,7 @@ class VllmEngine:
         dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16"}[config.dtype]
         args = AsyncEngineArgs(model=config.model_path, served_model_name=config.model_name, dtype=dtype,
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
-                               hf_overrides=overrides or None, enforce_eager=True, disable_log_stats=True)
+                               hf_overrides=overrides, enforce_eager=True, disable_log_stats=True)
         self.engine = AsyncLLM.from_engine_args(args)
         self._in_flight: dict[str, list[str]] = {}  # our request id -> vLLM request ids
         self._dead_reason: str | None = None
