@@ -85,9 +85,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", default="10k,100k,1M", help="sizes; k = 1000, M = 1000000")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for the masking step")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     sizes = [parse_count(part) for part in args.keys.split(",")]
     tokenizer = AutoTokenizer.from_pretrained(str(resolve(DEFAULT_MODEL)))
+    print(f"torch threads {torch.get_num_threads()}")
     print(f"{'keys':>9}{'build s':>9}{'tokens/key':>12}{'nodes':>11}{'bytes/key':>11}{'trie bytes/key':>16}{'step ms root':>14}{'step ms walk':>14}")
     for size in sizes:
         entries = synthetic_entries(size)
