@@ -24,6 +24,12 @@ import numpy as np
 END = -1  # stands for the end-of-key step in `allowed`
 
 
+class RepeatedKey(ValueError):
+    def __init__(self, entry: int, other: int):
+        super().__init__(f"entry {entry} repeats the key of entry {other}")
+        self.entry, self.other = entry, other
+
+
 @dataclass
 class TokenTrie:
     offsets: np.ndarray  # [nodes + 1]: node i's edges are offsets[i]:offsets[i + 1]; edge e leads to node e + 1
@@ -41,12 +47,13 @@ class TokenTrie:
         ends: list[tuple[int, int]] = []  # (node, entry)
         path = [0]  # the nodes along the previous key: path[d] is the node at depth d
         previous: list[int] = []
+        previous_entry = -1
         for entry in order:
             key = keys[entry]
             if not key:
                 raise ValueError(f"entry {entry} has an empty key")
             if key == previous:
-                raise ValueError(f"entry {entry} repeats the key of another entry")
+                raise RepeatedKey(max(entry, previous_entry), min(entry, previous_entry))
             shared = 0
             limit = min(len(key), len(previous))
             while shared < limit and key[shared] == previous[shared]:
@@ -58,7 +65,7 @@ class TokenTrie:
                 depth.append(d + 1)
                 path.append(len(parent) - 1)
             ends.append((path[len(key)], entry))
-            previous = key
+            previous, previous_entry = key, entry
         return cls._breadth_first(np.asarray(parent), np.asarray(label), np.asarray(depth), ends, len(keys))
 
     @classmethod

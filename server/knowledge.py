@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patches.trie import TokenTrie
+from patches.trie import RepeatedKey, TokenTrie
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -118,12 +118,10 @@ def build(name: str, entries: list, tokenizer, lead: str, limits: Limits) -> Kno
     started = time.perf_counter()
     keys, values = check_entries(entries, limits)
     token_lists = tokenizer([lead + key for key in keys], add_special_tokens=False)["input_ids"]
-    seen: dict[tuple, int] = {}
-    for line, tokens in enumerate(token_lists, start=1):
-        if tuple(tokens) in seen:  # distinct strings, same tokens: the model could not tell them apart
-            raise EntryError(line, f"the key {keys[line - 1]!r} tokenizes like entry {seen[tuple(tokens)]}'s key")
-        seen[tuple(tokens)] = line
-    trie = TokenTrie.build(token_lists)
+    try:
+        trie = TokenTrie.build(token_lists)
+    except RepeatedKey as exc:  # distinct strings, same tokens: the model could not tell them apart
+        raise EntryError(exc.entry + 1, f"the key {keys[exc.entry]!r} tokenizes like entry {exc.other + 1}'s key") from None
     key_blob, key_offsets = pack([key.encode("utf-8") for key in keys])
     value_blob, value_offsets = pack(values)
     num_tokens = sum(len(t) for t in token_lists)
