@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 
-from patches.trie import TokenTrie
 from server.engine.base import KeyConstraint
 from server.engine.native.constraint import KeyState, mask_to_keys
 from server.knowledge import Limits, build
