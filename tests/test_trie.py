@@ -45,3 +45,17 @@ def test_a_key_that_is_a_prefix_of_another_stays_reachable():
 def test_empty_and_repeated_keys_are_refused(keys, says):
     with pytest.raises(ValueError, match=says):
         TokenTrie.build(keys)
+
+
+def test_no_node_ever_allows_nothing_and_a_token_outside_the_keys_is_refused_loudly():
+    from server.engine.base import KeyConstraint
+    from server.engine.native.constraint import KeyState
+
+    rng = random.Random(1)
+    keys = [list(k) for k in {tuple(rng.randint(0, 30) for _ in range(rng.randint(1, 5))) for _ in range(300)}]
+    trie = TokenTrie.build(keys)
+    assert all(len(trie.allowed(node)) > 0 for node in range(trie.num_nodes))  # the empty-set guard holds by construction
+    state = KeyState(KeyConstraint(trie, end_token=99))
+    outside = next(t for t in range(31) if trie.step(trie.ROOT, t) is None) if len(trie.children(trie.ROOT)) < 31 else 999
+    with pytest.raises(RuntimeError, match="does not continue any key"):
+        state.advance(outside)
