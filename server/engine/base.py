@@ -9,7 +9,7 @@ iteration (a client that went away) aborts the request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 
 class EngineOverloaded(Exception):
@@ -99,6 +99,21 @@ class SeqDelta:
     context_ids: list[int] | None = None  # NBCE: the context (0-based) each of token_ids came from
     entry: int | None = None  # constrained: the key's entry, once a whole key is out (last delta)
     score: float | None = None  # beam search: the key's cumulative log-probability
+
+
+async def choice_deltas(queue, choices: int, on_early_exit: Callable[[], None]) -> AsyncIterator[SeqDelta]:
+    """The deltas an engine puts on `queue`, until every one of `choices` has finished;
+    leaving early (a client that went away) calls on_early_exit."""
+    remaining = choices
+    try:
+        while remaining:
+            delta = await queue.get()
+            if delta.finish_reason is not None:
+                remaining -= 1
+            yield delta
+    finally:
+        if remaining:
+            on_early_exit()
 
 
 class Engine(Protocol):

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from patches.rope import PositionSpec
-from server.engine.base import EngineDead, EngineOverloaded, GenerationRequest, SamplingParams, SeqDelta, TokenLogprob, Unsupported
+from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, SamplingParams, SeqDelta, TokenLogprob,
+                                Unsupported, choice_deltas)
 
 log = logging.getLogger("longserve.vllm")
 
@@ -168,18 +169,14 @@ class VllmEngine:
     async def _stream(self, request: GenerationRequest, choices: list[tuple[int, list[int]]]) -> AsyncIterator[SeqDelta]:
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._run_choice(request, index, prompt, queue)) for index, prompt in choices]
-        remaining = len(tasks)
+        deltas = choice_deltas(queue, len(tasks), lambda: self.abort(request.request_id))
         try:
-            while remaining:
-                delta = await queue.get()
-                if delta.finish_reason is not None:
-                    remaining -= 1
+            async for delta in deltas:
                 yield delta
         finally:
+            await deltas.aclose()  # now, not when collected: a client that left aborts its vLLM requests
             for task in tasks:
                 task.cancel()
-            if remaining:
-                self.abort(request.request_id)
             self._in_flight.pop(request.request_id, None)
 
     async def _run_choice(self, request: GenerationRequest, index: int, prompt: list[int], queue: asyncio.Queue) -> None:

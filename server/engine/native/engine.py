@@ -20,7 +20,7 @@ from typing import AsyncIterator
 import torch
 
 from patches.rope import PositionSpec
-from server.engine.base import EngineDead, GenerationRequest, SeqDelta
+from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
 from server.engine.native.constraint import KeyState, mask_to_keys
 from server.engine.native.kv_cache import SlotCache
@@ -173,19 +173,7 @@ class NativeEngine:
             self.scheduler.add(seqs)  # raises EngineOverloaded when the queue is full
             self._requests[request.request_id] = seqs
         self._wakeup.set()
-        return self._stream(request, queue)
-
-    async def _stream(self, request: GenerationRequest, queue: asyncio.Queue) -> AsyncIterator[SeqDelta]:
-        remaining = request.num_choices
-        try:
-            while remaining:
-                delta = await queue.get()
-                if delta.finish_reason is not None:
-                    remaining -= 1
-                yield delta
-        finally:
-            if remaining:
-                self.abort(request.request_id)
+        return choice_deltas(queue, request.num_choices, lambda: self.abort(request.request_id))
 
     def _new_sequence(self, request: GenerationRequest, prompt: list[int], index: int, emit) -> Sequence:
         generator = None
