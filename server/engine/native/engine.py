@@ -321,11 +321,8 @@ class NativeEngine:
         group.follow(tokens[0])
         self._observe_token(leader, previous)
         if leader.finish_reason is not None:
-            with self._lock:
-                group.finish(leader.finish_reason)
-                for row in group.rows:
-                    self.scheduler.remove(row)
-                self._forget(leader)
+            group.finish(leader.finish_reason)
+            self._retire(group.rows)
             self._observe_finished(leader)
         self._emit(leader)
 
@@ -334,13 +331,17 @@ class NativeEngine:
         if not group.done():
             return
         group.finish(self.tokenizer)
-        with self._lock:
-            for row in group.rows:
-                self.scheduler.remove(row)
-            self._forget(group.leader)
+        self._retire(group.rows)
         for row in group.rows:
             self._observe_finished(row)
             self._emit(row)
+
+    def _retire(self, rows: list[Sequence]) -> None:
+        """Finished rows of one request leave the batch and free their slots."""
+        with self._lock:
+            for row in rows:
+                self.scheduler.remove(row)
+            self._forget(rows[0])
 
     def _forget(self, seq: Sequence) -> None:
         seqs = self._requests.get(seq.request_id, [])

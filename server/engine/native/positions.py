@@ -39,7 +39,6 @@ class Clipping:
 
     rows: torch.Tensor  # bool [rows]
     window: torch.Tensor  # long [rows]
-    leak: torch.Tensor  # float [rows]
     far_query: Rotation  # R_{p(i)}: the query for scores past the window
 
 
@@ -126,7 +125,7 @@ class Positions:
             key = self._rotation(inv_freq, key_at, factor, dtype)
             far_at = far_query_positions(positions, window.unsqueeze(1), leak.unsqueeze(1))
             far_query = self._rotation(inv_freq, far_at, factor, dtype)
-            clipping = Clipping(clipped, window, leak, far_query)
+            clipping = Clipping(clipped, window, far_query)
         query_scale = None
         if any(row.logn for row in rows):
             scale = logn_factors(positions, self.trained_len)
