@@ -119,6 +119,11 @@ class TokenTrie:
         tokens = self.children(node).astype(np.int64)
         return np.concatenate(([END], tokens)) if self.entry_at(node) is not None else tokens
 
+    def allowed_tokens(self, node: int, end_token: int) -> np.ndarray:
+        """`allowed(node)` with the end-of-key step spelled as the model's `end_token`."""
+        allowed = self.allowed(node)
+        return np.where(allowed == END, end_token, allowed)
+
     def step(self, node: int, token: int) -> int | None:
         """The node after `token`, or None when no key continues that way."""
         start, stop = int(self.offsets[node]), int(self.offsets[node + 1])
@@ -139,3 +144,18 @@ class TokenTrie:
             if node is None:
                 return None
         return node
+
+    def entry_for(self, tokens: list[int], end_token: int) -> int | None:
+        """The entry whose key `tokens` spell out (a trailing `end_token` dropped), or None."""
+        if tokens and tokens[-1] == end_token:
+            tokens = tokens[:-1]
+        node = self.walk(tokens)
+        return None if node is None else self.entry_at(node)
+
+    def save(self, path) -> None:
+        np.savez(path, offsets=self.offsets, labels=self.labels, end_nodes=self.end_nodes, end_entries=self.end_entries)
+
+    @classmethod
+    def load(cls, path) -> "TokenTrie":
+        with np.load(path) as data:
+            return cls(data["offsets"], data["labels"], data["end_nodes"], data["end_entries"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hmac
 import time
+from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -79,8 +81,18 @@ def require_api_key(request: Request) -> None:
         raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
-def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None) -> FastAPI:
-    app = FastAPI(title="longserve", version=__version__)
+def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The HTTP app over `engine`. `on_shutdown` runs as the server stops, inside its lifetime: uvicorn
+    re-raises SIGTERM/SIGINT once it has stopped, so code after uvicorn.run may never run."""
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="longserve", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = metrics

@@ -33,7 +33,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--host", help="address to bind (default 127.0.0.1)")
     add("--port", type=int, help="port (default 8000)")
     add("--engine", choices=["native", "vllm", "auto"],
-        help="native (every feature; default), vllm (throughput; no NBCE, tries, ReRoPE or log-n), "
+        help="native (every feature; default), vllm (throughput; no NBCE, beam search over keys or ReRoPE), "
         "auto (vllm when installed and the position setting allows it)")
     add("--device", choices=["auto", "cpu", "cuda"], help="default auto (native engine)")
     add("--dtype", choices=["auto", "float32", "bfloat16"], help="default auto: float32 on CPU, bfloat16 on CUDA")
@@ -144,10 +144,9 @@ def run_serve(args: argparse.Namespace) -> None:
             engine.max_model_len,
             engine.trained_len,
         )
-    app = create_app(engine, settings, metrics)
+    app = create_app(engine, settings, metrics, on_shutdown=engine.shutdown)  # vLLM's engine processes go with us
     print(f"longserve: serving {settings.model_name!r} on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    engine.shutdown()
 
 
 def run_fetch_model(args: argparse.Namespace) -> None:

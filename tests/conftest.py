@@ -101,7 +101,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(engine: NativeEngine, **settings):
+def running_server(engine, **settings):
     """create_app(engine) under uvicorn on a loopback port, in a thread; yields the base URL."""
     import uvicorn
 
@@ -127,6 +127,20 @@ def running_server(engine: NativeEngine, **settings):
 @pytest.fixture(scope="module")
 def bundled_server(bundled_model, tokenizer):
     engine = make_engine(bundled_model, tokenizer, name=DEFAULT_MODEL)
+    with running_server(engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def vllm_server(bundled_path):
+    """The bundled model behind the vLLM engine (float32, as the native engine runs it), for the whole session:
+    vLLM takes about a minute to start on CPU. Skipped where vllm is not installed."""
+    from server.engine.vllm import VllmConfig, VllmEngine, vllm_available
+
+    if not vllm_available():
+        pytest.skip("vllm is not installed (make setup installs it unless SKIP_VLLM=1)")
+    engine = VllmEngine(VllmConfig(model_path=str(bundled_path), model_name=DEFAULT_MODEL, dtype="float32", max_num_seqs=8),
+                        metrics=Metrics(DEFAULT_MODEL))
     with running_server(engine) as url:
         yield url
 

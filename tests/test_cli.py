@@ -59,13 +59,45 @@ def test_fetch_model_is_idempotent(bundled_path):
     assert time.perf_counter() - started < 60
 
 
-def test_serve_command_answers_openai_requests():
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, read from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("engine", ["native", "vllm"])
+def test_serve_command_answers_openai_requests_and_stops_without_strays(engine):
+    from server.engine.vllm import vllm_available
+
+    if engine == "vllm" and not vllm_available():
+        pytest.skip("vllm is not installed")
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LONGSERVE_API_KEY": "k-123"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", "2"],
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", "2", "--engine", engine,
+         "--dtype", "float32"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    children = set()
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -75,12 +107,16 @@ def test_serve_command_answers_openai_requests():
             except httpx.HTTPError:
                 return False
 
-        assert wait_until(healthy, timeout=120, interval=0.5), "server did not start"
+        assert wait_until(healthy, timeout=240, interval=0.5), "server did not start"
         reply = openai_client(url, api_key="k-123").chat.completions.create(
             model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=12
         )
         assert "Paris" in reply.choices[0].message.content
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key came from LONGSERVE_API_KEY
+        children = descendants(process.pid)
+        if engine == "vllm":
+            assert children, "vLLM runs its engine in a child process"
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=60)
+    assert wait_until(lambda: not any(alive(pid) for pid in children), timeout=30), "processes outlived the server"

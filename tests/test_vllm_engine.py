@@ -1,4 +1,10 @@
-"""The vLLM engine behind the same API: position mapping always; the engine itself where vllm is installed."""
+"""The vLLM engine behind the same API: position mapping always; the engine itself where vllm is installed.
+
+The server tests of test_server.py run against both engines; these are the
+checks that only make sense for vLLM: agreement with the native engine,
+positions past the trained length, log-n through the plugin, tries through
+the logits processor, and the 400 for what only the native engine does.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,11 @@ import pytest
 
 from patches.rope import PositionSpec
 from server.engine.vllm import positions_for_vllm, vllm_available
-from tests.conftest import openai_client, running_server
+from tests.conftest import make_engine, openai_client, running_server, tiny_model
 
 HEAD_DIM, BASE, TRAINED = 64, 100000.0, 8192
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
+MODEL = "smollm2-135m-instruct"
 
 
 def test_scaled_types_map_to_vllm_rope_types_with_the_table_sized_to_the_served_length():
@@ -20,20 +27,37 @@ def test_scaled_types_map_to_vllm_rope_types_with_the_table_sized_to_the_served_
     assert positions_for_vllm(PositionSpec(), HEAD_DIM, BASE, TRAINED, 8192) == {}
     dynamic = positions_for_vllm(PositionSpec(type="dynamic", factor=2), HEAD_DIM, BASE, TRAINED, 16384)
     assert dynamic["rope_parameters"]["rope_theta"] == pytest.approx(BASE * 3 ** (64 / 62))  # scale 2*16k/8k - 1 = 3
-    for spec, says in ((PositionSpec(type="rerope"), "native"), (PositionSpec(type="ntk", factor=2, logn=True), "log-n")):
-        with pytest.raises(ValueError, match=says):
-            positions_for_vllm(spec, HEAD_DIM, BASE, TRAINED, 16384)
+    with_logn = positions_for_vllm(PositionSpec(type="ntk", factor=2, logn=True), HEAD_DIM, BASE, TRAINED, 16384)
+    assert with_logn == positions_for_vllm(PositionSpec(type="ntk", factor=2), HEAD_DIM, BASE, TRAINED, 16384)  # log-n: the plugin
+    with pytest.raises(ValueError, match="native"):
+        positions_for_vllm(PositionSpec(type="rerope"), HEAD_DIM, BASE, TRAINED, 16384)
 
 
-@pytest.fixture(scope="module")
-def vllm_server(bundled_path):
-    from server.engine.vllm import VllmConfig, VllmEngine
-    from server.metrics import Metrics
+def test_the_plugin_scales_each_query_by_its_logn_factor_and_leaves_nothing_else():
+    import torch
 
-    engine = VllmEngine(VllmConfig(model_path=str(bundled_path), model_name="smollm2-135m-instruct", dtype="float32",
-                                   max_num_seqs=8, max_model_len=4096), metrics=Metrics("vllm-test"))
-    with running_server(engine) as url:
-        yield url
+    from patches.rope import logn_factors
+    from patches.vllm_plugin import scale_queries
+
+    positions = torch.tensor([0, 255, 256, 700])
+    query = torch.randn(4, 3 * 8)
+    scaled = scale_queries(positions, query, 256)
+    assert torch.equal(scaled[:2], query[:2])  # within the trained length: untouched
+    want = query * logn_factors(positions, 256)[:, None]
+    assert torch.allclose(scaled, want) and scaled[3, 0] / query[3, 0] == pytest.approx(torch.log(torch.tensor(701.0)) / torch.log(torch.tensor(256.0)))
+    assert torch.allclose(scale_queries(positions, query.view(4, 3, 8), 256), want.view(4, 3, 8))
+
+
+@needs_vllm
+def test_the_plugin_installs_once_however_often_vllm_loads_it():
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+    from patches.vllm_plugin import register
+
+    register()
+    installed = RotaryEmbeddingBase.forward
+    register()
+    assert RotaryEmbeddingBase.forward is installed
 
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "def fibonacci(n):", "1, 2, 3, 4,"]
@@ -43,11 +67,11 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", 
 def test_greedy_outputs_agree_with_the_native_engine(vllm_server, bundled_server):
     native, other = openai_client(bundled_server), openai_client(vllm_server)
     for prompt in PROMPTS:
-        want = native.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=24, temperature=0)
-        got = other.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=24, temperature=0)
+        want = native.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        got = other.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
         assert got.choices[0].text == want.choices[0].text, prompt
         assert got.usage.prompt_tokens == want.usage.prompt_tokens and got.usage.completion_tokens == 24
-    chunks = list(other.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=12, stream=True,
+    chunks = list(other.chat.completions.create(model=MODEL, temperature=0, max_tokens=12, stream=True,
                                                 messages=[{"role": "user", "content": "What is the capital of France?"}]))
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
@@ -55,7 +79,76 @@ def test_greedy_outputs_agree_with_the_native_engine(vllm_server, bundled_server
 @needs_vllm
 def test_what_only_the_native_engine_does_gets_a_400_naming_it(vllm_server):
     body = {"prompt": "Q:", "max_tokens": 4}
-    for extra in ({"contexts": ["a"]}, {"constraint": {"choices": ["a", "b"]}}, {"position": {"type": "rope"}}):
+    for extra in ({"contexts": ["a"]}, {"position": {"type": "rope"}},
+                  {"constraint": {"choices": ["a", "b"]}, "use_beam_search": True, "n": 2}):
         reply = httpx.post(f"{vllm_server}/v1/completions", json={**body, **extra})
         assert reply.status_code == 400 and "--engine native" in reply.json()["error"]["message"], extra
     assert httpx.get(f"{vllm_server}/v1/models").json()["data"][0]["engine"] == "vllm"
+
+
+ENTRIES = [
+    {"key": "Paris ||| capital of", "value": "France"},
+    {"key": "Paris ||| population", "value": 2102650},
+    {"key": "Paris", "value": "a key that is a prefix of others"},
+    {"key": "London ||| capital of", "value": "United Kingdom"},
+    {"key": "夜曲（歌曲） ||| 演唱", "value": "周杰伦"},
+]
+QUESTIONS = ["Q: What is France's capital?\nA:", "Q: Who sang 夜曲?\nA:", "Q: How many people live in Paris?\nA:"]
+
+
+@needs_vllm
+def test_trie_constrained_answers_are_keys_and_equal_the_native_engine(vllm_server, bundled_server):
+    for url in (vllm_server, bundled_server):
+        assert httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES, "lead": " "}).status_code == 200
+    native, other = openai_client(bundled_server), openai_client(vllm_server)
+    keys = {e["key"]: e["value"] for e in ENTRIES}
+    for question in QUESTIONS:
+        kwargs = dict(model=MODEL, prompt=question, max_tokens=32, temperature=0, extra_body={"constraint": {"trie": "kb"}})
+        want, got = native.completions.create(**kwargs).choices[0], other.completions.create(**kwargs).choices[0]
+        assert got.text.strip() in keys and got.model_extra["key"] == got.text.strip()
+        assert got.model_extra["value"] == keys[got.text.strip()]
+        assert (got.text, got.model_extra["key"], got.finish_reason) == (want.text, want.model_extra["key"], want.finish_reason)
+    choices = ["red", "green", "blue", "dark red"]
+    sampled = other.completions.create(model=MODEL, prompt="My favourite colour is", max_tokens=8, temperature=1.5, n=6,
+                                       seed=7, extra_body={"constraint": {"choices": choices, "lead": " "}})
+    assert all(c.text.strip() in choices and c.model_extra["key"] == c.text.strip() for c in sampled.choices)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    """A random-weight Llama trained (nominally) to 256 positions, saved where vLLM can load it."""
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
+@needs_vllm
+def test_ntk_mixed_with_logn_past_the_trained_length_agrees_with_the_native_engine(tiny_llama_dir, tokenizer):
+    """vLLM's ntk table must reach past max_position_embeddings (else garbage, no error) and the plugin must scale queries."""
+    from server.engine.vllm import VllmConfig, VllmEngine
+    from server.metrics import Metrics
+
+    path, model = tiny_llama_dir
+    spec = PositionSpec(type="ntk-mixed", factor=4, b=0.625, logn=True)
+    prompt = " ".join(f"word{i % 97}" for i in range(300))  # about 900 tokens: 3.5x the trained length
+    assert 700 < len(tokenizer.encode(prompt)) < 1000
+    score = dict(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0, temperature=0)
+    vllm_engine = VllmEngine(VllmConfig(model_path=str(path), model_name="tiny", dtype="float32", max_num_seqs=2,
+                                        max_model_len=1024, position=spec), metrics=Metrics("tiny"))
+    with running_server(vllm_engine) as vllm_url, \
+            running_server(make_engine(model, tokenizer, max_model_len=1024, position=spec)) as native_url:
+        other, native = openai_client(vllm_url), openai_client(native_url)
+        got = other.completions.create(**score).choices[0].logprobs.token_logprobs[1:]
+        want = native.completions.create(**score).choices[0].logprobs.token_logprobs[1:]
+        without_logn = native.completions.create(**score, extra_body={"position": {**spec.describe(), "logn": False}})
+        without_logn = without_logn.choices[0].logprobs.token_logprobs[1:]
+        generate = dict(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+        assert other.completions.create(**generate).choices[0].text == native.completions.create(**generate).choices[0].text
+    gap = max(abs(a - b) for a, b in zip(got, want))
+    gap_without_logn = max(abs(a - b) for a, b in zip(got, without_logn))
+    assert len(got) == len(want) > 700
+    assert gap < 1e-3, f"vLLM and native log-probs differ by {gap}"
+    assert gap_without_logn > 50 * gap, "log-n made no difference: the check above would not catch a missing plugin"

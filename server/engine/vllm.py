@@ -6,9 +6,12 @@ requests and results between the two worlds, and nothing more:
 - one vLLM request per choice (prompt x n), with a delta output kind, so
   streams, seeds and aborts work per choice as in the native engine;
 - position settings become vLLM model overrides where vLLM has the same
-  rotary type (positions_for_vllm); others are refused at start-up, naming
-  the native engine;
-- what vLLM cannot do here (NBCE rows, trie constraints, ReRoPE, a per-request
+  rotary type (positions_for_vllm); log-n is patches/vllm_plugin.py, switched
+  on through the environment vLLM's processes inherit; ReRoPE is refused at
+  start-up, naming the native engine;
+- a trie constraint is patches/vllm_trie.py, a vLLM logits processor that
+  finds the trie in a file this engine writes (one per trie, while it lives);
+- what vLLM cannot do here (NBCE rows, beam search over keys, a per-request
   position) is refused per request with a 400 that names the native engine.
 
 TTFT, inter-token and end-to-end latencies are observed from the deltas, so
@@ -19,13 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from patches.rope import PositionSpec
-from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, SamplingParams, SeqDelta, TokenLogprob,
-                                Unsupported, choice_deltas)
+from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, KeyConstraint, SamplingParams, SeqDelta,
+                                TokenLogprob, Unsupported, choice_deltas)
 
 log = logging.getLogger("longserve.vllm")
 
@@ -44,10 +51,8 @@ def positions_for_vllm(spec: PositionSpec, head_dim: int, base: float, trained_l
     vLLM sizes its cos/sin table by max_position_embeddings, not by the scaled
     length: past the trained length it would read out of bounds (garbage on
     CPU, no error). So every scaled type also raises max_position_embeddings
-    to the served length.
+    to the served length. log-n is not an override: see patches/vllm_plugin.py.
     """
-    if spec.logn:
-        raise ValueError("log-n needs the native engine (vLLM has no query scaling by position); use --engine native")
     if spec.clipped:
         raise ValueError(f"{spec.type} needs the native engine (vLLM caches rotated keys); use --engine native")
     if spec.type == "rope" or spec.factor == 1.0:
@@ -85,11 +90,12 @@ class VllmConfig:
 
 class VllmEngine:
     def __init__(self, config: VllmConfig, metrics=None):
-        import os
-
         from transformers import AutoConfig, AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from patches.vllm_plugin import LOGN_ENV
+        from patches.vllm_trie import KeyLogitsProcessor
 
         self.config, self.metrics = config, metrics
         self.model_name = config.model_name
@@ -104,13 +110,22 @@ class VllmEngine:
         base = float(rope_parameters.get("rope_theta", getattr(model_config, "rope_theta", 10000.0)))
         overrides = positions_for_vllm(self.position, head_dim, base, self.trained_len, self.max_model_len)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        # vLLM's engine process inherits the environment as it is now: this switches log-n on or off there.
+        if self.position.logn:
+            os.environ[LOGN_ENV] = str(self.trained_len)
+        else:
+            os.environ.pop(LOGN_ENV, None)
         dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16"}[config.dtype]
         args = AsyncEngineArgs(model=config.model_path, served_model_name=config.model_name, dtype=dtype,
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
-                               hf_overrides=overrides, enforce_eager=True, disable_log_stats=True)
+                               hf_overrides=overrides, enforce_eager=True, disable_log_stats=True,
+                               logits_processors=[KeyLogitsProcessor])
         self.engine = AsyncLLM.from_engine_args(args)
         self._in_flight: dict[str, list[str]] = {}  # our request id -> vLLM request ids
         self._dead_reason: str | None = None
+        self._choices_in_flight = 0
+        self._trie_dir = tempfile.TemporaryDirectory(prefix="longserve-tries-")
+        self._trie_files: dict[int, str] = {}  # id(trie) -> its file, while the trie lives
 
     # ---- Engine interface ---------------------------------------------------
 
@@ -142,17 +157,35 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        self._trie_dir.cleanup()
 
     # ---- mapping ------------------------------------------------------------
 
     @staticmethod
     def _refuse_unsupported(request: GenerationRequest) -> None:
-        for present, what in ((request.nbce is not None, "contexts (NBCE)"), (request.constraint is not None, "constraint"),
+        for present, what in ((request.nbce is not None, "contexts (NBCE)"),
                               (request.beam_search, "use_beam_search"), (request.position is not None, "a per-request position")):
             if present:
                 raise Unsupported(f"{what} needs the native engine; this server runs vLLM (start it with --engine native)")
 
-    def _sampling_params(self, params: SamplingParams, index: int):
+    def _trie_file(self, trie) -> str:
+        """The file that holds `trie` for vLLM's logits processor: written once, removed when the trie goes."""
+        key = id(trie)
+        if key not in self._trie_files:
+            path = os.path.join(self._trie_dir.name, f"{uuid.uuid4().hex}.npz")
+            trie.save(path)
+            self._trie_files[key] = path
+            weakref.finalize(trie, self._forget_trie, key, path)
+        return self._trie_files[key]
+
+    def _forget_trie(self, key: int, path: str) -> None:
+        self._trie_files.pop(key, None)
+        if os.path.exists(path):
+            os.unlink(path)
+
+    def _sampling_params(self, params: SamplingParams, index: int, constraint: KeyConstraint | None = None):
+        from patches.vllm_trie import END_TOKEN_ARG, TRIE_ARG
+
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -164,6 +197,8 @@ class VllmEngine:
             logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             logit_bias=params.logit_bias or None, output_kind=RequestOutputKind.DELTA,
+            extra_args=None if constraint is None else {TRIE_ARG: self._trie_file(constraint.trie),
+                                                        END_TOKEN_ARG: constraint.end_token},
         )
 
     async def _stream(self, request: GenerationRequest, choices: list[tuple[int, list[int]]]) -> AsyncIterator[SeqDelta]:
@@ -183,12 +218,15 @@ class VllmEngine:
         params = request.params
         request_id = f"{request.request_id}-{index}"
         started, previous = time.perf_counter(), None
-        completion_tokens = 0
-        first = True
+        completion_tokens, generated = 0, []
+        first, finish = True, None
+        self._choices_in_flight += 1
+        self._report_queue()
         try:
-            async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index), request_id):
+            async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint), request_id):
                 piece = output.outputs[0]
                 completion_tokens += len(piece.token_ids)
+                generated += piece.token_ids
                 now = time.perf_counter()
                 if self.metrics and piece.token_ids:
                     if previous is None:
@@ -206,18 +244,31 @@ class VllmEngine:
                     prompt_logprobs=(self._logprobs(prompt[1:], (output.prompt_logprobs or [None])[1:], params.prompt_logprobs)
                                      if first and params.prompt_logprobs is not None else None),
                 )
+                if finish == "stop" and request.constraint is not None:
+                    delta.entry = request.constraint.trie.entry_for(generated, request.constraint.end_token)
                 first = False
                 await queue.put(delta)
                 if finish is not None:
-                    if self.metrics:
-                        self.metrics.observe_finished(e2e=now - started, prompt_tokens=len(prompt), generation_tokens=completion_tokens)
                     return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # vLLM failed this request: say so in the stream
             log.exception("vLLM request %s failed", request_id)
+            finish = "error"
             await queue.put(SeqDelta(index=index, text="", token_ids=[], logprobs=None, finish_reason="error",
                                      prompt_tokens=len(prompt), completion_tokens=completion_tokens, error=f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._choices_in_flight -= 1
+            self._report_queue()
+            if self.metrics:  # a choice cancelled before it finished was aborted (the client left)
+                self.metrics.observe_finished(e2e=time.perf_counter() - started, prompt_tokens=len(prompt),
+                                              generation_tokens=completion_tokens, reason=finish or "abort")
+
+    def _report_queue(self) -> None:
+        """vLLM schedules out of our sight: up to --max-num-seqs of our choices count as running, the rest as waiting."""
+        if self.metrics:
+            running = min(self._choices_in_flight, self.max_num_seqs)
+            self.metrics.set_queue(running=running, waiting=self._choices_in_flight - running)
 
     @staticmethod
     def _logprobs(token_ids, steps, k: int) -> list[TokenLogprob]:

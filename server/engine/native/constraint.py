@@ -25,8 +25,7 @@ class KeyState:
     entry: int | None = None  # set once a key is complete
 
     def allowed_tokens(self) -> torch.Tensor:
-        labels = torch.from_numpy(self.constraint.trie.allowed(self.node)).long()
-        return torch.where(labels == END, self.constraint.end_token, labels)
+        return torch.from_numpy(self.constraint.trie.allowed_tokens(self.node, self.constraint.end_token)).long()
 
     def advance(self, token: int) -> bool:
         """Take `token`; True when the key is complete."""
