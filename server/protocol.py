@@ -65,6 +65,7 @@ class SamplingFields(StrictModel):
     user: str | None = None
     # vLLM extensions
     top_k: int = Field(0, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False

@@ -67,6 +67,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
         logprobs=logprobs,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
         logit_bias=logit_bias,
     )
 

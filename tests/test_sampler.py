@@ -59,6 +59,18 @@ def test_penalties_and_logit_bias(tokenizer):
     assert torch.allclose(out, expected)
 
 
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens(tokenizer):
+    seq = make_seq(tokenizer, repetition_penalty=2.0)  # prompt [1, 2, 3]
+    seq.output_ids = [5, 5]
+    logits = torch.linspace(-4.0, 4.0, 10).unsqueeze(0)
+    out = apply_penalties(logits.clone(), [seq])[0]
+    expected = logits[0].clone()
+    for token in (1, 2, 3, 5):  # each seen token once, however often it was seen
+        value = float(logits[0, token])
+        expected[token] = value / 2.0 if value > 0 else value * 2.0
+    assert torch.allclose(out, expected) and out[5] < logits[0, 5] and out[1] < logits[0, 1]
+
+
 def test_greedy_takes_argmax_and_reports_raw_logprobs(tokenizer):
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
     seq = make_seq(tokenizer, temperature=0.0, logprobs=2)

@@ -96,7 +96,7 @@ def test_logprobs_in_both_endpoints(client):
 def test_penalties_and_top_k_are_accepted(client):
     reply = client.completions.create(
         model="smollm2-135m-instruct", prompt="Repeat after me: la la la la", max_tokens=10, temperature=0.7,
-        presence_penalty=1.0, frequency_penalty=1.0, seed=3, extra_body={"top_k": 20, "min_p": 0.05},
+        presence_penalty=1.0, frequency_penalty=1.0, seed=3, extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2},
     )
     assert reply.usage.completion_tokens >= 1
 

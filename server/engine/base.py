@@ -39,6 +39,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: >1 discourages every token already in the prompt or the output
     logit_bias: dict[int, float] = field(default_factory=dict)
 
     @property

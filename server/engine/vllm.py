@@ -196,6 +196,7 @@ class VllmEngine:
             stop_token_ids=params.stop_token_ids or None, ignore_eos=params.ignore_eos,
             logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
             logit_bias=params.logit_bias or None, output_kind=RequestOutputKind.DELTA,
             extra_args=None if constraint is None else {TRIE_ARG: self._trie_file(constraint.trie),
                                                         END_TOKEN_ARG: constraint.end_token},

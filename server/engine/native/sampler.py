@@ -16,7 +16,11 @@ from server.engine.native.sequence import Sequence
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """OpenAI's presence and frequency penalties, and logit_bias, in place."""
+    """logit_bias, OpenAI's presence and frequency penalties and vLLM's repetition penalty, in place.
+
+    The repetition penalty (as in vLLM and transformers) covers the prompt and
+    the output: a seen token's logit is divided by it where positive and
+    multiplied by it where negative."""
     for row, seq in enumerate(seqs):
         params = seq.params
         if params.logit_bias:
@@ -27,6 +31,11 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[1])
             counts = counts[: logits.shape[1]].to(logits.dtype)
             logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device).unique()
+            seen = seen[seen < logits.shape[1]]
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     return logits
 
 
