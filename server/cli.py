@@ -1,4 +1,4 @@
-"""`longserve serve|fetch-model|eval`: the command line.
+"""`longserve serve|fetch-model|eval|kgclue|bench`: the command line.
 
 Every expected failure (a bad flag, an unknown model, a corrupt directory)
 ends with one line on stderr and exit code 2, never a traceback.
@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_kgclue_args(kgclue)
     kgclue.set_defaults(func=run_kgclue)
+    bench = commands.add_parser("bench", help="load test any OpenAI-compatible server (TTFT, TPOT, ITL, throughput, goodput)")
+    from clients.bench import add_bench_args, run_bench_command
+
+    add_bench_args(bench)
+    bench.set_defaults(func=run_bench_command)
     return parser
 
 
