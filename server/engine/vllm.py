@@ -92,6 +92,7 @@ class VllmEngine:
     def __init__(self, config: VllmConfig, metrics=None):
         from transformers import AutoConfig, AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from patches.vllm_plugin import LOGN_ENV
@@ -120,7 +121,8 @@ class VllmEngine:
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                hf_overrides=overrides, enforce_eager=True, disable_log_stats=True,
                                logits_processors=[KeyLogitsProcessor])
-        self.engine = AsyncLLM.from_engine_args(args)
+        # as `vllm serve` builds it: the usage context picks vLLM's defaults for an API server (batched tokens, ...)
+        self.engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         self._in_flight: dict[str, list[str]] = {}  # our request id -> vLLM request ids
         self._dead_reason: str | None = None
         self._choices_in_flight = 0
