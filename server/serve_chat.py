@@ -67,7 +67,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         check_length(len(prompts[0]), max_tokens, engine.max_model_len)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, len(engine.tokenizer))
-    constraint, base = key_constraint(raw, body.constraint, body.n if body.use_beam_search else None)
+    constraint, base = await key_constraint(raw, body.constraint, body.n if body.use_beam_search else None)
     request = GenerationRequest(random_id("chatcmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint,
                                 beam_search=body.use_beam_search)
     prompt_lengths = [len(p) for p in prompts]  # usage counts every NBCE row

@@ -81,7 +81,7 @@ async def create_completion(body: CompletionRequest, raw: Request):
     params = sampling_params(body, max_tokens, body.logprobs, vocab_size)
     if body.echo and body.logprobs is not None:
         params.prompt_logprobs = body.logprobs
-    constraint, base = key_constraint(raw, body.constraint, body.n if body.use_beam_search else None)
+    constraint, base = await key_constraint(raw, body.constraint, body.n if body.use_beam_search else None)
     request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint,
                                 beam_search=body.use_beam_search)
     stream = submit(engine, request)

@@ -68,8 +68,11 @@ def find(request: Request, name: str):
     return base
 
 
-def key_constraint(request: Request, constraint: Constraint | None, beam_width: int | None = None):
-    """The engine's KeyConstraint and the base that answers for it, or (None, None)."""
+async def key_constraint(request: Request, constraint: Constraint | None, beam_width: int | None = None):
+    """The engine's KeyConstraint and the base that answers for it, or (None, None).
+
+    Inline choices are tokenized and built into a trie in a worker thread
+    (about 0.2 s for 10,000 choices): other requests' streams go on meanwhile."""
     if constraint is None:
         return None, None
     engine = request.app.state.engine
@@ -78,7 +81,8 @@ def key_constraint(request: Request, constraint: Constraint | None, beam_width: 
     else:
         entries = [{"key": choice, "value": None} for choice in constraint.choices]
         try:
-            base = build("inline", entries, engine.tokenizer, constraint.lead, request.app.state.knowledge.limits)
+            base = await asyncio.to_thread(build, "inline", entries, engine.tokenizer, constraint.lead,
+                                           request.app.state.knowledge.limits)
         except EntryError as exc:
             raise APIError(400, str(exc).replace("entry", "choice", 1), "constraint.choices") from None
     if beam_width is not None and beam_width > base.num_keys:
