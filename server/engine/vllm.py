@@ -205,8 +205,21 @@ class VllmEngine:
         )
 
     async def _stream(self, request: GenerationRequest, choices: list[tuple[int, list[int]]]) -> AsyncIterator[SeqDelta]:
+        if len(choices) == 1:  # the common case: nothing between vLLM's stream and the client's
+            deltas = self._choice(request, *choices[0])
+            finished = False
+            try:
+                async for delta in deltas:
+                    finished = delta.finish_reason is not None
+                    yield delta
+            finally:
+                if not finished:  # the client left: vLLM stops this request now
+                    self.abort(request.request_id)
+                await deltas.aclose()
+                self._in_flight.pop(request.request_id, None)
+            return
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._run_choice(request, index, prompt, queue)) for index, prompt in choices]
+        tasks = [asyncio.create_task(self._pump(self._choice(request, index, prompt), queue)) for index, prompt in choices]
         deltas = choice_deltas(queue, len(tasks), lambda: self.abort(request.request_id))
         try:
             async for delta in deltas:
@@ -217,7 +230,13 @@ class VllmEngine:
                 task.cancel()
             self._in_flight.pop(request.request_id, None)
 
-    async def _run_choice(self, request: GenerationRequest, index: int, prompt: list[int], queue: asyncio.Queue) -> None:
+    @staticmethod
+    async def _pump(deltas: AsyncIterator[SeqDelta], queue: asyncio.Queue) -> None:
+        async for delta in deltas:
+            await queue.put(delta)
+
+    async def _choice(self, request: GenerationRequest, index: int, prompt: list[int]) -> AsyncIterator[SeqDelta]:
+        """One vLLM request's deltas; a failure in vLLM ends it with an error delta."""
         params = request.params
         request_id = f"{request.request_id}-{index}"
         started, previous = time.perf_counter(), None
@@ -250,7 +269,7 @@ class VllmEngine:
                 if finish == "stop" and request.constraint is not None:
                     delta.entry = request.constraint.trie.entry_for(generated, request.constraint.end_token)
                 first = False
-                await queue.put(delta)
+                yield delta
                 if finish is not None:
                     return
         except asyncio.CancelledError:
@@ -258,8 +277,8 @@ class VllmEngine:
         except Exception as exc:  # vLLM failed this request: say so in the stream
             log.exception("vLLM request %s failed", request_id)
             finish = "error"
-            await queue.put(SeqDelta(index=index, text="", token_ids=[], logprobs=None, finish_reason="error",
-                                     prompt_tokens=len(prompt), completion_tokens=completion_tokens, error=f"{type(exc).__name__}: {exc}"))
+            yield SeqDelta(index=index, text="", token_ids=[], logprobs=None, finish_reason="error",
+                           prompt_tokens=len(prompt), completion_tokens=completion_tokens, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._choices_in_flight -= 1
             self._report_queue()
