@@ -9,7 +9,9 @@ the end token alone, so vLLM stops there.
 A request asks for it through SamplingParams.extra_args:
     {"longserve_key_trie": PATH, "longserve_end_token": ID}
 with PATH a TokenTrie saved by TokenTrie.save (the engine writes it; vLLM's
-engine process runs on the same host). Tries are loaded once per path.
+engine process runs on the same host). Tries are loaded once per path and
+the 16 most recently used stay in memory (inline choices make a new path
+per request; a registered base keeps its path while it lives).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from patches.trie import TokenTrie
 TRIE_ARG, END_TOKEN_ARG = "longserve_key_trie", "longserve_end_token"
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def load_trie(path: str) -> TokenTrie:
     return TokenTrie.load(path)
 

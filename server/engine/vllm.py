@@ -186,10 +186,10 @@ class VllmEngine:
             os.unlink(path)
 
     def _sampling_params(self, params: SamplingParams, index: int, constraint: KeyConstraint | None = None):
-        from patches.vllm_trie import END_TOKEN_ARG, TRIE_ARG
-
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
+
+        from patches.vllm_trie import END_TOKEN_ARG, TRIE_ARG
 
         return VllmSamplingParams(
             n=1, max_tokens=max(params.max_tokens, 1), temperature=params.temperature, top_p=params.top_p,
