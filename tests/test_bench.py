@@ -189,3 +189,22 @@ def test_random_prompts_are_exact_in_tokens_on_the_real_server(bundled_server, t
     result = json.loads(result_file.read_text())
     assert result["input_lens"] == [40, 40, 40] and result["output_lens"] == [4, 4, 4]  # the server's own usage
     assert result["completed"] == 3 and result["median_ttft_ms"] > 0 and result["output_throughput"] > 0
+
+
+def test_passkey_nbce_and_kgclue_datasets_send_what_they_promise(tmp_path):
+    with scripted_server() as (url, received):
+        for dataset, extra in (("passkey", ["--input-len", "300"]), ("nbce", ["--input-len", "600", "--nbce-contexts", "3"]),
+                               ("kgclue", ["--trie", "kb"])):
+            code = bench("--base-url", url, "--dataset", dataset, "--num-prompts", "2", "--output-len", "2", "--seed", "5", *extra)
+            assert code == 0, dataset
+    passkey, nbce, kgclue = received[0:2], received[2:4], received[4:6]
+    for body in passkey:  # the prompt of DESIGN.md section 6, about --input-len tokens as the server counts them
+        assert "The pass key is" in body["prompt"] and body["prompt"].rstrip().endswith("The pass key is")
+        assert 250 <= len(body["prompt"].split()) + 1 <= 300
+    for body in nbce:  # --nbce-contexts documents of about input-len / n tokens, the key hidden in one of them
+        assert len(body["contexts"]) == 3 and sum("The pass key is" in doc for doc in body["contexts"]) == 1
+        assert "pass key" in body["prompt"]
+    assert passkey[0]["prompt"] != passkey[1]["prompt"] and nbce[0]["contexts"] != nbce[1]["contexts"]
+    for body in kgclue:  # few-shot KgCLUE questions answered under the named trie
+        assert body["constraint"] == {"trie": "kb"} and body["prompt"].count("问题：") == 5
+    assert kgclue[0]["prompt"] != kgclue[1]["prompt"]
