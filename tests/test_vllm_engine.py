@@ -152,3 +152,16 @@ def test_ntk_mixed_with_logn_past_the_trained_length_agrees_with_the_native_engi
     assert len(got) == len(want) > 700
     assert gap < 1e-3, f"vLLM and native log-probs differ by {gap}"
     assert gap_without_logn > 50 * gap, "log-n made no difference: the check above would not catch a missing plugin"
+
+
+@needs_vllm
+def test_the_loss_evaluation_scores_alike_through_either_engine(vllm_server, bundled_server, tmp_path):
+    """`longserve eval loss` needs prompt log-probs: the vLLM engine gives them through vLLM's prompt_logprobs."""
+    from clients.longeval import Server, run_loss
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(80)))
+    losses = [[r["loss"] for r in run_loss(Server.connect(f"{url}/v1", None, None), text, [256, 512], 64, [None])["records"]]
+              for url in (bundled_server, vllm_server)]
+    assert None not in losses[0] + losses[1]
+    assert losses[1] == pytest.approx(losses[0], abs=2e-3)
