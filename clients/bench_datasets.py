@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from tqdm import tqdm
 
 from clients.longeval import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, Server, passkey_prompt
 
@@ -74,22 +76,22 @@ def build(args, server: Server) -> list[Item]:
     """args.num_prompts + args.warmup items of args.dataset."""
     rng = random.Random(args.seed)
     count = args.num_prompts + args.warmup
-    if args.dataset == "random":
-        return [Item(as_body(args.endpoint, fit_words(server, args.endpoint, args.input_len, rng), args.output_len), args.input_len)
-                for _ in range(count)]
-    if args.dataset == "passkey":
-        sizes: dict = {}
-        items = []
-        for _ in range(count):
-            key = str(rng.randint(10000, 99999))
-            items.append(Item(as_body(args.endpoint, passkey_prompt(server, args.input_len, rng.random(), key, sizes), args.output_len),
-                              None))
-        return items
-    if args.dataset == "nbce":
-        return [nbce_item(args, server, rng) for _ in range(count)]
     if args.dataset == "kgclue":
         return kgclue_items(args, count)
-    return file_items(args, count)
+    if args.dataset == "file":
+        return file_items(args, count)
+    sizes: dict = {}  # passkey: token sizes of the fixed parts, measured once
+    items = []
+    for _ in tqdm(range(count), desc=f"building {args.dataset} prompts", unit="prompt", file=sys.stderr):
+        if args.dataset == "random":
+            items.append(Item(as_body(args.endpoint, fit_words(server, args.endpoint, args.input_len, rng), args.output_len),
+                              args.input_len))
+        elif args.dataset == "passkey":
+            prompt = passkey_prompt(server, args.input_len, rng.random(), str(rng.randint(10000, 99999)), sizes)
+            items.append(Item(as_body(args.endpoint, prompt, args.output_len), None))
+        else:
+            items.append(nbce_item(args, server, rng))
+    return items
 
 
 def nbce_item(args, server: Server, rng: random.Random) -> Item:
