@@ -116,23 +116,30 @@ async def run_load(args, server: Server, bodies: list[dict], input_tokens: list[
     records: list[Record] = []
     bar = tqdm(total=len(bodies), desc="bench", unit="req", disable=not progress, file=sys.stderr)
 
+    failed = 0
+
     async def one(body: dict, tokens: int | None) -> None:
+        nonlocal failed
+        record = None
         try:
             if limit:
                 async with limit:
-                    await fire(body, tokens)
+                    record = await fire(body, tokens)
             else:
-                await fire(body, tokens)
+                record = await fire(body, tokens)
         finally:
+            if record is not None and record.error:
+                failed += 1
+                bar.set_postfix(failed=failed, refresh=False)
             bar.update(1)
-            bar.set_postfix(failed=sum(1 for r in records if r.error), refresh=False)
 
-    async def fire(body: dict, tokens: int | None) -> None:
+    async def fire(body: dict, tokens: int | None) -> Record | None:
         if stop.is_set():
-            return
+            return None
         record = Record(sent=clock(), input_tokens=tokens)
         records.append(record)
         await send(client, url, args.endpoint, body, record, clock, args.save_detailed)
+        return record
 
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout, headers=server.headers(), limits=httpx.Limits(max_connections=None)) as client:

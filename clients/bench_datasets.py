@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from tqdm import tqdm
 
 from clients.longeval import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, Server, passkey_prompt
@@ -41,14 +40,8 @@ class Item:
 
 def count_tokens(server: Server, endpoint: str, text: str) -> int:
     """Tokens the server will see for `text` as a prompt (completions) or one user message (chat)."""
-    payload = {"model": server.model}
-    payload.update({"prompt": text} if endpoint == "completions" else {"messages": [{"role": "user", "content": text}]})
-    response = httpx.post(f"{server.root}/tokenize", json=payload, headers=server.headers(), timeout=120)
-    if response.status_code == 404:
-        raise SystemExit("this server has no /tokenize endpoint; the random dataset needs exact token counts "
-                         "(use --dataset file with your own prompts instead)")
-    response.raise_for_status()
-    return int(response.json()["count"])
+    body = {"prompt": text} if endpoint == "completions" else {"messages": [{"role": "user", "content": text}]}
+    return int(server.tokenize_body(body)["count"])
 
 
 def fit_words(server: Server, endpoint: str, target: int, rng: random.Random) -> str:
@@ -80,7 +73,7 @@ def build(args, server: Server) -> list[Item]:
         return kgclue_items(args, count)
     if args.dataset == "file":
         return file_items(args, count)
-    sizes: dict = {}  # passkey: token sizes of the fixed parts, measured once
+    sizes: dict = {}  # passkey, nbce: token sizes of the fixed parts, measured once
     items = []
     for _ in tqdm(range(count), desc=f"building {args.dataset} prompts", unit="prompt", file=sys.stderr):
         if args.dataset == "random":
@@ -90,15 +83,16 @@ def build(args, server: Server) -> list[Item]:
             prompt = passkey_prompt(server, args.input_len, rng.random(), str(rng.randint(10000, 99999)), sizes)
             items.append(Item(as_body(args.endpoint, prompt, args.output_len), None))
         else:
-            items.append(nbce_item(args, server, rng))
+            items.append(nbce_item(args, server, rng, sizes))
     return items
 
 
-def nbce_item(args, server: Server, rng: random.Random) -> Item:
+def nbce_item(args, server: Server, rng: random.Random, sizes: dict) -> Item:
     from clients.nbce_eval import documents
 
-    filler_tokens = len(server.tokenize(PASSKEY_FILLER * 16)) / 16
-    docs, _, _ = documents(args.nbce_contexts, args.input_len // args.nbce_contexts, filler_tokens, rng)
+    if "filler" not in sizes:
+        sizes["filler"] = len(server.tokenize(PASSKEY_FILLER * 64)) / 64
+    docs, _, _ = documents(args.nbce_contexts, args.input_len // args.nbce_contexts, sizes["filler"], rng)
     return Item(as_body(args.endpoint, (PASSKEY_INTRO + PASSKEY_QUESTION).strip(), args.output_len, contexts=docs), None)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.bench_stats import Record
+from clients.bench_stats import Record, in_flight
 
 
 def run_label(result: dict) -> str:
@@ -55,8 +55,7 @@ def plot_runs(results: list[tuple[dict, list[Record]]], directory: Path) -> list
     counts, _ = np.histogram(times, bins=bins, weights=weights)
     tokens_axis.bar(bins[:-1], counts, width=1.0, align="edge")
     tokens_axis.set_ylabel("output tokens / s")
-    events = sorted([(r.sent, 1) for r in records] + [(r.end, -1) for r in records], key=lambda e: (e[0], e[1]))
-    level_axis.step([t for t, _ in events], np.cumsum([s for _, s in events]), where="post")
+    level_axis.step(*in_flight(records), where="post")
     level_axis.set_ylabel("requests in flight")
     level_axis.set_xlabel("seconds since start")
     figure.suptitle(f"throughput and concurrency over time ({run_label(result)})")

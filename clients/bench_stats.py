@@ -105,15 +105,20 @@ def summarize(records: list[Record], duration: float, percentiles=(50, 90, 99), 
     return summary
 
 
-def max_concurrency(records: list[Record]) -> int:
-    """The most requests in flight at once."""
+def in_flight(records: list[Record]) -> tuple[list[float], list[int]]:
+    """Requests in flight over time: the times at which the count changes, and the count from each on."""
     events = sorted([(r.sent, 1) for r in records] + [(r.end if r.end is not None else r.sent, -1) for r in records],
-                    key=lambda e: (e[0], e[1]))
-    level = peak = 0
+                    key=lambda e: (e[0], e[1]))  # at equal times a request leaves before the next one comes
+    levels, level = [], 0
     for _, step in events:
         level += step
-        peak = max(peak, level)
-    return peak
+        levels.append(level)
+    return [t for t, _ in events], levels
+
+
+def max_concurrency(records: list[Record]) -> int:
+    """The most requests in flight at once."""
+    return max(in_flight(records)[1], default=0)
 
 
 def detailed(records: list[Record]) -> dict:

@@ -85,17 +85,16 @@ class Server:
         return server
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids through the server's /tokenize (vLLM's and longserve's shape)."""
-        response = httpx.post(
-            f"{self.root}/tokenize",
-            json={"model": self.model, "prompt": text, "add_special_tokens": False},
-            headers=self.headers(),
-            timeout=120,
-        )
+        """Token ids of `text` alone (no special tokens)."""
+        return self.tokenize_body({"prompt": text, "add_special_tokens": False})["tokens"]
+
+    def tokenize_body(self, body: dict) -> dict:
+        """The server's /tokenize answer (vLLM's and longserve's shape: tokens, count) for `body` + the model."""
+        response = httpx.post(f"{self.root}/tokenize", json={"model": self.model, **body}, headers=self.headers(), timeout=120)
         if response.status_code == 404:
-            raise SystemExit("this server has no /tokenize endpoint; the evaluation needs exact token counts")
+            raise SystemExit("this server has no /tokenize endpoint; exact token counts need it")
         response.raise_for_status()
-        return response.json()["tokens"]
+        return response.json()
 
     def complete(self, prompt, position: dict | None, **fields) -> dict:
         body = {"model": self.model, "prompt": prompt, "temperature": 0, **fields}

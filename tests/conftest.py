@@ -101,26 +101,35 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(engine, **settings):
-    """create_app(engine) under uvicorn on a loopback port, in a thread; yields the base URL."""
+def serving(app, port: int | None = None):
+    """Any ASGI app under uvicorn on a loopback port, in a thread; yields the base URL."""
     import uvicorn
 
-    settings.setdefault("data_dir", tempfile.mkdtemp(prefix="longserve-test-"))  # never the user's own bases
-    settings = ServerSettings(model=engine.model_name, port=free_port(), **settings)
-    app = create_app(engine, settings, engine.metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started:
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("test server did not start")
-        time.sleep(0.05)
+        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{settings.port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def running_server(engine, **settings):
+    """create_app(engine) on a loopback port; yields the base URL and shuts the engine down after."""
+    settings.setdefault("data_dir", tempfile.mkdtemp(prefix="longserve-test-"))  # never the user's own bases
+    settings = ServerSettings(model=engine.model_name, port=free_port(), **settings)
+    try:
+        with serving(create_app(engine, settings, engine.metrics), settings.port) as url:
+            yield url
+    finally:
         engine.shutdown()
 
 

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 
@@ -24,7 +23,7 @@ from fastapi import FastAPI, Request  # at module level: FastAPI reads the handl
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from clients.bench import main as bench_main
-from tests.conftest import free_port
+from tests.conftest import free_port, serving
 
 TTFT, ITL = 0.4, 0.1
 
@@ -78,20 +77,9 @@ def scripted_app(received: list[dict]):
 
 @contextmanager
 def scripted_server():
-    import uvicorn
-
     received: list[dict] = []
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(scripted_app(received), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1", received
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(scripted_app(received)) as url:
+        yield f"{url}/v1", received
 
 
 def bench(*args: str) -> int:

@@ -248,7 +248,8 @@ class VllmEngine:
             async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint), request_id):
                 piece = output.outputs[0]
                 completion_tokens += len(piece.token_ids)
-                generated += piece.token_ids
+                if request.constraint is not None:  # to find the key's entry at the end
+                    generated += piece.token_ids
                 now = time.perf_counter()
                 if self.metrics and piece.token_ids:
                     if previous is None:
