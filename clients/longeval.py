@@ -13,12 +13,14 @@ echo + logprobs.
 each, sent per request as the `position` field: a longserve extension. Leave
 it out to evaluate whatever the server is configured with.
 
-Each run prints a table and writes JSON and a PNG into --out.
+Each run prints a table and writes JSON and a PNG into --out. Ctrl-C stops it
+early and still writes what finished ("interrupted": true; exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -148,27 +150,28 @@ def run_passkey(server: Server, lengths: list[int], depths: list[float], trials:
     sizes: dict = {}
     records = []
     progress = tqdm(total=len(positions) * len(keys), desc="passkey", unit="prompt")
-    for position in positions:
-        for (length, depth, trial), key in keys.items():
-            # leave room for the answer inside the length
-            prompt = passkey_prompt(server, length - ANSWER_TOKENS - 8, depth, key, sizes)
-            started = time.perf_counter()
-            try:
-                reply = server.complete(prompt, position, max_tokens=ANSWER_TOKENS)
-                answer, prompt_tokens, error = reply["choices"][0]["text"], reply["usage"]["prompt_tokens"], None
-            except (RuntimeError, httpx.HTTPError) as exc:
-                answer, prompt_tokens, error = "", None, str(exc)
-            records.append(
-                {
-                    "method": position_label(position), "position": position, "length": length, "depth": depth,
-                    "trial": trial, "key": key, "answer": answer, "found": key in answer, "prompt_tokens": prompt_tokens,
-                    "seconds": round(time.perf_counter() - started, 2), "error": error,
-                }
-            )
-            progress.set_postfix(method=position_label(position), length=length_label(length), found=key in answer)
-            progress.update()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the run; what finished is kept
+        for position in positions:
+            for (length, depth, trial), key in keys.items():
+                # leave room for the answer inside the length
+                prompt = passkey_prompt(server, length - ANSWER_TOKENS - 8, depth, key, sizes)
+                started = time.perf_counter()
+                try:
+                    reply = server.complete(prompt, position, max_tokens=ANSWER_TOKENS)
+                    answer, prompt_tokens, error = reply["choices"][0]["text"], reply["usage"]["prompt_tokens"], None
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    answer, prompt_tokens, error = "", None, str(exc)
+                records.append(
+                    {
+                        "method": position_label(position), "position": position, "length": length, "depth": depth,
+                        "trial": trial, "key": key, "answer": answer, "found": key in answer, "prompt_tokens": prompt_tokens,
+                        "seconds": round(time.perf_counter() - started, 2), "error": error,
+                    }
+                )
+                progress.set_postfix(method=position_label(position), length=length_label(length), found=key in answer)
+                progress.update()
     progress.close()
-    return {"kind": "passkey", "model": server.model, "lengths": lengths, "depths": depths, "trials": trials, "records": records}
+    return {"kind": "passkey", "interrupted": len(records) < progress.total, "model": server.model, "lengths": lengths, "depths": depths, "trials": trials, "records": records}
 
 
 def passkey_table(result: dict) -> str:
@@ -180,7 +183,7 @@ def passkey_table(result: dict) -> str:
         cells = []
         for length in lengths:
             hits = [r["found"] for r in result["records"] if r["method"] == method and r["length"] == length]
-            cells.append(f"{sum(hits)}/{len(hits)}")
+            cells.append(f"{sum(hits)}/{len(hits)}" if hits else "-")  # "-": not run (interrupted)
         lines.append(f"{method:<24}" + "".join(f"{cell:>10}" for cell in cells))
     return "\n".join(lines)
 
@@ -236,25 +239,26 @@ def run_loss(server: Server, text: Path, contexts: list[int], score_last: int, p
     records = []
     answer_tokens = [0]  # OpenAI's echo scoring asks for no new token; servers that insist get one
     progress = tqdm(total=len(positions) * len(contexts), desc="loss", unit="context")
-    for position in positions:
-        for context in contexts:
-            window = tokens[len(tokens) - context :]  # every window ends on the same scored tokens
-            started = time.perf_counter()
-            try:
-                reply = score_prompt(server, window, position, answer_tokens)
-                scores = reply["choices"][0]["logprobs"]["token_logprobs"][:context]
-                scored = scores[context - score_last :]
-                loss, error = -sum(scored) / len(scored), None
-            except (RuntimeError, httpx.HTTPError, TypeError, KeyError) as exc:
-                loss, error = None, str(exc)
-            records.append(
-                {"method": position_label(position), "position": position, "context": context, "loss": loss,
-                 "seconds": round(time.perf_counter() - started, 2), "error": error}
-            )
-            progress.set_postfix(method=position_label(position), context=length_label(context), loss=loss)
-            progress.update()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the run; what finished is kept
+        for position in positions:
+            for context in contexts:
+                window = tokens[len(tokens) - context :]  # every window ends on the same scored tokens
+                started = time.perf_counter()
+                try:
+                    reply = score_prompt(server, window, position, answer_tokens)
+                    scores = reply["choices"][0]["logprobs"]["token_logprobs"][:context]
+                    scored = scores[context - score_last :]
+                    loss, error = -sum(scored) / len(scored), None
+                except (RuntimeError, httpx.HTTPError, TypeError, KeyError) as exc:
+                    loss, error = None, str(exc)
+                records.append(
+                    {"method": position_label(position), "position": position, "context": context, "loss": loss,
+                     "seconds": round(time.perf_counter() - started, 2), "error": error}
+                )
+                progress.set_postfix(method=position_label(position), context=length_label(context), loss=loss)
+                progress.update()
     progress.close()
-    return {"kind": "loss", "model": server.model, "text": str(text), "contexts": contexts, "score_last": score_last, "records": records}
+    return {"kind": "loss", "interrupted": len(records) < progress.total, "model": server.model, "text": str(text), "contexts": contexts, "score_last": score_last, "records": records}
 
 
 def score_prompt(server: Server, window: list[int], position: dict | None, answer_tokens: list[int]) -> dict:
@@ -274,7 +278,7 @@ def loss_table(result: dict) -> str:
     lines = [f"{'method':<24}" + "".join(f"{length_label(c):>10}" for c in contexts)]
     for method in methods:
         by_context = {r["context"]: r["loss"] for r in result["records"] if r["method"] == method}
-        cells = [f"{by_context[c]:.3f}" if by_context.get(c) is not None else "error" for c in contexts]
+        cells = [("-" if c not in by_context else "error" if by_context[c] is None else f"{by_context[c]:.3f}") for c in contexts]
         lines.append(f"{method:<24}" + "".join(f"{cell:>10}" for cell in cells))
     return "\n".join(lines)
 
@@ -360,7 +364,13 @@ def run_eval(args: argparse.Namespace) -> None:
         table, plot = loss_table(result), plot_loss
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / f"{stem}.png")
+    written = [args.out / f"{stem}.json"]
+    written[0].write_text(json.dumps(result, indent=1))
+    if result["records"]:
+        written.append(args.out / f"{stem}.png")
+        plot(result, written[-1])
     print(table)
-    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}", file=sys.stderr)
+    print(f"wrote {' and '.join(map(str, written))}", file=sys.stderr)
+    if result["interrupted"]:
+        print(f"interrupted after {len(result['records'])} prompts; '-' marks cells not run", file=sys.stderr)
+        raise SystemExit(130)  # as a shell reports Ctrl-C

@@ -20,6 +20,7 @@ a miss. Wall time is measured per request, prefill included.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -60,25 +61,26 @@ def run_nbce(server: Server, ns: list[int], trials: int, methods: list[str], doc
     filler_tokens = len(server.tokenize(PASSKEY_FILLER * 64)) / 64
     records = []
     progress = tqdm(total=len(ns) * trials * len(methods), desc="nbce", unit="prompt")
-    for n in ns:
-        for trial in range(trials):
-            docs, key, holder = documents(n, doc_tokens, filler_tokens, rng)
-            for method in methods:
-                started = time.perf_counter()
-                try:
-                    reply = ask(server, method, docs, scaled_position, truncate)
-                    answer, prompt_tokens, error = reply["choices"][0]["text"], reply["usage"]["prompt_tokens"], None
-                except (RuntimeError, httpx.HTTPError) as exc:
-                    answer, prompt_tokens, error = "", None, str(exc)
-                records.append({
-                    "method": method, "n": n, "trial": trial, "key": key, "holder": holder, "answer": answer,
-                    "found": key in answer and error is None, "prompt_tokens": prompt_tokens,
-                    "seconds": round(time.perf_counter() - started, 2), "error": error,
-                })
-                progress.set_postfix(n=n, method=method, found=key in answer)
-                progress.update()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the run; what finished is kept
+        for n in ns:
+            for trial in range(trials):
+                docs, key, holder = documents(n, doc_tokens, filler_tokens, rng)
+                for method in methods:
+                    started = time.perf_counter()
+                    try:
+                        reply = ask(server, method, docs, scaled_position, truncate)
+                        answer, prompt_tokens, error = reply["choices"][0]["text"], reply["usage"]["prompt_tokens"], None
+                    except (RuntimeError, httpx.HTTPError) as exc:
+                        answer, prompt_tokens, error = "", None, str(exc)
+                    records.append({
+                        "method": method, "n": n, "trial": trial, "key": key, "holder": holder, "answer": answer,
+                        "found": key in answer and error is None, "prompt_tokens": prompt_tokens,
+                        "seconds": round(time.perf_counter() - started, 2), "error": error,
+                    })
+                    progress.set_postfix(n=n, method=method, found=key in answer)
+                    progress.update()
     progress.close()
-    return {"kind": "nbce", "model": server.model, "docs": ns, "trials": trials, "doc_tokens": doc_tokens,
+    return {"kind": "nbce", "interrupted": len(records) < progress.total, "model": server.model, "docs": ns, "trials": trials, "doc_tokens": doc_tokens,
             "truncate": truncate, "scaled_position": scaled_position, "records": records}
 
 
@@ -91,6 +93,9 @@ def nbce_table(result: dict) -> str:
         cells = []
         for method in methods:
             mine = [r for r in rows if r["method"] == method]
+            if not mine:
+                cells.append("-")  # not run (interrupted)
+                continue
             errors = sum(r["error"] is not None for r in mine)
             seconds = sum(r["seconds"] for r in mine) / len(mine)
             cell = f"{sum(r['found'] for r in mine)}/{len(mine)} {seconds:6.1f}s" + (f" ({errors} err)" if errors else "")

@@ -98,6 +98,35 @@ def test_nbce_eval_runs_every_method_on_the_same_documents(eval_server, tmp_path
     assert "nbce" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind, args, planned", [
+    ("passkey", ["--lengths", "200,300", "--depths", "0.5", "--trials", "2"], 4),
+    ("nbce", ["--docs", "2,3", "--trials", "1", "--doc-tokens", "60", "--truncate", "100"], 8),
+])
+def test_ctrl_c_keeps_what_finished(eval_server, tmp_path, capsys, monkeypatch, kind, args, planned):
+    """Ctrl-C (KeyboardInterrupt in the main thread) during the third prompt: the
+    two finished prompts are written, cells not run show '-', and the exit status is 130."""
+    calls = []
+    complete = Server.complete
+
+    def interrupted_on_the_third(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return complete(self, *a, **kw)
+
+    monkeypatch.setattr(Server, "complete", interrupted_on_the_third)
+    url, _ = eval_server
+    with pytest.raises(SystemExit) as stopped:
+        main(["eval", kind, "--base-url", url, *args, "--out", str(tmp_path), "--name", "cut"])
+    assert stopped.value.code == 130
+    result = json.loads((tmp_path / "cut.json").read_text())
+    assert result["interrupted"] is True and len(result["records"]) == 2 < planned
+    assert all(r["error"] is None for r in result["records"])
+    assert (tmp_path / "cut.png").stat().st_size > 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1].split()[-1] == "-"  # the last cell was never asked
+
+
 def test_position_labels_tell_every_setting_apart():
     from clients.longeval import position_label
 
