@@ -73,3 +73,21 @@ def test_cache_grows_in_blocks_and_shrinks_when_long_sequences_leave():
     assert kv.allocate() == 1  # lowest free slot first
     with pytest.raises(ValueError, match="exceeds the cache limit"):
         kv.reserve(first, 5000)
+
+
+def test_rows_a_wide_request_grew_are_given_back():
+    """NBCE's n + 1 rows grow the cache to many slots; once they leave, a long
+    prompt must cost one row of its length, not one per slot left behind
+    (that once took a 25k-token prompt after a 17-row NBCE request to 24 GB)."""
+    kv = cache(max_slots=32, max_len=8192)
+    rows = [kv.allocate() for _ in range(17)]
+    for slot in rows:
+        kv.reserve(slot, 1600)
+    assert kv.num_slots == 32
+    for slot in rows:
+        kv.free(slot)
+    assert kv.num_slots == 1
+    long_prompt = kv.allocate()
+    kv.reserve(long_prompt, 8000)
+    assert kv.num_slots == 1 and kv.bytes_allocated() == 2 * 2 * 1 * 1 * kv.capacity * 4 * 4  # k + v, layers, slot, head
+    assert [kv.allocate() for _ in range(3)] == [1, 2, 3] and kv.num_slots == 4  # and they grow again on demand

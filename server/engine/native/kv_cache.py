@@ -8,9 +8,9 @@ these tensors: no gather, no copy. Free rows inside that range cost a dummy
 token each; slots are handed out lowest first, so holes fill quickly.
 
 Both dimensions grow on demand (slots by doubling up to --max-num-seqs,
-capacity in blocks of CAPACITY_BLOCK up to --max-model-len) and capacity
-shrinks when the longest sequence leaves, so memory follows the batch actually
-running: rows x longest sequence.
+capacity in blocks of CAPACITY_BLOCK up to --max-model-len) and both shrink
+when the rows or the longest sequence leave, so memory follows the batch
+actually running: rows x longest sequence.
 
 What the cache holds is decided by the position scheme (attention.py): with
 plain and scaled RoPE the keys are stored *after* rotation, because they never
@@ -90,9 +90,14 @@ class SlotCache:
     def free(self, slot: int) -> None:
         self.free_slots.add(slot)
         self.lengths[slot] = 0
-        longest = max(self.lengths)
-        if self.capacity > 4 * max(longest, CAPACITY_BLOCK):
-            self._resize(slots=self.num_slots, capacity=round_up(max(longest, 1), CAPACITY_BLOCK))
+        # Shrink both dimensions once they are 4x what is in use: rows that a
+        # wide request (NBCE, beam search) grew would otherwise stay, and the
+        # next long prompt would grow every one of them to its length.
+        rows, longest = max(self.rows_in_use, 1), max(self.lengths)
+        slots = rows if self.num_slots > 4 * rows else self.num_slots
+        capacity = round_up(max(longest, 1), CAPACITY_BLOCK) if self.capacity > 4 * max(longest, CAPACITY_BLOCK) else self.capacity
+        if (slots, capacity) != (self.num_slots, self.capacity):
+            self._resize(slots=slots, capacity=capacity)
 
     def reserve(self, slot: int, length: int) -> None:
         """Make room for `length` tokens in `slot`."""
