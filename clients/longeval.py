@@ -171,7 +171,8 @@ def run_passkey(server: Server, lengths: list[int], depths: list[float], trials:
                 progress.set_postfix(method=position_label(position), length=length_label(length), found=key in answer)
                 progress.update()
     progress.close()
-    return {"kind": "passkey", "interrupted": len(records) < progress.total, "model": server.model, "lengths": lengths, "depths": depths, "trials": trials, "records": records}
+    return {"kind": "passkey", "interrupted": len(records) < progress.total, "model": server.model, "lengths": lengths,
+            "depths": depths, "trials": trials, "records": records}
 
 
 def passkey_table(result: dict) -> str:
@@ -258,7 +259,8 @@ def run_loss(server: Server, text: Path, contexts: list[int], score_last: int, p
                 progress.set_postfix(method=position_label(position), context=length_label(context), loss=loss)
                 progress.update()
     progress.close()
-    return {"kind": "loss", "interrupted": len(records) < progress.total, "model": server.model, "text": str(text), "contexts": contexts, "score_last": score_last, "records": records}
+    return {"kind": "loss", "interrupted": len(records) < progress.total, "model": server.model, "text": str(text),
+            "contexts": contexts, "score_last": score_last, "records": records}
 
 
 def score_prompt(server: Server, window: list[int], position: dict | None, answer_tokens: list[int]) -> dict:

@@ -80,8 +80,8 @@ def run_nbce(server: Server, ns: list[int], trials: int, methods: list[str], doc
                     progress.set_postfix(n=n, method=method, found=key in answer)
                     progress.update()
     progress.close()
-    return {"kind": "nbce", "interrupted": len(records) < progress.total, "model": server.model, "docs": ns, "trials": trials, "doc_tokens": doc_tokens,
-            "truncate": truncate, "scaled_position": scaled_position, "records": records}
+    return {"kind": "nbce", "interrupted": len(records) < progress.total, "model": server.model, "docs": ns, "trials": trials,
+            "doc_tokens": doc_tokens, "truncate": truncate, "scaled_position": scaled_position, "records": records}
 
 
 def nbce_table(result: dict) -> str:
