@@ -337,6 +337,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("--scaled-position", type=json.loads, default={"type": "dynamic", "factor": 2},
                              help="position setting for concat-scaled (JSON)")
             sub.add_argument("--seed", type=int, default=0)
+            sub.add_argument("--first-trial", type=int, default=0,
+                             help="skip trials before this one (0-based), e.g. to finish a cut run with the same documents")
         else:
             sub.add_argument("--text", type=Path, required=True, help="a long UTF-8 text file")
             sub.add_argument("--contexts", type=parse_lengths, default=parse_lengths("2k,4k,8k"))
@@ -356,7 +358,8 @@ def run_eval(args: argparse.Namespace) -> None:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-        result = run_nbce(server, args.docs, args.trials, methods, args.doc_tokens, args.truncate, args.scaled_position, args.seed)
+        result = run_nbce(server, args.docs, args.trials, methods, args.doc_tokens, args.truncate, args.scaled_position, args.seed,
+                          args.first_trial)
         table, plot = nbce_table(result), plot_nbce
     elif args.kind == "passkey":
         result = run_passkey(server, args.lengths, args.depths, args.trials, positions, args.seed)

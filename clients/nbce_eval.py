@@ -56,15 +56,17 @@ def ask(server: Server, method: str, docs: list[str], scaled_position: dict | No
 
 
 def run_nbce(server: Server, ns: list[int], trials: int, methods: list[str], doc_tokens: int, truncate: int,
-             scaled_position: dict | None, seed: int) -> dict:
+             scaled_position: dict | None, seed: int, first_trial: int = 0) -> dict:
     rng = random.Random(seed)
     filler_tokens = len(server.tokenize(PASSKEY_FILLER * 64)) / 64
     records = []
-    progress = tqdm(total=len(ns) * trials * len(methods), desc="nbce", unit="prompt")
+    progress = tqdm(total=len(ns) * max(trials - first_trial, 0) * len(methods), desc="nbce", unit="prompt")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the run; what finished is kept
         for n in ns:
             for trial in range(trials):
                 docs, key, holder = documents(n, doc_tokens, filler_tokens, rng)
+                if trial < first_trial:  # drawn all the same, so later trials match a full run's
+                    continue
                 for method in methods:
                     started = time.perf_counter()
                     try:
@@ -81,7 +83,7 @@ def run_nbce(server: Server, ns: list[int], trials: int, methods: list[str], doc
                     progress.update()
     progress.close()
     return {"kind": "nbce", "interrupted": len(records) < progress.total, "model": server.model, "docs": ns, "trials": trials,
-            "doc_tokens": doc_tokens, "truncate": truncate, "scaled_position": scaled_position, "records": records}
+            "first_trial": first_trial, "doc_tokens": doc_tokens, "truncate": truncate, "scaled_position": scaled_position, "records": records}
 
 
 def nbce_table(result: dict) -> str:

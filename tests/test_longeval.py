@@ -97,6 +97,13 @@ def test_nbce_eval_runs_every_method_on_the_same_documents(eval_server, tmp_path
             assert mine["nbce"]["prompt_tokens"] > mine["concat"]["prompt_tokens"]  # n + 1 rows, each with the question
     assert "nbce" in capsys.readouterr().out
 
+    # --first-trial finishes a cut run: the trials it runs get the full run's documents
+    main(["eval", "nbce", "--base-url", url, "--docs", "2,3", "--trials", "2", "--first-trial", "1", "--doc-tokens", "60",
+          "--truncate", "100", "--methods", "truncate", "--out", str(tmp_path), "--name", "rest"])
+    rest = json.loads((tmp_path / "rest.json").read_text())["records"]
+    assert [(r["n"], r["trial"]) for r in rest] == [(2, 1), (3, 1)]
+    assert [r["key"] for r in rest] == [r["key"] for r in records if r["trial"] == 1 and r["method"] == "truncate"]
+
 
 @pytest.mark.parametrize("kind, args, planned", [
     ("passkey", ["--lengths", "200,300", "--depths", "0.5", "--trials", "2"], 4),
