@@ -350,14 +350,17 @@ def run_eval(args: argparse.Namespace) -> None:
     positions = positions if positions is not None else [None]
     if not isinstance(positions, list):
         raise SystemExit("--positions takes a JSON list, e.g. '[{\"type\": \"rope\"}, {\"type\": \"ntk-mixed\", \"factor\": 2}]'")
-    server = Server.connect(args.base_url, args.model, args.api_key)
-    if args.kind == "nbce":
-        from clients.nbce_eval import nbce_table, plot_nbce, run_nbce
-
+    if args.kind == "nbce":  # checked before connecting, so a typo costs no round trip
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if not 0 <= args.first_trial < args.trials:
+            raise SystemExit(f"--first-trial {args.first_trial} is out of range; trials are numbered 0 to {args.trials - 1}")
+    server = Server.connect(args.base_url, args.model, args.api_key)
+    if args.kind == "nbce":
+        from clients.nbce_eval import nbce_table, plot_nbce, run_nbce
+
         result = run_nbce(server, args.docs, args.trials, methods, args.doc_tokens, args.truncate, args.scaled_position, args.seed,
                           args.first_trial)
         table, plot = nbce_table(result), plot_nbce

@@ -83,7 +83,8 @@ def run_nbce(server: Server, ns: list[int], trials: int, methods: list[str], doc
                     progress.update()
     progress.close()
     return {"kind": "nbce", "interrupted": len(records) < progress.total, "model": server.model, "docs": ns, "trials": trials,
-            "first_trial": first_trial, "doc_tokens": doc_tokens, "truncate": truncate, "scaled_position": scaled_position, "records": records}
+            "first_trial": first_trial, "doc_tokens": doc_tokens, "truncate": truncate, "scaled_position": scaled_position,
+            "records": records}
 
 
 def nbce_table(result: dict) -> str:

@@ -105,6 +105,15 @@ def test_nbce_eval_runs_every_method_on_the_same_documents(eval_server, tmp_path
     assert [r["key"] for r in rest] == [r["key"] for r in records if r["trial"] == 1 and r["method"] == "truncate"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "nbce,concatenate"], "unknown method 'concatenate'; choose from"),
+    (["--trials", "2", "--first-trial", "2"], "--first-trial 2 is out of range; trials are numbered 0 to 1"),
+])
+def test_nbce_eval_rejects_bad_flags_before_connecting(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["eval", "nbce", "--base-url", "http://127.0.0.1:9/v1", *flags])  # nothing listens on port 9
+
+
 @pytest.mark.parametrize("kind, args, planned", [
     ("passkey", ["--lengths", "200,300", "--depths", "0.5", "--trials", "2"], 4),
     ("nbce", ["--docs", "2,3", "--trials", "1", "--doc-tokens", "60", "--truncate", "100"], 8),
