@@ -15,6 +15,8 @@ it out to evaluate whatever the server is configured with.
 
 Each run prints a table and writes JSON and a PNG into --out. Ctrl-C stops it
 early and still writes what finished ("interrupted": true; exit status 130).
+`longserve eval table FILE...` prints one table from several such files
+(clients/eval_table.py), for a sweep run in pieces.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pathlib import Path
 
 import httpx
 from tqdm import tqdm
+
+from clients.eval_table import add_table_args, run_table, table_for
 
 METHODS = ("nbce", "concat", "concat-scaled", "truncate")  # clients/nbce_eval.py
 
@@ -344,8 +348,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("--contexts", type=parse_lengths, default=parse_lengths("2k,4k,8k"))
             sub.add_argument("--score-last", type=int, default=1024)
 
+    add_table_args(kinds.add_parser("table", help="one table from several result files (a sweep run in pieces)"))
+
 
 def run_eval(args: argparse.Namespace) -> None:
+    if args.kind == "table":
+        return run_table(args)
     positions = getattr(args, "positions", None)
     positions = positions if positions is not None else [None]
     if not isinstance(positions, list):
@@ -359,17 +367,15 @@ def run_eval(args: argparse.Namespace) -> None:
             raise SystemExit(f"--first-trial {args.first_trial} is out of range; trials are numbered 0 to {args.trials - 1}")
     server = Server.connect(args.base_url, args.model, args.api_key)
     if args.kind == "nbce":
-        from clients.nbce_eval import nbce_table, plot_nbce, run_nbce
+        from clients.nbce_eval import run_nbce
 
         result = run_nbce(server, args.docs, args.trials, methods, args.doc_tokens, args.truncate, args.scaled_position, args.seed,
                           args.first_trial)
-        table, plot = nbce_table(result), plot_nbce
     elif args.kind == "passkey":
         result = run_passkey(server, args.lengths, args.depths, args.trials, positions, args.seed)
-        table, plot = passkey_table(result), plot_passkey
     else:
         result = run_loss(server, args.text, args.contexts, args.score_last, positions)
-        table, plot = loss_table(result), plot_loss
+    table, plot = table_for(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     written = [args.out / f"{stem}.json"]

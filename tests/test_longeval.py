@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from clients.eval_table import merge_results
 from clients.longeval import PASSKEY_INTRO, PASSKEY_QUESTION, Server, parse_lengths, passkey_prompt, run_loss
 from server.cli import main
 from tests.conftest import make_engine, running_server, tiny_model
@@ -103,6 +104,33 @@ def test_nbce_eval_runs_every_method_on_the_same_documents(eval_server, tmp_path
     rest = json.loads((tmp_path / "rest.json").read_text())["records"]
     assert [(r["n"], r["trial"]) for r in rest] == [(2, 1), (3, 1)]
     assert [r["key"] for r in rest] == [r["key"] for r in records if r["trial"] == 1 and r["method"] == "truncate"]
+
+    # eval table: the pieces print as one table, the re-run trial in place of the first run's records
+    capsys.readouterr()
+    main(["eval", "table", str(tmp_path / "nb.json"), str(tmp_path / "rest.json"), "--plot", str(tmp_path / "both.png")])
+    merged = merge_results([result, json.loads((tmp_path / "rest.json").read_text())])
+    assert len(merged["records"]) == len(records)
+    assert [r for r in merged["records"] if r["method"] == "truncate" and r["trial"] == 1] == rest
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["2", "3"] and "concat-scaled" in table[0]
+    assert (tmp_path / "both.png").stat().st_size > 0
+
+
+def test_eval_table_refuses_files_it_cannot_merge(tmp_path):
+    def written(name, result):
+        (tmp_path / name).write_text(json.dumps(result))
+        return str(tmp_path / name)
+
+    passkey = written("p.json", {"kind": "passkey", "model": "m", "lengths": [200], "records": [], "interrupted": False})
+    nbce = written("n.json", {"kind": "nbce", "model": "m", "docs": [2], "records": [], "interrupted": False})
+    other = written("o.json", {"kind": "nbce", "model": "other", "docs": [2], "records": [], "interrupted": False})
+    stray = written("s.json", {"hello": 1})
+    for files, message in [([passkey, nbce], "the files hold nbce and passkey results; give files of one kind"),
+                           ([nbce, other], "different models .* give files of one model"),
+                           ([stray], "not a longserve eval result"),
+                           ([str(tmp_path / "missing.json")], "cannot read .*missing.json")]:
+        with pytest.raises(SystemExit, match=message):
+            main(["eval", "table", *files])
 
 
 @pytest.mark.parametrize("flags, message", [
