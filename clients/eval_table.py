@@ -39,7 +39,6 @@ def merge_results(results: list[dict]) -> dict:
     merged = dict(results[0])
     merged[axis] = sorted({value for result in results for value in result[axis]})
     merged["records"] = list(records.values())
-    merged["interrupted"] = any(result.get("interrupted", False) for result in results)  # older files lack it
     return merged
 
 
