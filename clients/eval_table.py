@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-AXES = {"passkey": "lengths", "loss": "contexts", "nbce": "docs"}  # the list each kind's table runs over
+AXES = {"passkey": ("lengths", "depths"), "loss": ("contexts",), "nbce": ("docs",)}  # the lists each kind's table runs over
 CELL_FIELDS = {
     "passkey": ("method", "length", "depth", "trial"),
     "loss": ("method", "context"),
@@ -31,13 +31,14 @@ def merge_results(results: list[dict]) -> dict:
     if len(models) != 1:
         raise SystemExit(f"the files come from different models ({', '.join(models)}); give files of one model")
     kind = kinds[0]
-    axis, fields = AXES[kind], CELL_FIELDS[kind]
+    fields = CELL_FIELDS[kind]
     records: dict[tuple, dict] = {}
     for result in results:
         for record in result["records"]:
             records[tuple(record[f] for f in fields)] = record  # a later file wins
     merged = dict(results[0])
-    merged[axis] = sorted({value for result in results for value in result[axis]})
+    for axis in AXES[kind]:
+        merged[axis] = sorted({value for result in results for value in result[axis]})
     merged["records"] = list(records.values())
     return merged
 

@@ -116,6 +116,15 @@ def test_nbce_eval_runs_every_method_on_the_same_documents(eval_server, tmp_path
     assert (tmp_path / "both.png").stat().st_size > 0
 
 
+def test_eval_table_merges_every_axis_of_a_passkey_grid():
+    def piece(length, depth):
+        record = {"method": "plain", "length": length, "depth": depth, "trial": 0, "found": True}
+        return {"kind": "passkey", "model": "m", "lengths": [length], "depths": [depth], "records": [record]}
+
+    merged = merge_results([piece(200, 0.5), piece(400, 0.1)])
+    assert merged["lengths"] == [200, 400] and merged["depths"] == [0.1, 0.5] and len(merged["records"]) == 2
+
+
 def test_eval_table_refuses_files_it_cannot_merge(tmp_path):
     def written(name, result):
         (tmp_path / name).write_text(json.dumps(result))
