@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class NbceParams(BaseModel):
     """The `nbce` object of a request."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     beta: float = Field(0.25, ge=0.0, le=10.0, description="how hard the chosen context is sharpened against the question alone")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus kept in each row before entropies are compared")

@@ -23,21 +23,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 PositionType = Literal["rope", "linear", "ntk", "ntk-old", "ntk-mixed", "yarn", "dynamic", "rerope", "leaky-rerope"]
 POSITION_TYPES: tuple[str, ...] = PositionType.__args__
 CLIPPED_TYPES = ("rerope", "leaky-rerope")  # patches/rerope.py: relative distances clipped at a window
+MAX_WINDOW = 2**24  # tokens: past any context served, and exact in float32 position arithmetic
 
 
 class PositionSpec(BaseModel):
     """How positions enter attention; the JSON of `--position` and of a request's `position`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every bound is explicit and no float may be NaN or infinite: a client's value goes straight into a table.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     type: PositionType = "rope"
     factor: float = Field(1.0, ge=1.0, le=1024.0, description="k = target length / trained length")
-    b: float = Field(0.625, gt=0.0, le=1.0, description="ntk-mixed exponent; 1 gives ntk")
+    b: float = Field(0.625, ge=0.01, le=1.0, description="ntk-mixed exponent; 1 gives ntk, towards 0 linear")
     logn: bool = False
-    beta_fast: float = Field(32.0, gt=0.0, description="yarn: rotations above which a pair is kept as trained")
-    beta_slow: float = Field(1.0, gt=0.0, description="yarn: rotations below which a pair is interpolated")
-    window: int | None = Field(None, ge=1, description="rerope: distances past it read as the window (default L/4)")
-    k: float = Field(16.0, ge=1.0, description="leaky-rerope: past the window, distance grows with slope 1/k")
+    beta_fast: float = Field(32.0, ge=0.001, le=10_000.0, description="yarn: rotations above which a pair is kept as trained")
+    beta_slow: float = Field(1.0, ge=0.001, le=10_000.0, description="yarn: rotations below which a pair is interpolated")
+    window: int | None = Field(None, ge=1, le=MAX_WINDOW, description="rerope: distances past it read as the window (default L/4)")
+    k: float = Field(16.0, ge=1.0, le=1e6, description="leaky-rerope: past the window, distance grows with slope 1/k")
 
     @model_validator(mode="after")
     def check(self):

@@ -21,6 +21,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
@@ -57,6 +58,8 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     param = ".".join(location) or None
     message = first.get("msg", "invalid request")
     message = message.removeprefix("Value error, ")
+    if first.get("type") == "invalid_unicode":  # valid_text.py: found before any field was read
+        return message, first["ctx"]["path"]
     if first.get("type") == "extra_forbidden":
         message = f"unknown field {param!r}: remove it or check its spelling"
     elif first.get("type") == "json_invalid":

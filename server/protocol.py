@@ -2,10 +2,14 @@
 
 Requests forbid unknown fields: a misspelt parameter gets a 400 that names
 it, instead of being silently ignored. Ranges follow OpenAI's documentation.
+Every number has a bound and no float may be NaN or infinite, so nothing a
+client sends can overflow a tensor; every string must be valid Unicode
+(valid_text.py). The bounds are the constants below.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -14,10 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from patches.nbce import NbceParams
 from patches.rope import PositionSpec
+from server.valid_text import check_text
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
+MAX_INT32 = 2**31 - 1  # max_tokens and top_k: far past any real value, and safe for any tensor
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_STOP_TOKEN_IDS = 1024
+MAX_INLINE_CHOICES = 100_000  # constraint.choices; larger sets belong in a registered trie
+MAX_CONTEXTS = 4096  # the upper bound of --max-contexts
+MIN_REPETITION_PENALTY = 0.01  # below it a seen logit divided by the penalty overflows float32
+TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() also takes '²'
 
 
 def random_id(prefix: str) -> str:
@@ -25,7 +37,16 @@ def random_id(prefix: str) -> str:
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RequestBody(StrictModel):
+    """A whole request body: checked for invalid Unicode once, before any field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data):
+        return check_text(data)
 
 
 class StreamOptions(StrictModel):
@@ -36,7 +57,7 @@ class Constraint(StrictModel):
     """Answers restricted to keys: of a registered trie, or of an inline list."""
 
     trie: str | None = None
-    choices: list[str] | None = Field(None, min_length=1)
+    choices: list[str] | None = Field(None, min_length=1, max_length=MAX_INLINE_CHOICES)
     lead: str = Field("", max_length=8, description="inline choices: text the model writes before a key")
 
     @model_validator(mode="after")
@@ -48,7 +69,7 @@ class Constraint(StrictModel):
         return self
 
 
-class SamplingFields(StrictModel):
+class SamplingFields(RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
@@ -61,18 +82,18 @@ class SamplingFields(StrictModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
     # vLLM extensions
-    top_k: int = Field(0, ge=-1)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    top_k: int = Field(0, ge=-1, le=MAX_INT32)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     # longserve extension: position scaling for this request only
     position: PositionSpec | None = None
     # longserve extension: NBCE, one answer decoded over many contexts
-    contexts: list[str] | None = None
+    contexts: list[str] | None = Field(None, max_length=MAX_CONTEXTS)
     nbce: NbceParams | None = None
     # longserve extension: the answer must be a key of a knowledge base
     constraint: Constraint | None = None
@@ -92,7 +113,7 @@ class SamplingFields(StrictModel):
     @classmethod
     def check_logit_bias(cls, value):
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not TOKEN_ID_KEY.fullmatch(key):
                 raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must lie in [-100, 100]; got {bias} for token {key}")
@@ -134,7 +155,7 @@ class SamplingFields(StrictModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT32)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
@@ -168,8 +189,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
@@ -191,7 +212,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-class TokenizeRequest(StrictModel):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -205,7 +226,7 @@ class TokenizeRequest(StrictModel):
         return self
 
 
-class DetokenizeRequest(StrictModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

@@ -20,20 +20,27 @@ from pydantic import Field
 from server.errors import APIError
 from server.engine.base import KeyConstraint
 from server.knowledge import EntryError, KnowledgeStore, build
-from server.protocol import Constraint, StrictModel
+from server.protocol import Constraint, RequestBody
 
 MAX_LEAD_CHARS = 8
 
 
-class TrieUpload(StrictModel):
+class TrieUpload(RequestBody):
     name: str
     entries: list = Field(description='[{"key": string, "value": any JSON}, ...]')
     lead: str = Field("", max_length=MAX_LEAD_CHARS, description="text the model writes before a key, e.g. ' '")
 
 
 def parse_json_lines(body: bytes) -> list:
+    try:
+        text = body.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        line = body[: exc.start].count(b"\n") + 1
+        column = exc.start - (body.rfind(b"\n", 0, exc.start) + 1)
+        raise EntryError(line, f"not UTF-8 text: byte {exc.start} (line {line}, byte {column} of the line) "
+                               f"is 0x{body[exc.start]:02x}; send the body as UTF-8") from None
     entries = []
-    for line_number, line in enumerate(body.decode("utf-8", errors="strict").splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -119,8 +126,6 @@ def trie_routes() -> APIRouter:
             raise APIError(400, f"lead has {len(lead)} characters; at most {MAX_LEAD_CHARS}", "lead")
         try:
             entries = parse_json_lines(await request.body())
-        except UnicodeDecodeError:
-            raise APIError(400, "the body is not UTF-8 text", "entries") from None
         except EntryError as exc:
             raise APIError(400, str(exc), "entries") from None
         return await register(request, name, entries, lead)
