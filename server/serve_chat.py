@@ -13,6 +13,7 @@ from server.serving import (
     check_length,
     check_model,
     collect,
+    raise_for_error,
     sampling_params,
     sse_response,
     submit,
@@ -71,7 +72,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
     request = GenerationRequest(random_id("chatcmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint,
                                 beam_search=body.use_beam_search)
     prompt_lengths = [len(p) for p in prompts]  # usage counts every NBCE row
-    stream = submit(engine, request)
+    stream = submit(raw, request)
     created = now()
     abort = lambda: engine.abort(request.request_id)  # noqa: E731
 
@@ -113,8 +114,7 @@ async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest,
     completion_tokens = [0] * request.num_choices
     context_ids: list[list[int]] = [[] for _ in range(request.num_choices)]  # NBCE: not yet sent
     async for delta in stream:
-        if delta.error:
-            raise APIError(500, f"generation failed: {delta.error}")
+        raise_for_error(delta)
         completion_tokens[delta.index] = delta.completion_tokens
         context_ids[delta.index] += delta.context_ids or []
         logprobs = chat_logprobs(delta.logprobs or [], engine.tokenizer) if body.logprobs else None

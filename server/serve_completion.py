@@ -15,6 +15,7 @@ from server.serving import (
     Choice,
     check_token_ids,
     collect,
+    raise_for_error,
     sampling_params,
     sse_response,
     submit,
@@ -84,7 +85,7 @@ async def create_completion(body: CompletionRequest, raw: Request):
     constraint, base = await key_constraint(raw, body.constraint, body.n if body.use_beam_search else None)
     request = GenerationRequest(random_id("cmpl"), prompts, params, body.n, position=body.position, nbce=nbce, constraint=constraint,
                                 beam_search=body.use_beam_search)
-    stream = submit(engine, request)
+    stream = submit(raw, request)
     created = now()
     model = engine.model_name
     prompt_lengths = [len(p) for p in prompts]
@@ -129,8 +130,7 @@ async def stream_chunks(body: CompletionRequest, request: GenerationRequest, str
     context_ids: list[list[int]] = [[] for _ in range(request.num_choices)]  # NBCE: not yet sent
     delta: SeqDelta
     async for delta in stream:
-        if delta.error:
-            raise APIError(500, f"generation failed: {delta.error}")
+        raise_for_error(delta)
         index = delta.index
         completion_tokens[index] = delta.completion_tokens
         context_ids[index] += delta.context_ids or []

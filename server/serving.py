@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -14,6 +15,7 @@ from server.engine.base import (
     EngineDead,
     EngineOverloaded,
     GenerationRequest,
+    NeverFits,
     SamplingParams,
     SeqDelta,
     TokenLogprob,
@@ -23,6 +25,7 @@ from server.errors import APIError, error_body
 from server.protocol import SamplingFields
 
 DISCONNECT_POLL_SECONDS = 0.25
+log = logging.getLogger("longserve.requests")
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -72,14 +75,21 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
     )
 
 
-def submit(engine, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
+def submit(raw: Request, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
+    """Hand `request` to the engine, logging ids and counts (the prompt text only with --log-prompts)."""
+    engine = raw.app.state.engine
+    log.info("%s: %d prompt(s), %d prompt tokens, n %d, max_tokens %d", request.request_id, len(request.prompts),
+             sum(len(p) for p in request.prompts), request.n, request.params.max_tokens)
+    if raw.app.state.settings.log_prompts:
+        for index, prompt in enumerate(request.prompts):
+            log.info("%s: prompt %d: %r", request.request_id, index, engine.tokenizer.decode(prompt))
     try:
         return engine.generate(request)
     except EngineOverloaded as exc:
         raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
     except EngineDead as exc:
         raise APIError(503, f"the engine is not running: {exc}") from None
-    except Unsupported as exc:
+    except (Unsupported, NeverFits) as exc:
         raise APIError(400, str(exc)) from None
 
 
@@ -97,11 +107,17 @@ class Choice:
     score: float | None = None  # beam search: the key's cumulative log-probability
 
 
+def raise_for_error(delta: SeqDelta) -> None:
+    """A delta that ends its choice with an error becomes the request's APIError."""
+    if delta.error:
+        message = delta.error if delta.error_status == 503 else f"generation failed: {delta.error}"
+        raise APIError(delta.error_status, message)
+
+
 async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Choice]:
     choices = [Choice(index=i) for i in range(num_choices)]
     async for delta in stream:
-        if delta.error:
-            raise APIError(500, f"generation failed: {delta.error}")
+        raise_for_error(delta)
         choice = choices[delta.index]
         choice.text += delta.text
         choice.token_ids += delta.token_ids

@@ -20,6 +20,19 @@ class EngineDead(Exception):
     """The engine loop has stopped; nothing can be served (HTTP 503)."""
 
 
+class NeverFits(ValueError):
+    """The request is larger than this server could ever hold, however idle (HTTP 400, not 429:
+    retrying cannot help); the message names the limit."""
+
+
+def check_fits(num_seqs: int, max_num_seqs: int, max_waiting: int) -> None:
+    """NeverFits when `num_seqs` sequences exceed the batch and the queue together."""
+    if num_seqs > max_num_seqs + max_waiting:
+        raise NeverFits(f"the request needs {num_seqs} sequences (prompts x n); this server holds at most "
+                        f"{max_num_seqs + max_waiting} (--max-num-seqs {max_num_seqs} + --max-waiting {max_waiting}); "
+                        "lower n or send fewer prompts")
+
+
 class Unsupported(ValueError):
     """The request asks for something this engine does not do (HTTP 400); the message says which engine does."""
 
@@ -96,6 +109,7 @@ class SeqDelta:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    error_status: int = 500  # the HTTP status the error maps to: 500 a failed step, 503 a server shutting down
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first delta, when asked for
     context_ids: list[int] | None = None  # NBCE: the context (0-based) each of token_ids came from
     entry: int | None = None  # constrained: the key's entry, once a whole key is out (last delta)
@@ -120,6 +134,8 @@ async def choice_deltas(queue, choices: int, on_early_exit: Callable[[], None]) 
 class Engine(Protocol):
     model_name: str
     max_model_len: int
+    max_num_seqs: int
+    trained_len: int
     tokenizer: Any
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
@@ -129,6 +145,12 @@ class Engine(Protocol):
     def abort(self, request_id: str) -> None: ...
 
     def is_alive(self) -> bool: ...
+
+    def step_age(self) -> float:
+        """Seconds since the engine last made progress while it had work; 0 when idle."""
+
+    def fail_all(self, message: str, status: int) -> None:
+        """End every request in flight with an error delta (the server is shutting down)."""
 
     def describe(self) -> dict[str, Any]: ...
 

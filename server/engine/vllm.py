@@ -32,7 +32,7 @@ from typing import AsyncIterator
 
 from patches.rope import PositionSpec
 from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, KeyConstraint, SamplingParams, SeqDelta,
-                                TokenLogprob, Unsupported, choice_deltas)
+                                TokenLogprob, Unsupported, check_fits, choice_deltas)
 
 log = logging.getLogger("longserve.vllm")
 
@@ -126,6 +126,8 @@ class VllmEngine:
         self._in_flight: dict[str, list[str]] = {}  # our request id -> vLLM request ids
         self._dead_reason: str | None = None
         self._choices_in_flight = 0
+        self._last_progress = time.monotonic()  # the last output of any request, or the start of the first in flight
+        self._ended: tuple[str, int] | None = None  # fail_all's message and status, for the streams it ends
         self._trie_dir = tempfile.TemporaryDirectory(prefix="longserve-tries-")
         self._trie_files: dict[int, str] = {}  # id(trie) -> its file, while the trie lives
 
@@ -144,6 +146,7 @@ class VllmEngine:
         if not self.is_alive():
             raise EngineDead(self._dead_reason or "the vLLM engine has stopped")
         self._refuse_unsupported(request)
+        check_fits(request.num_choices, self.max_num_seqs, self.config.max_waiting)
         running = sum(len(ids) for ids in self._in_flight.values())
         if running + request.num_choices > self.max_num_seqs + self.config.max_waiting:
             raise EngineOverloaded(f"the server is full: {running} sequences in vLLM (--max-num-seqs {self.max_num_seqs}, "
@@ -151,6 +154,15 @@ class VllmEngine:
         choices = [(p * request.n + i, prompt) for p, prompt in enumerate(request.prompts) for i in range(request.n)]
         self._in_flight[request.request_id] = [f"{request.request_id}-{index}" for index, _ in choices]
         return self._stream(request, choices)
+
+    def step_age(self) -> float:
+        return time.monotonic() - self._last_progress if self._choices_in_flight else 0.0
+
+    def fail_all(self, message: str, status: int = 503) -> None:
+        """vLLM ends each aborted request's stream; `_choice` then reports it as this error."""
+        self._ended = (message, status)
+        for request_id in list(self._in_flight):
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         ids = self._in_flight.pop(request_id, [])
@@ -242,10 +254,15 @@ class VllmEngine:
         started, previous = time.perf_counter(), None
         completion_tokens, generated = 0, []
         first, finish = True, None
+        if not self._choices_in_flight:
+            self._last_progress = started
         self._choices_in_flight += 1
         self._report_queue()
         try:
             async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint), request_id):
+                self._last_progress = time.monotonic()
+                if self._ended is not None:
+                    break
                 piece = output.outputs[0]
                 completion_tokens += len(piece.token_ids)
                 if request.constraint is not None:  # to find the key's entry at the end
@@ -273,6 +290,11 @@ class VllmEngine:
                 yield delta
                 if finish is not None:
                     return
+            if self._ended is not None:  # fail_all: the server is shutting down
+                finish = "error"
+                yield SeqDelta(index=index, text="", token_ids=[], logprobs=None, finish_reason="error",
+                               prompt_tokens=len(prompt), completion_tokens=completion_tokens, error=self._ended[0],
+                               error_status=self._ended[1])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # vLLM failed this request: say so in the stream

@@ -6,6 +6,12 @@ reads its deltas from an asyncio queue the thread feeds through
 `call_soon_threadsafe`. Aborts are recorded by the asyncio side and applied
 by the thread at the start of its next step, so a sequence leaves the batch
 and frees its slot there.
+
+A failure in one request's part of a step fails that request alone
+(isolation.py says how the culprit is found); the loop goes on for the
+others. Only a fault that leaves the engine unusable (out of memory, a CUDA
+error) stops the loop: every request then ends with an error, and `on_dead`
+tells the server, which exits non-zero so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -23,6 +29,7 @@ from patches.rope import PositionSpec
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
 from server.engine.native.constraint import KeyState, mask_to_keys
+from server.engine.native.isolation import by_request, is_fatal
 from server.engine.native.kv_cache import SlotCache
 from server.engine.native.model_runner import ModelRunner
 from server.engine.native.nbce_group import NbceGroup
@@ -30,6 +37,7 @@ from server.engine.native.positions import Positions
 from server.engine.native.sampler import prompt_logprobs, sample
 from server.engine.native.scheduler import Batch, Scheduler
 from server.engine.native.sequence import Sequence
+from server.request_ids import REQUEST_ID, log_context
 
 log = logging.getLogger("longserve.engine")
 
@@ -130,6 +138,8 @@ class NativeEngine:
         self._requests: dict[str, list[Sequence]] = {}
         self._stopped = False
         self._dead_reason: str | None = None
+        self._heartbeat = time.monotonic()  # the loop's last sign of progress: a finished step, or an idle look
+        self.on_dead: Callable[[str], None] | None = None  # the server's hook: exit so a supervisor restarts us
         self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
         self._thread.start()
 
@@ -147,6 +157,13 @@ class NativeEngine:
 
     def is_alive(self) -> bool:
         return self._dead_reason is None and self._thread.is_alive()
+
+    def step_age(self) -> float:
+        return time.monotonic() - self._heartbeat
+
+    def fail_all(self, message: str, status: int = 503) -> None:
+        with self._lock:
+            self._fail_requests(list(self._requests), message, status)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
         if not self.is_alive():
@@ -191,6 +208,7 @@ class NativeEngine:
             generator=generator,
             key_state=KeyState(request.constraint) if request.constraint is not None else None,
             positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
+            log_id=REQUEST_ID.get(),
         )
 
     def abort(self, request_id: str) -> None:
@@ -215,19 +233,42 @@ class NativeEngine:
                     batch = self.scheduler.schedule()
                     self._report_queue()
                 if batch.empty:
+                    self._heartbeat = time.monotonic()
                     self._wakeup.wait(timeout=1.0)
                     continue
                 self._step(batch)
+                self._heartbeat = time.monotonic()
         except BaseException as exc:  # the engine is dead: fail every request, say why
             log.exception("engine loop died")
             self._dead_reason = f"{type(exc).__name__}: {exc}"
             with self._lock:
-                for seqs in self._requests.values():
-                    for seq in seqs:
-                        if seq.finish_reason is None:
-                            seq.finish("error")
-                            self._emit(seq, error=self._dead_reason)
-                self._requests.clear()
+                self._fail_requests(list(self._requests), f"the engine stopped: {self._dead_reason}", 503)
+            if self.on_dead is not None:
+                self.on_dead(self._dead_reason)
+
+    def _fail_requests(self, request_ids: list[str], message: str, status: int) -> None:
+        """End these requests with an error delta and free their slots (the lock is held)."""
+        for request_id in request_ids:
+            for seq in self._requests.pop(request_id, []):
+                if seq.finish_reason is None or seq.slot is not None:  # not ended yet, or ended but not yet out
+                    seq.finish_reason = "error"
+                    seq.finish("error")
+                    self.scheduler.remove(seq)
+                    self._observe_finished(seq)
+                    self._emit(seq, error=message, status=status)
+
+    def _isolated(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
+        """Run `work` for the requests of `seqs`; if it raises, those requests fail and the loop goes on."""
+        try:
+            work()
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            request_ids = list(dict.fromkeys(seq.request_id for seq in seqs))
+            with log_context(seqs[0].log_id):
+                log.exception("request %s failed in its step; the engine goes on", ", ".join(request_ids))
+            with self._lock:
+                self._fail_requests(request_ids, f"{type(exc).__name__}: {exc}", 500)
 
     def _apply_aborts(self) -> None:
         for request_id in self._aborts:
@@ -240,21 +281,37 @@ class NativeEngine:
 
     def _step(self, batch: Batch) -> None:
         if batch.prefill is not None:
-            self._prefill(batch.prefill, batch.prefill_end)
-        if batch.decode:
+            seq = batch.prefill
+            self._isolated([seq], lambda: self._prefill(seq, batch.prefill_end))
+        if not batch.decode:
+            return
+        try:
             logits = self.runner.decode(batch.decode)
-            for seq in batch.decode:
-                seq.num_cached += 1
-            row_of = {seq: row for row, seq in enumerate(batch.decode)}
-            singles = [seq for seq in batch.decode if seq.group is None]
-            if singles:
-                self._accept(singles, logits[[row_of[seq] for seq in singles]])
-            for group in dict.fromkeys(seq.group for seq in batch.decode if seq.group is not None):
-                rows_logits = logits[[row_of[row] for row in group.rows]]
-                if isinstance(group, BeamGroup):
-                    self._advance_beam(group, rows_logits)
-                else:
-                    self._accept_group(group, group.merge(rows_logits))
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            # Which request broke the batch? Each one's rows alone: the culprit fails, the rest take their token.
+            # Nothing moved yet: rerunning writes the same cache positions again.
+            log.warning("a decode step of %d rows failed (%s); running each request alone", len(batch.decode), exc)
+            for seqs in by_request(batch.decode):
+                self._isolated(seqs, lambda seqs=seqs: self._decoded(seqs, self.runner.decode(seqs)))
+            return
+        self._decoded(batch.decode, logits)
+
+    def _decoded(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Take one decoded token into each of `seqs`, whose rows of `logits` are in the same order."""
+        for seq in seqs:
+            seq.num_cached += 1
+        row_of = {seq: row for row, seq in enumerate(seqs)}
+        singles = [seq for seq in seqs if seq.group is None]
+        if singles:
+            self._accept(singles, logits[[row_of[seq] for seq in singles]])
+        for group in dict.fromkeys(seq.group for seq in seqs if seq.group is not None):
+            rows_logits = logits[[row_of[row] for row in group.rows]]
+            if isinstance(group, BeamGroup):
+                self._isolated(group.rows, lambda: self._advance_beam(group, rows_logits))
+            else:
+                self._isolated(group.rows, lambda: self._accept_group(group, group.merge(rows_logits)))
 
     def _prefill(self, seq: Sequence, end: int) -> None:
         start, k = seq.num_cached, seq.params.prompt_logprobs
@@ -295,22 +352,43 @@ class NativeEngine:
         self._accept([seq], logits.unsqueeze(0))
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample a token for each of `seqs` (rows of `logits`) and take it. Sampling is pure, so when the
+        batch's sampling fails, each row samples alone and only the rows that still fail lose their request."""
+        try:
+            tokens, records = self._sample(seqs, logits)
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            for row, seq in enumerate(seqs):
+                self._isolated([seq], lambda row=row, seq=seq: self._sample_and_take(seq, logits[row : row + 1]))
+            return
+        for seq, token, record in zip(seqs, tokens, records):
+            self._isolated([seq], lambda seq=seq, token=token, record=record: self._take(seq, token, record))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         if any(seq.key_state is not None for seq in seqs):
             logits = mask_to_keys(logits, [seq.key_state for seq in seqs])
-        tokens, records = sample(logits, seqs, self.generator)
-        for seq, token, record in zip(seqs, tokens, records):
-            previous = seq.last_token_time
-            seq.append(token, record)
-            if seq.key_state is not None and seq.key_state.advance(token):
-                seq.finish_reason = "stop"  # a whole key: the answer, even on the last allowed token
-            self._observe_token(seq, previous)
-            if seq.finish_reason is not None:
-                with self._lock:
-                    seq.finish(seq.finish_reason)
-                    self.scheduler.remove(seq)
-                    self._forget(seq)
-                self._observe_finished(seq)
-            self._emit(seq)
+        return sample(logits, seqs, self.generator)
+
+    def _sample_and_take(self, seq: Sequence, logits: torch.Tensor) -> None:
+        tokens, records = self._sample([seq], logits)
+        self._take(seq, tokens[0], records[0])
+
+    def _take(self, seq: Sequence, token: int, record) -> None:
+        if seq.finish_reason is not None:  # its request failed earlier in this step
+            return
+        previous = seq.last_token_time
+        seq.append(token, record)
+        if seq.key_state is not None and seq.key_state.advance(token):
+            seq.finish_reason = "stop"  # a whole key: the answer, even on the last allowed token
+        self._observe_token(seq, previous)
+        if seq.finish_reason is not None:
+            with self._lock:
+                seq.finish(seq.finish_reason)
+                self.scheduler.remove(seq)
+                self._forget(seq)
+            self._observe_finished(seq)
+        self._emit(seq)
 
     def _accept_group(self, group: NbceGroup, merged: torch.Tensor) -> None:
         """Sample the group's token from its merged distribution; every row takes it."""
@@ -348,8 +426,8 @@ class NativeEngine:
         if all(s.finish_reason is not None for s in seqs):
             self._requests.pop(seq.request_id, None)
 
-    def _emit(self, seq: Sequence, error: str | None = None) -> None:
-        delta = seq.take_delta(error=error)
+    def _emit(self, seq: Sequence, error: str | None = None, status: int = 500) -> None:
+        delta = seq.take_delta(error=error, error_status=status)
         if delta is None:
             return
         try:

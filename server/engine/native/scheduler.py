@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.engine.base import EngineOverloaded
+from server.engine.base import EngineOverloaded, NeverFits, check_fits
 from server.engine.native.kv_cache import SlotCache
 from server.engine.native.sequence import Sequence, Status
 
@@ -54,7 +54,8 @@ class Scheduler:
         """
         group = seqs[0].group if seqs else None
         if group is not None and len(group.rows) > self.max_num_seqs:
-            raise ValueError(f"{len(group.rows)} rows decoded together do not fit --max-num-seqs {self.max_num_seqs}")
+            raise NeverFits(f"{len(group.rows)} rows decoded together do not fit --max-num-seqs {self.max_num_seqs}")
+        check_fits(len(seqs), self.max_num_seqs, self.max_waiting)
         room = self.max_num_seqs + self.max_waiting - self.num_running - len(self.waiting)
         if len(seqs) > room:
             raise EngineOverloaded(

@@ -53,6 +53,7 @@ class Sequence:
     key_state: Any = None  # a constraint.KeyState when the output must be a key of a trie
     score: float | None = None  # beam search: the cumulative log-probability of the output
     context_ids: list[int] = field(default_factory=list)  # NBCE, row 0: the context each output token came from
+    log_id: str = "-"  # the HTTP request's id (X-Request-Id), for the engine thread's log lines
     _sent_text: int = 0
     _sent_tokens: int = 0
     _pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -108,7 +109,7 @@ class Sequence:
         self.finish_reason = self.finish_reason or reason
         self.status = Status.FINISHED
 
-    def take_delta(self, error: str | None = None) -> SeqDelta | None:
+    def take_delta(self, error: str | None = None, error_status: int = 500) -> SeqDelta | None:
         """The text and tokens not yet sent; None when there is nothing new."""
         done = self.finish_reason is not None
         safe_end = len(self.text) if done else max(self._sent_text, len(self.text) - self.max_stop_len + 1)
@@ -134,6 +135,7 @@ class Sequence:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
             error=error,
+            error_status=error_status,
             prompt_logprobs=self.prompt_logprobs if first and self.params.prompt_logprobs is not None else None,
             context_ids=context_ids,
             entry=self.key_state.entry if self.key_state is not None and done else None,
