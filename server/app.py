@@ -1,4 +1,4 @@
-"""The FastAPI app: routes, auth, body limit, errors, metrics.
+"""The FastAPI app: routes, auth, body limit, drain gate, request ids, errors, metrics.
 
 create_app(engine, settings) is all a caller needs; the CLI runs it under
 uvicorn and the tests run it on a loopback port.
@@ -6,6 +6,7 @@ uvicorn and the tests run it on a loopback port.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from contextlib import asynccontextmanager
@@ -15,10 +16,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from server import __version__
+from server.drain import Drain, DrainGate
 from server.errors import APIError, error_response, install_error_handlers
 from server.knowledge import KnowledgeStore, Limits
 from server.metrics import Metrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.request_ids import RequestIds
 from server.serve_chat import chat_prompt_ids, create_chat_completion
 from server.serve_completion import create_completion
 from server.serve_tries import trie_routes
@@ -27,16 +30,18 @@ from server.settings import ServerSettings
 
 
 class BodyLimit:
-    """Answer 413 to a body over `limit` bytes, whether or not it announces its length.
+    """Answer 413 to a body over `limit` bytes, whether or not it announces its length, and 408 to a
+    body that stops arriving for `timeout` seconds.
 
     A pure ASGI middleware: it reads the body up front (bounded by the limit)
     and replays it, then hands later receive() calls (disconnects) through.
     """
 
-    def __init__(self, app, limit: int, upload_limit: int):
+    def __init__(self, app, limit: int, upload_limit: int, timeout: float):
         self.app = app
         self.limit = limit
         self.upload_limit = upload_limit  # PUT /v1/tries/{name}: a knowledge base as JSON lines
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -50,7 +55,12 @@ class BodyLimit:
             return await too_big(scope, receive, send)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                slow = error_response(408, f"the request body stopped arriving: nothing for {self.timeout:g} s "
+                                           "(--body-timeout)", headers={"Connection": "close"})
+                return await slow(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -97,10 +107,17 @@ def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None,
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.started = int(time.time())
+    app.state.drain = Drain()
     limits = Limits(settings.max_trie_keys, settings.max_key_chars, settings.max_trie_bytes)
     app.state.knowledge = KnowledgeStore(settings.data_dir / "tries", limits)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
+    # the last added runs first: ids for everything, then the drain gate, then the body limit
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes,
+                       timeout=settings.body_timeout)
+    app.add_middleware(DrainGate, drain=app.state.drain)
+    app.add_middleware(RequestIds)
+    if metrics is not None:
+        metrics.watch_step_age(engine.step_age)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -128,9 +145,15 @@ def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None,
 
     @app.get("/health")
     async def health():
-        if engine.is_alive():
-            return Response(status_code=200)
-        return error_response(503, "the engine has stopped; restart the server")
+        if not engine.is_alive():
+            return error_response(503, "the engine has stopped; restart the server")
+        if app.state.drain.draining:
+            return error_response(503, "the server is shutting down (draining)")
+        age = engine.step_age()
+        if age > settings.health_stall_seconds:
+            return error_response(503, f"the engine has made no progress for {age:.0f} s with work queued "
+                                       f"(--health-stall-seconds {settings.health_stall_seconds:g}); restart the server")
+        return Response(status_code=200)
 
     @app.get("/metrics")
     async def prometheus_metrics():

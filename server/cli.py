@@ -56,6 +56,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--max-trie-bytes", type=int, help="memory of all knowledge bases together (default 4 GiB)")
     add("--max-upload-bytes", type=int, help="largest JSON-lines upload to PUT /v1/tries/NAME (default 1 GiB)")
     add("--log-level", choices=["debug", "info", "warning", "error"])
+    add("--log-prompts", action="store_true", default=None, help="write prompt text to the log (off: only ids and counts)")
+    add("--shutdown-timeout", type=float,
+        help="on SIGTERM, seconds in-flight requests get to finish before they are ended (default 30)")
+    add("--health-stall-seconds", type=float,
+        help="/health answers 503 when the engine has made no progress this long with work queued (default 120)")
+    add("--max-header-bytes", type=int, help="largest request line + headers (default 64 KiB)")
+    add("--header-timeout", type=float, help="seconds a client has to send a request's headers (default 10)")
+    add("--body-timeout", type=float, help="longest silence while a request body is read, in seconds (default 30)")
+    add("--keep-alive-timeout", type=int, help="seconds an idle keep-alive connection stays open (default 5)")
 
 
 def json_object(text: str) -> dict:
@@ -121,16 +130,19 @@ def build_engine(settings, path: str, metrics):
 
 def run_serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.request_ids import install_log_ids
+
+    install_log_ids()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     from server.models import resolve
 
     try:
         path = resolve(settings.model)
     except ModelError as exc:
         fail(str(exc))
-    import uvicorn
-
     from server.app import create_app
+    from server.http_server import serve
     from server.metrics import Metrics
 
     metrics = Metrics(settings.model_name)
@@ -146,7 +158,7 @@ def run_serve(args: argparse.Namespace) -> None:
         )
     app = create_app(engine, settings, metrics, on_shutdown=engine.shutdown)  # vLLM's engine processes go with us
     print(f"longserve: serving {settings.model_name!r} on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    sys.exit(serve(app, settings, engine))
 
 
 def run_fetch_model(args: argparse.Namespace) -> None:

@@ -8,13 +8,18 @@ two UTF-8 blobs with offsets, not as Python objects, so a million entries
 stay within a few hundred bytes each.
 
 On disk a base is one .npz file under --data-dir, written to a temporary
-file and renamed over the old one: an interrupted or failed upload leaves
-the previous version whole. Every base in the directory loads at start-up.
+`*.partial` file, fsync'd, and renamed over the old one: an interrupted or
+failed upload leaves the previous version whole. The file carries a SHA-256
+of its arrays. At start-up every base in the directory loads; a file that
+does not read back whole or whose checksum differs is refused with a log line
+and never served, and `*.partial` files that a killed save left are removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -26,6 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from patches.trie import RepeatedKey, TokenTrie
+from server.valid_text import INVALID_TEXT, first_invalid_text
+
+log = logging.getLogger("longserve.knowledge")
+ARRAYS = ("offsets", "labels", "end_nodes", "end_entries", "key_blob", "key_offsets", "value_blob", "value_offsets", "meta")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -94,6 +103,9 @@ def check_entries(entries, limits: Limits) -> tuple[list[str], list[bytes]]:
     for line, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or "key" not in entry:
             raise EntryError(line, 'missing "key": each entry is {"key": string, "value": any JSON}')
+        invalid = first_invalid_text(entry)
+        if invalid is not None:
+            raise EntryError(line, INVALID_TEXT.format(path=invalid[0], at=invalid[1]))
         key = entry["key"]
         if not isinstance(key, str):
             raise EntryError(line, f'"key" must be a string, got {type(key).__name__}')
@@ -138,8 +150,15 @@ class KnowledgeStore:
         self._lock = threading.Lock()
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
+            for path in sorted(directory.glob("*.partial")):  # a save killed before its rename
+                path.unlink(missing_ok=True)
+                log.warning("removed %s, left by a save that did not finish; the previous version of that base is kept", path)
             for path in sorted(directory.glob("*.npz")):
-                self.bases[path.stem] = self._load(path)
+                try:
+                    self.bases[path.stem] = self._load(path)
+                except Exception as exc:  # noqa: BLE001 - any unreadable file is refused the same way
+                    log.error("not serving the trie %r: %s cannot be read whole (%s: %s); upload it again",
+                              path.stem, path, type(exc).__name__, exc)
 
     @staticmethod
     def check_name(name: str) -> None:
@@ -168,18 +187,25 @@ class KnowledgeStore:
             return True
 
     def _save(self, base: KnowledgeBase) -> None:
+        meta = {"lead": base.lead, "tokens": base.num_tokens, "build_seconds": base.build_seconds}
+        arrays = dict(
+            offsets=base.trie.offsets, labels=base.trie.labels, end_nodes=base.trie.end_nodes, end_entries=base.trie.end_entries,
+            key_blob=base.key_blob, key_offsets=base.key_offsets, value_blob=base.value_blob, value_offsets=base.value_offsets,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        )
+        checksum = np.frombuffer(checksum_of(arrays).encode(), dtype=np.uint8)
         handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".partial")
         try:
             with os.fdopen(handle, "wb") as file:
-                np.savez(
-                    file, offsets=base.trie.offsets, labels=base.trie.labels, end_nodes=base.trie.end_nodes,
-                    end_entries=base.trie.end_entries,
-                    key_blob=base.key_blob, key_offsets=base.key_offsets, value_blob=base.value_blob,
-                    value_offsets=base.value_offsets,
-                    meta=np.frombuffer(json.dumps({"lead": base.lead, "tokens": base.num_tokens,
-                                                   "build_seconds": base.build_seconds}).encode(), dtype=np.uint8),
-                )
+                np.savez(file, **arrays, sha256=checksum)
+                file.flush()
+                os.fsync(file.fileno())  # the bytes are on disk before the name points at them
             os.replace(temporary, self.directory / f"{base.name}.npz")
+            directory = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # and so is the rename
+            finally:
+                os.close(directory)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -187,7 +213,21 @@ class KnowledgeStore:
     @staticmethod
     def _load(path: Path) -> KnowledgeBase:
         with np.load(path) as data:
-            meta = json.loads(data["meta"].tobytes())
-            trie = TokenTrie(data["offsets"], data["labels"], data["end_nodes"], data["end_entries"])
-            return KnowledgeBase(path.stem, meta["lead"], trie, data["key_blob"], data["key_offsets"], data["value_blob"],
-                                 data["value_offsets"], meta["tokens"], meta["build_seconds"])
+            arrays = {name: data[name] for name in ARRAYS}
+            stored = data["sha256"].tobytes().decode() if "sha256" in data.files else None
+        if stored is not None and stored != checksum_of(arrays):
+            raise ValueError("its SHA-256 does not match the one saved with it")
+        meta = json.loads(arrays["meta"].tobytes())
+        trie = TokenTrie(arrays["offsets"], arrays["labels"], arrays["end_nodes"], arrays["end_entries"])
+        return KnowledgeBase(path.stem, meta["lead"], trie, arrays["key_blob"], arrays["key_offsets"], arrays["value_blob"],
+                             arrays["value_offsets"], meta["tokens"], meta["build_seconds"])
+
+
+def checksum_of(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays of a saved base, in a fixed order, with their dtypes and shapes."""
+    digest = hashlib.sha256()
+    for name in ARRAYS:
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.data)
+    return digest.hexdigest()

@@ -26,8 +26,15 @@ class Metrics:
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels, registry=r)
         self.finished = Counter("vllm:request_success", "Finished sequences by reason.", labels + ["finished_reason"], registry=r)
+        self.step_age = Gauge("longserve:engine_step_age_seconds",
+                              "Seconds since the engine last made progress (a finished step, or an idle look for work).",
+                              labels, registry=r)
         for metric in (self.running, self.waiting, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):
             metric.labels(model_name)  # present from the start, at zero
+
+    def watch_step_age(self, step_age) -> None:
+        """Export the engine's step age (seconds since it last made progress), read at each scrape."""
+        self.step_age.labels(self.model_name).set_function(step_age)
 
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)

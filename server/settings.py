@@ -41,6 +41,14 @@ class ServerSettings(BaseSettings):
     max_trie_bytes: int = Field(4 * 2**30, ge=2**20)
     max_upload_bytes: int = Field(2**30, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = False  # prompt text in the log; off by default: prompts are the users' data
+    # reliability (server/drain.py, server/http_server.py)
+    shutdown_timeout: float = Field(30.0, ge=0.0, le=3600.0)
+    health_stall_seconds: float = Field(120.0, gt=0.0, le=86400.0)
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 2**20)
+    header_timeout: float = Field(10.0, gt=0.0, le=3600.0)
+    body_timeout: float = Field(30.0, gt=0.0, le=3600.0)
+    keep_alive_timeout: int = Field(5, ge=1, le=3600)
 
     @property
     def model_name(self) -> str:

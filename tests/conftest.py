@@ -107,13 +107,7 @@ def serving(app, port: int | None = None):
 
     port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
+    thread = start_in_thread(server)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -121,15 +115,33 @@ def serving(app, port: int | None = None):
         thread.join(timeout=10)
 
 
+def start_in_thread(server, thread_name: str = "test-server") -> threading.Thread:
+    thread = threading.Thread(target=server.run, daemon=True, name=thread_name)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    return thread
+
+
 @contextmanager
 def running_server(engine, **settings):
-    """create_app(engine) on a loopback port; yields the base URL and shuts the engine down after."""
+    """create_app(engine) on a loopback port, under the server `longserve serve` runs (its HTTP limits
+    included); yields the base URL and shuts the engine down after."""
+    from server.http_server import build_server
+
     settings.setdefault("data_dir", tempfile.mkdtemp(prefix="longserve-test-"))  # never the user's own bases
+    settings.setdefault("log_level", "warning")
     settings = ServerSettings(model=engine.model_name, port=free_port(), **settings)
+    server = build_server(create_app(engine, settings, engine.metrics), settings, engine)
+    thread = start_in_thread(server)
     try:
-        with serving(create_app(engine, settings, engine.metrics), settings.port) as url:
-            yield url
+        yield f"http://127.0.0.1:{settings.port}"
     finally:
+        server.should_exit = True
+        thread.join(timeout=10)
         engine.shutdown()
 
 
