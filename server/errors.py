@@ -84,6 +84,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
+        elif message == "There was an error parsing the body":  # FastAPI's words for bytes json cannot decode
+            message = "the request body is not valid JSON in UTF-8 (or it nests too deeply); send UTF-8 JSON"
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
