@@ -7,11 +7,9 @@ reads its deltas from an asyncio queue the thread feeds through
 by the thread at the start of its next step, so a sequence leaves the batch
 and frees its slot there.
 
-A failure in one request's part of a step fails that request alone
-(isolation.py says how the culprit is found); the loop goes on for the
-others. Only a fault that leaves the engine unusable (out of memory, a CUDA
-error) stops the loop: every request then ends with an error, and `on_dead`
-tells the server, which exits non-zero so that a supervisor restarts it.
+A failure in one request's part of a step fails that request alone and the
+loop goes on (isolation.py); only a fault that leaves the engine unusable
+(out of memory, CUDA) stops it, and `on_dead` tells the server to exit 1.
 """
 
 from __future__ import annotations
@@ -20,18 +18,18 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import torch
 
-from patches.rope import PositionSpec
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
 from server.engine.native.constraint import KeyState, mask_to_keys
 from server.engine.native.isolation import by_request, is_fatal
 from server.engine.native.kv_cache import SlotCache
+from server.engine.native.loading import NativeConfig, eos_ids, load_model, pick_device, pick_dtype
 from server.engine.native.model_runner import ModelRunner
+from server.engine.native.observe import SequenceMetrics
 from server.engine.native.nbce_group import NbceGroup
 from server.engine.native.positions import Positions
 from server.engine.native.sampler import prompt_logprobs, sample
@@ -44,51 +42,6 @@ log = logging.getLogger("longserve.engine")
 
 def ignore(delta: SeqDelta) -> None:
     """Where the silent rows of an NBCE request send their deltas."""
-
-
-@dataclass
-class NativeConfig:
-    model_path: str
-    model_name: str
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16
-    max_num_seqs: int = 16
-    max_model_len: int | None = None  # None: the model's own trained length
-    max_waiting: int = 256
-    prefill_chunk: int = 1024
-    position: PositionSpec = field(default_factory=PositionSpec)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def load_model(path: str, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, tokenizer
-
-
-def eos_ids(model, tokenizer) -> frozenset[int]:
-    ids = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    return frozenset(ids)
 
 
 class NativeEngine:
@@ -115,6 +68,7 @@ class NativeEngine:
                 f"implement; set --max-model-len {sliding} or less"
             )
         self.metrics = metrics
+        self.observe = SequenceMetrics(metrics)
 
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         self.cache = SlotCache(
@@ -135,6 +89,7 @@ class NativeEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._aborts: set[str] = set()
+        self._fail_all_pending: tuple[str, int] | None = None  # fail_all's message and status, for the thread
         self._requests: dict[str, list[Sequence]] = {}
         self._stopped = False
         self._dead_reason: str | None = None
@@ -162,8 +117,13 @@ class NativeEngine:
         return time.monotonic() - self._heartbeat
 
     def fail_all(self, message: str, status: int = 503) -> None:
+        """Applied by the engine thread at its next step, as aborts are (a sequence may be mid-step now)."""
         with self._lock:
-            self._fail_requests(list(self._requests), message, status)
+            if self._thread.is_alive():
+                self._fail_all_pending = (message, status)
+            else:
+                self._fail_requests(list(self._requests), message, status)
+        self._wakeup.set()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
         if not self.is_alive():
@@ -231,7 +191,7 @@ class NativeEngine:
                 with self._lock:
                     self._apply_aborts()
                     batch = self.scheduler.schedule()
-                    self._report_queue()
+                    self.observe.queue(self.scheduler)
                 if batch.empty:
                     self._heartbeat = time.monotonic()
                     self._wakeup.wait(timeout=1.0)
@@ -254,7 +214,7 @@ class NativeEngine:
                     seq.finish_reason = "error"
                     seq.finish("error")
                     self.scheduler.remove(seq)
-                    self._observe_finished(seq)
+                    self.observe.finished(seq)
                     self._emit(seq, error=message, status=status)
 
     def _isolated(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
@@ -271,12 +231,15 @@ class NativeEngine:
                 self._fail_requests(request_ids, f"{type(exc).__name__}: {exc}", 500)
 
     def _apply_aborts(self) -> None:
+        if self._fail_all_pending is not None:
+            self._fail_requests(list(self._requests), *self._fail_all_pending)
+            self._fail_all_pending = None
         for request_id in self._aborts:
             for seq in self._requests.pop(request_id, []):
                 if seq.finish_reason is None:
                     seq.finish("abort")
                     self.scheduler.remove(seq)
-                    self._observe_finished(seq)
+                    self.observe.finished(seq)
         self._aborts.clear()
 
     def _step(self, batch: Batch) -> None:
@@ -327,7 +290,7 @@ class NativeEngine:
                 seq.finish("length")
                 self.scheduler.remove(seq)
                 self._forget(seq)
-            self._observe_finished(seq)
+            self.observe.finished(seq)
             self._emit(seq)
             return
         if isinstance(seq.group, BeamGroup):  # the leader's prompt is every beam's prompt
@@ -381,13 +344,13 @@ class NativeEngine:
         seq.append(token, record)
         if seq.key_state is not None and seq.key_state.advance(token):
             seq.finish_reason = "stop"  # a whole key: the answer, even on the last allowed token
-        self._observe_token(seq, previous)
+        self.observe.token(seq, previous)
         if seq.finish_reason is not None:
             with self._lock:
                 seq.finish(seq.finish_reason)
                 self.scheduler.remove(seq)
                 self._forget(seq)
-            self._observe_finished(seq)
+            self.observe.finished(seq)
         self._emit(seq)
 
     def _accept_group(self, group: NbceGroup, merged: torch.Tensor) -> None:
@@ -397,11 +360,11 @@ class NativeEngine:
         previous = leader.last_token_time
         leader.append(tokens[0], records[0])
         group.follow(tokens[0])
-        self._observe_token(leader, previous)
+        self.observe.token(leader, previous)
         if leader.finish_reason is not None:
             group.finish(leader.finish_reason)
             self._retire(group.rows)
-            self._observe_finished(leader)
+            self.observe.finished(leader)
         self._emit(leader)
 
     def _advance_beam(self, group: BeamGroup, logits: torch.Tensor, first: bool = False) -> None:
@@ -411,7 +374,7 @@ class NativeEngine:
         group.finish(self.tokenizer)
         self._retire(group.rows)
         for row in group.rows:
-            self._observe_finished(row)
+            self.observe.finished(row)
             self._emit(row)
 
     def _retire(self, rows: list[Sequence]) -> None:
@@ -434,26 +397,3 @@ class NativeEngine:
             seq.emit(delta)
         except RuntimeError:  # the client's event loop is gone
             self.abort(seq.request_id)
-
-    # ---- metrics ------------------------------------------------------------
-
-    def _report_queue(self) -> None:
-        if self.metrics:
-            self.metrics.set_queue(running=self.scheduler.num_running, waiting=len(self.scheduler.waiting))
-
-    def _observe_token(self, seq: Sequence, previous: float | None) -> None:
-        if not self.metrics:
-            return
-        if previous is None:
-            self.metrics.observe_first_token(seq.first_token_time - seq.arrival_time)
-        else:
-            self.metrics.observe_inter_token(seq.last_token_time - previous)
-
-    def _observe_finished(self, seq: Sequence) -> None:
-        if self.metrics:
-            self.metrics.observe_finished(
-                e2e=time.perf_counter() - seq.arrival_time,
-                prompt_tokens=len(seq.prompt_ids),
-                generation_tokens=len(seq.output_ids),
-                reason=seq.finish_reason or "abort",
-            )
