@@ -128,6 +128,7 @@ class VllmEngine:
         self._choices_in_flight = 0
         self._last_progress = time.monotonic()  # the last output of any request, or the start of the first in flight
         self._ended: tuple[str, int] | None = None  # fail_all's message and status, for the streams it ends
+        self.on_dead = None  # the server's hook (http_server.py): exit 1 so that a supervisor restarts us
         self._trie_dir = tempfile.TemporaryDirectory(prefix="longserve-tries-")
         self._trie_files: dict[int, str] = {}  # id(trie) -> its file, while the trie lives
 
@@ -299,6 +300,8 @@ class VllmEngine:
             raise
         except Exception as exc:  # vLLM failed this request: say so in the stream
             log.exception("vLLM request %s failed", request_id)
+            if getattr(self.engine, "errored", False) and self.on_dead is not None:  # vLLM's engine itself is gone
+                self.on_dead(f"{type(exc).__name__}: {exc}")
             finish = "error"
             yield SeqDelta(index=index, text="", token_ids=[], logprobs=None, finish_reason="error",
                            prompt_tokens=len(prompt), completion_tokens=completion_tokens, error=f"{type(exc).__name__}: {exc}")
