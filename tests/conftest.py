@@ -106,24 +106,25 @@ def serving(app, port: int | None = None):
     import uvicorn
 
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = start_in_thread(server)
-    try:
+    with in_thread(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
-def start_in_thread(server, thread_name: str = "test-server") -> threading.Thread:
-    thread = threading.Thread(target=server.run, daemon=True, name=thread_name)
+@contextmanager
+def in_thread(server):
+    """Run a uvicorn server in a thread until the block ends."""
+    thread = threading.Thread(target=server.run, daemon=True, name="test-server")
     thread.start()
     deadline = time.time() + 30
     while not server.started:
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
-    return thread
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @contextmanager
@@ -135,13 +136,10 @@ def running_server(engine, **settings):
     settings.setdefault("data_dir", tempfile.mkdtemp(prefix="longserve-test-"))  # never the user's own bases
     settings.setdefault("log_level", "warning")
     settings = ServerSettings(model=engine.model_name, port=free_port(), **settings)
-    server = build_server(create_app(engine, settings, engine.metrics), settings, engine)
-    thread = start_in_thread(server)
     try:
-        yield f"http://127.0.0.1:{settings.port}"
+        with in_thread(build_server(create_app(engine, settings, engine.metrics), settings, engine)):
+            yield f"http://127.0.0.1:{settings.port}"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.shutdown()
 
 
