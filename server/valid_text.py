@@ -14,6 +14,7 @@ import re
 from pydantic_core import PydanticCustomError
 
 SURROGATE = re.compile("[\ud800-\udfff]")
+TEXT_OR_CONTAINER = (str, dict, list)
 
 
 def first_invalid_text(value) -> tuple[str, int] | None:
@@ -31,9 +32,11 @@ def first_invalid_text(value) -> tuple[str, int] | None:
             for key, child in reversed(list(item.items())):
                 if isinstance(key, str) and SURROGATE.search(key):
                     return ".".join(map(str, (*path, "<key>"))), SURROGATE.search(key).start()
-                stack.append(((*path, key), child))
-        elif isinstance(item, list):
-            stack.extend(((*path, index), child) for index, child in reversed(list(enumerate(item))))
+                if isinstance(child, TEXT_OR_CONTAINER):
+                    stack.append(((*path, key), child))
+        elif isinstance(item, list):  # token-id lists hold only numbers: no path is built for them
+            children = [(index, child) for index, child in enumerate(item) if type(child) in TEXT_OR_CONTAINER]
+            stack.extend(((*path, index), child) for index, child in reversed(children))
     return None
 
 
