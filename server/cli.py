@@ -36,7 +36,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="native (every feature; default), vllm (throughput; no NBCE, beam search over keys or ReRoPE), "
         "auto (vllm when installed and the position setting allows it)")
     add("--device", choices=["auto", "cpu", "cuda"], help="default auto (native engine)")
-    add("--dtype", choices=["auto", "float32", "bfloat16"], help="default auto: float32 on CPU, bfloat16 on CUDA")
+    add("--dtype", choices=["auto", "float32", "bfloat16"],
+        help="default auto: bfloat16 on CUDA and on CPUs with bf16 matmul instructions (AVX512-BF16, AMX), else float32")
     add("--max-num-seqs", type=int, help="sequences decoded together (default 16)")
     add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: trained length x position factor)")
     add(
@@ -46,7 +47,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         f"types: {', '.join(POSITION_TYPES)}",
     )
     add("--max-waiting", type=int, help="sequences queued beyond the batch before 429 (default 256)")
-    add("--prefill-chunk", type=int, help="prompt tokens per prefill step (default 1024)")
+    add("--prefill-chunk", type=int, help="most prompt tokens one sequence prefills in a step (default 512)")
+    add("--max-num-batched-tokens", type=int,
+        help="tokens in one step: every decode, then prefill chunks of as many prompts as fit (default 2048)")
+    add("--kv-cache-memory", type=float,
+        help="GiB of KV-cache blocks (default: half the memory available on CPU, 90%% of free GPU memory)")
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+        help="reuse the KV cache of prompt blocks seen before (default on; --no-enable-prefix-caching to turn off)")
     add("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or LONGSERVE_API_KEY)")
     add("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
     add("--max-contexts", type=int, help="most NBCE contexts in one request (default 64; also at most --max-num-seqs - 1)")
@@ -114,17 +121,21 @@ def build_engine(settings, path: str, metrics):
     if pick_engine(settings) == "vllm":
         from server.engine.vllm import VllmConfig, VllmEngine
 
-        if settings.device == "cuda" or settings.prefill_chunk != 1024:
+        if settings.device == "cuda" or settings.prefill_chunk != 512:
             logging.getLogger("longserve").info("--device and --prefill-chunk apply to the native engine only")
         config = VllmConfig(model_path=path, model_name=settings.model_name, dtype=settings.dtype,
                             max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
-                            max_waiting=settings.max_waiting, position=settings.position)
+                            max_waiting=settings.max_waiting, position=settings.position,
+                            max_num_batched_tokens=settings.max_num_batched_tokens,
+                            enable_prefix_caching=settings.enable_prefix_caching, kv_cache_memory=settings.kv_cache_memory)
         return VllmEngine(config, metrics=metrics)
     from server.engine.native.engine import NativeConfig, NativeEngine
 
     config = NativeConfig(model_path=path, model_name=settings.model_name, device=settings.device, dtype=settings.dtype,
                           max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
-                          max_waiting=settings.max_waiting, prefill_chunk=settings.prefill_chunk, position=settings.position)
+                          max_waiting=settings.max_waiting, prefill_chunk=settings.prefill_chunk, position=settings.position,
+                          max_num_batched_tokens=settings.max_num_batched_tokens, kv_cache_memory=settings.kv_cache_memory,
+                          enable_prefix_caching=settings.enable_prefix_caching)
     return NativeEngine(config, metrics=metrics)
 
 

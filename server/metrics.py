@@ -29,12 +29,27 @@ class Metrics:
         self.step_age = Gauge("longserve:engine_step_age_seconds",
                               "Seconds since the engine last made progress (a finished step, or an idle look for work).",
                               labels, registry=r)
-        for metric in (self.running, self.waiting, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (1 = full).", labels, registry=r)
+        self.cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r)
+        self.cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Sequences preempted to free KV-cache blocks.", labels, registry=r)
+        for metric in (self.running, self.waiting, self.kv_usage, self.cache_queries, self.cache_hits, self.preemptions, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):
             metric.labels(model_name)  # present from the start, at zero
 
     def watch_step_age(self, step_age) -> None:
         """Export the engine's step age (seconds since it last made progress), read at each scrape."""
         self.step_age.labels(self.model_name).set_function(step_age)
+
+    def watch_kv_cache(self, usage) -> None:
+        """Export the KV cache's usage, a fraction read from `usage()` at each scrape."""
+        self.kv_usage.labels(self.model_name).set_function(usage)
+
+    def count_prefix_cache(self, queries: int, hits: int) -> None:
+        self.cache_queries.labels(self.model_name).inc(queries)
+        self.cache_hits.labels(self.model_name).inc(hits)
+
+    def count_preemptions(self, count: int) -> None:
+        self.preemptions.labels(self.model_name).inc(count)
 
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)

@@ -19,6 +19,7 @@ from server.serving import (
     submit,
     token_text,
     until_disconnect,
+    cached_per_prompt,
     usage,
 )
 
@@ -86,7 +87,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         "created": created,
         "model": engine.model_name,
         "choices": [{**choice_body(body, c, engine.tokenizer), **key_fields(base, c.entry, c.score)} for c in choices],
-        "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
+        "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices),
+                       cached_per_prompt([c.cached_tokens for c in choices], request.n)),
     }
 
 
@@ -112,10 +114,12 @@ async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest,
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(request.num_choices)])
     completion_tokens = [0] * request.num_choices
+    cached_tokens = [0] * request.num_choices
     context_ids: list[list[int]] = [[] for _ in range(request.num_choices)]  # NBCE: not yet sent
     async for delta in stream:
         raise_for_error(delta)
         completion_tokens[delta.index] = delta.completion_tokens
+        cached_tokens[delta.index] = max(cached_tokens[delta.index], delta.cached_tokens)
         context_ids[delta.index] += delta.context_ids or []
         logprobs = chat_logprobs(delta.logprobs or [], engine.tokenizer) if body.logprobs else None
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
@@ -129,5 +133,5 @@ async def stream_chunks(body: ChatCompletionRequest, request: GenerationRequest,
         yield chunk([entry])
     if body.include_usage:
         final = chunk([])
-        final["usage"] = usage(prompt_lengths, sum(completion_tokens))
+        final["usage"] = usage(prompt_lengths, sum(completion_tokens), cached_per_prompt(cached_tokens, request.n))
         yield final

@@ -21,6 +21,7 @@ from server.serving import (
     submit,
     token_text,
     until_disconnect,
+    cached_per_prompt,
     usage,
 )
 
@@ -101,7 +102,8 @@ async def create_completion(body: CompletionRequest, raw: Request):
         "created": created,
         "model": model,
         "choices": [{**choice_body(body, c, prompts[c.index // body.n], engine.tokenizer), **key_fields(base, c.entry, c.score)} for c in choices],
-        "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices)),
+        "usage": usage(prompt_lengths, sum(c.completion_tokens for c in choices),
+                       cached_per_prompt([c.cached_tokens for c in choices], request.n)),
     }
 
 
@@ -126,6 +128,7 @@ def choice_body(body: CompletionRequest, choice: Choice, prompt: list[int], toke
 async def stream_chunks(body: CompletionRequest, request: GenerationRequest, stream, engine, created: int, prompt_lengths, base=None):
     offsets = [0] * request.num_choices
     completion_tokens = [0] * request.num_choices
+    cached_tokens = [0] * request.num_choices
     echoed = [not body.echo] * request.num_choices
     context_ids: list[list[int]] = [[] for _ in range(request.num_choices)]  # NBCE: not yet sent
     delta: SeqDelta
@@ -133,6 +136,7 @@ async def stream_chunks(body: CompletionRequest, request: GenerationRequest, str
         raise_for_error(delta)
         index = delta.index
         completion_tokens[index] = delta.completion_tokens
+        cached_tokens[index] = max(cached_tokens[index], delta.cached_tokens)
         context_ids[index] += delta.context_ids or []
         text, records, first_prompt_token = delta.text, delta.logprobs or [], None
         if not echoed[index]:  # the prompt leads the first chunk of each choice
@@ -166,5 +170,5 @@ async def stream_chunks(body: CompletionRequest, request: GenerationRequest, str
             "created": created,
             "model": engine.model_name,
             "choices": [],
-            "usage": usage(prompt_lengths, sum(completion_tokens)),
+            "usage": usage(prompt_lengths, sum(completion_tokens), cached_per_prompt(cached_tokens, request.n)),
         }

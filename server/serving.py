@@ -105,6 +105,7 @@ class Choice:
     context_ids: list[int] = field(default_factory=list)  # NBCE: the context each token came from
     entry: int | None = None  # constrained: the knowledge-base entry of the finished key
     score: float | None = None  # beam search: the key's cumulative log-probability
+    cached_tokens: int = 0  # of its prompt, read from the prefix cache
 
 
 def raise_for_error(delta: SeqDelta) -> None:
@@ -128,6 +129,7 @@ async def collect(stream: AsyncIterator[SeqDelta], num_choices: int) -> list[Cho
         choice.score = delta.score if delta.score is not None else choice.score
         choice.finish_reason = delta.finish_reason
         choice.completion_tokens = delta.completion_tokens
+        choice.cached_tokens = max(choice.cached_tokens, delta.cached_tokens)
     return choices
 
 
@@ -148,9 +150,16 @@ async def until_disconnect(raw: Request, work: Awaitable, on_disconnect: Callabl
             task.cancel()
 
 
-def usage(prompt_lengths: list[int], choices_tokens: int) -> dict:
+def usage(prompt_lengths: list[int], choices_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens counts prompt tokens the prefix cache served."""
     prompt_tokens = sum(prompt_lengths)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": choices_tokens, "total_tokens": prompt_tokens + choices_tokens}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": choices_tokens, "total_tokens": prompt_tokens + choices_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def cached_per_prompt(cached: list[int], n: int) -> int:
+    """Prompt tokens served from the cache, once per prompt (its n choices share it): the most any choice read."""
+    return sum(max(cached[i : i + n]) for i in range(0, len(cached), n))
 
 
 def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None]) -> EventSourceResponse:

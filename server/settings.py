@@ -31,7 +31,10 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16)
     position: PositionSpec = Field(default_factory=PositionSpec)
     max_waiting: int = Field(256, ge=0)
-    prefill_chunk: int = Field(1024, ge=16)
+    prefill_chunk: int = Field(512, ge=16, le=2**20)
+    max_num_batched_tokens: int = Field(2048, ge=16, le=2**20)
+    kv_cache_memory: float | None = Field(None, gt=0.0, le=4096.0)  # GiB; None: half the memory available (CPU)
+    enable_prefix_caching: bool = True
     api_key: str | None = None
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_contexts: int = Field(64, ge=1, le=4096)

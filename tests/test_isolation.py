@@ -58,14 +58,14 @@ def alone(tiny_llama, tokenizer):
 
 
 def test_a_failing_forward_pass_fails_only_its_request(engine, alone):
-    real_decode = engine.runner.decode
+    real_run = engine.runner.run
 
-    def decode(seqs):
-        if any(seq.request_id == "bad" and len(seq.output_ids) >= 3 for seq in seqs):
+    def run(decode, chunks):
+        if any(seq.request_id == "bad" and len(seq.output_ids) >= 3 for seq in decode):
             raise ValueError("injected: this request's rows break the forward pass")
-        return real_decode(seqs)
+        return real_run(decode, chunks)
 
-    engine.runner.decode = decode
+    engine.runner.run = run
     requests = [greedy(f"good-{i}", p) for i, p in enumerate(PROMPTS[:3])] + [greedy("bad", PROMPTS[3])]
     results = asyncio.run(run_all(engine, requests))
     for (tokens, error), expected in zip(results[:3], alone[:3]):
@@ -74,7 +74,7 @@ def test_a_failing_forward_pass_fails_only_its_request(engine, alone):
     bad_tokens, bad_error = results[3]
     assert "injected" in bad_error and len(bad_tokens) == 3
     assert engine.is_alive() and engine.scheduler.num_running == 0 and not engine.scheduler.waiting
-    engine.runner.decode = real_decode
+    engine.runner.run = real_run
     assert asyncio.run(run_all(engine, [greedy("next", PROMPTS[3])]))[0] == (alone[3], None)
 
 
@@ -103,29 +103,30 @@ def test_a_failing_sampler_row_fails_only_its_request(engine, alone):
 
 
 def test_a_failing_prefill_fails_only_its_request(engine, alone):
-    real_prefill = engine.runner.prefill
+    real_run = engine.runner.run
 
-    def prefill(seq, start, end, every_position=False):
-        if seq.request_id == "bad":
+    def run(decode, chunks):
+        if any(chunk.seq.request_id == "bad" for chunk in chunks):
             raise IndexError("injected: this prompt breaks prefill")
-        return real_prefill(seq, start, end, every_position)
+        return real_run(decode, chunks)
 
-    engine.runner.prefill = prefill
+    engine.runner.run = run
     requests = [greedy("bad", PROMPTS[0])] + [greedy(f"good-{i}", p) for i, p in enumerate(PROMPTS[1:], start=1)]
     results = asyncio.run(run_all(engine, requests))
     assert "injected" in results[0][1]
     assert [tokens for tokens, _ in results[1:]] == alone[1:]
-    assert engine.is_alive() and engine.cache.free_slots == set(range(4))
+    assert engine.is_alive() and engine.blocks.in_use == 0
+    engine.runner.run = real_run
 
 
 def test_out_of_memory_stops_the_engine_and_tells_the_server(engine):
     died = threading.Event()
     engine.on_dead = lambda reason: died.set()
 
-    def decode(seqs):
+    def run(decode, chunks):
         raise torch.OutOfMemoryError("injected: out of memory")
 
-    engine.runner.decode = decode
+    engine.runner.run = run
     results = asyncio.run(run_all(engine, [greedy("a", PROMPTS[0]), greedy("b", PROMPTS[1])]))
     assert all(error and "out of memory" in error for _, error in results)
     assert died.wait(5)
@@ -135,13 +136,13 @@ def test_out_of_memory_stops_the_engine_and_tells_the_server(engine):
 def test_health_reports_a_stalled_engine(tiny_llama, tokenizer):
     engine = make_engine(tiny_llama, tokenizer, max_num_seqs=2, max_model_len=128)
     release = threading.Event()
-    real_decode = engine.runner.decode
+    real_run = engine.runner.run
 
-    def stuck_decode(seqs):
+    def stuck_run(decode, chunks):
         release.wait(30)  # a hung kernel, a deadlock: the step never finishes
-        return real_decode(seqs)
+        return real_run(decode, chunks)
 
-    engine.runner.decode = stuck_decode
+    engine.runner.run = stuck_run
     with running_server(engine, health_stall_seconds=1.0) as url:
         assert httpx.get(f"{url}/health").status_code == 200
         worker = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),

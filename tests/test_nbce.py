@@ -123,7 +123,7 @@ def test_nbce_and_plain_requests_run_together_and_rows_are_freed(nbce_engine, to
 
     first, plain, second = asyncio.run(together())
     assert first[0] == alone and second[0] == alone and plain[0] == plain_alone
-    assert nbce_engine.scheduler.num_running == 0 and nbce_engine.cache.rows_in_use == 0
+    assert nbce_engine.scheduler.num_running == 0 and nbce_engine.blocks.in_use == 0
 
 
 @pytest.fixture(scope="module")
@@ -203,4 +203,4 @@ def test_a_client_that_leaves_frees_every_row(nbce_server):
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 break  # one chunk in, then hang up
-    assert wait_until(lambda: engine.scheduler.num_running == 0 and engine.cache.rows_in_use == 0)
+    assert wait_until(lambda: engine.scheduler.num_running == 0 and engine.blocks.in_use == 0)

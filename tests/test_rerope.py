@@ -83,8 +83,7 @@ class Driver:
         seq = Sequence("probe", 0, list(ids), SamplingParams(max_tokens=64), lambda d: None,
                        engine.tokenizer.backend_tokenizer, frozenset())
         seq.positions = engine.positions.for_sequence(spec, len(ids) + 64)
-        seq.slot = engine.cache.allocate()
-        engine.cache.reserve(seq.slot, len(ids) + 64)
+        assert engine.blocks.admit(seq, len(ids) + 64)
         logits = []
         for start in range(0, len(ids), chunk):
             end = min(len(ids), start + chunk)

@@ -105,13 +105,12 @@ def prefill_logits(engine, ids: list[int], position: PositionSpec | None) -> tor
     seq = Sequence("probe", 0, ids, SamplingParams(max_tokens=1), lambda d: None, engine.tokenizer.backend_tokenizer, frozenset())
     seq.positions = engine.positions.for_sequence(position, len(ids) + 1)
     with engine._lock:
-        seq.slot = engine.cache.allocate()
-        engine.cache.reserve(seq.slot, len(ids))
+        assert engine.blocks.admit(seq, len(ids))
     try:
         return engine.runner.prefill(seq, 0, len(ids))
     finally:
         with engine._lock:
-            engine.cache.free(seq.slot)
+            engine.blocks.free(seq)
 
 
 @pytest.fixture(scope="module")

@@ -1,93 +1,163 @@
-"""Scheduler and KV-cache bookkeeping, without a model."""
+"""Scheduler and block bookkeeping, without a model: budgets, admission, preemption, prefix hits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.engine.base import EngineOverloaded, SamplingParams
-from server.engine.native.kv_cache import CAPACITY_BLOCK, SlotCache
+from server.engine.base import EngineOverloaded, NeverFits, SamplingParams
+from server.engine.native.block_manager import BlockManager
+from server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from server.engine.native.positions import SequencePositions
 from server.engine.native.scheduler import Scheduler
 from server.engine.native.sequence import Sequence, Status
+from patches.nbce import NbceParams
+from patches.rope import RopeTable
+from server.engine.native.nbce_group import NbceGroup
+
+PLAIN = SequencePositions(RopeTable(torch.tensor([1.0, 0.5])), logn=False)
+SCALED = SequencePositions(RopeTable(torch.tensor([0.25, 0.125])), logn=False)
 
 
-def cache(max_slots=4, max_len=2048) -> SlotCache:
-    return SlotCache(num_layers=2, num_kv_heads=1, head_dim=4, max_slots=max_slots, max_len=max_len, dtype=torch.float32, device=torch.device("cpu"))
+def blocks(num_blocks=64, prefix_caching=True) -> BlockManager:
+    pool = KvPool(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=num_blocks, dtype=torch.float32,
+                  device=torch.device("cpu"), near_keys=False)
+    return BlockManager(pool, prefix_caching=prefix_caching)
 
 
-def seq(tokenizer, prompt_len: int, name: str = "r") -> Sequence:
-    return Sequence(name, 0, list(range(3, 3 + prompt_len)), SamplingParams(), lambda d: None, tokenizer.backend_tokenizer, frozenset())
+def scheduler(num_blocks=64, max_num_seqs=4, max_waiting=8, budget=64, chunk=32, prefix_caching=True) -> Scheduler:
+    return Scheduler(blocks(num_blocks, prefix_caching), max_num_seqs, max_waiting, budget, chunk, max_model_len=num_blocks * BLOCK_SIZE)
 
 
-def test_admission_is_bounded_by_max_num_seqs_and_prefill_is_chunked(tokenizer):
-    scheduler = Scheduler(cache(), max_num_seqs=2, max_waiting=4, prefill_chunk=100)
-    a, b, c = seq(tokenizer, 250, "a"), seq(tokenizer, 10, "b"), seq(tokenizer, 10, "c")
-    scheduler.add([a, b, c])
-    batch = scheduler.schedule()
-    assert batch.prefill is a and batch.prefill_end == 100 and batch.decode == []
-    assert [s.status for s in (a, b, c)] == [Status.PREFILLING, Status.PREFILLING, Status.WAITING]
-    a.num_cached = 100
-    assert scheduler.schedule().prefill_end == 200
-    a.num_cached = 250
-    a.output_ids.append(5)
-    scheduler.prompt_cached(a)
-    batch = scheduler.schedule()
-    assert batch.decode == [a] and batch.prefill is b and batch.prefill_end == 10
-    freed = a.slot
-    scheduler.remove(a)
-    scheduler.schedule()
-    assert a.slot is None and c.status is Status.PREFILLING and c.slot == freed
+def seq(tokenizer, prompt_len: int, name: str = "r", max_tokens: int = 16, positions=PLAIN, first: int = 3) -> Sequence:
+    return Sequence(name, 0, list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens), lambda d: None,
+                    tokenizer.backend_tokenizer, frozenset(), positions=positions)
 
 
-def test_a_new_sequence_joins_running_decodes_at_the_next_step(tokenizer):
-    scheduler = Scheduler(cache(), max_num_seqs=4, max_waiting=4, prefill_chunk=512)
-    a = seq(tokenizer, 5, "a")
-    scheduler.add([a])
-    scheduler.schedule()
-    a.num_cached, a.output_ids = 5, [9]
-    scheduler.prompt_cached(a)
-    late = seq(tokenizer, 5, "late")
-    scheduler.add([late])
-    batch = scheduler.schedule()
-    assert batch.decode == [a] and batch.prefill is late
+def run(scheduler: Scheduler):
+    """Schedule one step and report it computed, as the engine does; decoding rows take token 7."""
+    step = scheduler.schedule()
+    assert step.num_tokens <= scheduler.max_batched_tokens
+    scheduler.computed(step)
+    for chunk in step.chunks:
+        if chunk.ends_prompt and not chunk.seq.output_ids and chunk.seq.group is None:
+            chunk.seq.output_ids.append(7)
+    for s in step.decode:
+        s.output_ids.append(7)
+    return step
+
+
+def test_decodes_come_first_and_prefill_chunks_share_the_rest_of_the_budget(tokenizer):
+    sched = scheduler(budget=64, chunk=32)
+    long, short_a, short_b = seq(tokenizer, 100, "long"), seq(tokenizer, 10, "a"), seq(tokenizer, 10, "b")
+    sched.add([long, short_a, short_b])
+    step = run(sched)
+    assert [(c.seq.request_id, c.start, c.end) for c in step.chunks] == [("long", 0, 32), ("a", 0, 10), ("b", 0, 10)]
+    step = run(sched)  # a and b decode; the long prompt goes on in chunks
+    assert step.decode == [short_a, short_b]
+    assert [(c.seq.request_id, c.start, c.end) for c in step.chunks] == [("long", 32, 64)]
+    assert all(s.status is Status.DECODING for s in (short_a, short_b)) and long.status is Status.PREFILLING
+
+
+def test_admission_is_bounded_by_max_num_seqs_and_free_blocks(tokenizer):
+    sched = scheduler(num_blocks=8, max_num_seqs=2, budget=256, chunk=256)
+    a, b, c = seq(tokenizer, 40, "a"), seq(tokenizer, 40, "b"), seq(tokenizer, 10, "c")
+    sched.add([a, b, c])
+    run(sched)
+    assert a.status is Status.PREFILLING or a.status is Status.DECODING
+    assert c.status is Status.WAITING  # --max-num-seqs 2
+    assert len(a.block_table) == 3 and len(b.block_table) == 3  # 40 tokens: 3 blocks of 16
+    sched.remove(a)
+    run(sched)
+    assert c.status is not Status.WAITING and sched.blocks.in_use == len(b.block_table) + len(c.block_table)
+
+
+def test_memory_pressure_preempts_the_youngest_and_everything_completes(tokenizer):
+    sched = scheduler(num_blocks=6, max_num_seqs=4, budget=64, chunk=64)  # 96 token slots
+    seqs = [seq(tokenizer, 20, f"s{i}", max_tokens=40) for i in range(3)]  # 3 x 60 tokens: they cannot all be held
+    sched.add(seqs)
+    for _ in range(400):
+        if not sched.has_work():
+            break
+        run(sched)
+        assert sched.blocks.in_use <= 6
+        for s in seqs:
+            if len(s.output_ids) >= s.params.max_tokens and s.status is not Status.FINISHED:
+                sched.remove(s)
+    assert not sched.has_work() and sched.num_preempted > 0
+    assert all(len(s.output_ids) == 40 for s in seqs)  # a preempted sequence is recomputed, never cut short
+
+
+def test_a_group_that_can_never_fit_the_pool_is_refused_and_one_that_fits_reserves_its_growth(tokenizer):
+    sched = scheduler(num_blocks=16, budget=256, chunk=256)  # 256 tokens
+    rows = [seq(tokenizer, 60, "nbce", max_tokens=16) for _ in range(4)]  # 4 x 4 prompt blocks + 4 x 3 to grow into
+    NbceGroup(rows, NbceParams())
+    with pytest.raises(NeverFits, match="--kv-cache-memory"):
+        sched.add(rows)
+    rows = [seq(tokenizer, 30, "nbce", max_tokens=16) for _ in range(3)]
+    group = NbceGroup(rows, NbceParams())
+    sched.add(rows)
+    run(sched)
+    assert all(row.status is Status.PARKED for row in rows)  # prompts cached; the group decodes once all are
+    assert group.reserve == 3 * 3 and sched.blocks.available == 16 - 3 * 2 - 9
+    for row in rows:
+        sched.remove(row)
+    assert sched.blocks.reserved == 0 and sched.blocks.in_use == 0
 
 
 def test_queue_limit_counts_free_slots_and_waiting(tokenizer):
-    scheduler = Scheduler(cache(), max_num_seqs=1, max_waiting=1, prefill_chunk=512)
-    scheduler.add([seq(tokenizer, 3), seq(tokenizer, 3)])
+    sched = scheduler(max_num_seqs=1, max_waiting=1)
+    sched.add([seq(tokenizer, 3), seq(tokenizer, 3)])
     with pytest.raises(EngineOverloaded, match="--max-waiting 1"):
-        scheduler.add([seq(tokenizer, 3)])
+        sched.add([seq(tokenizer, 3)])
 
 
-def test_cache_grows_in_blocks_and_shrinks_when_long_sequences_leave():
-    kv = cache(max_slots=4, max_len=4096)
-    first, second = kv.allocate(), kv.allocate()
-    assert (first, second) == (0, 1) and kv.rows_in_use == 2
-    kv.reserve(first, 10)
-    assert kv.capacity == CAPACITY_BLOCK
-    kv.keys[0][first, :, :10] = 1.0
-    kv.reserve(second, 3000)
-    assert kv.capacity >= 3000 and torch.all(kv.keys[0][first, :, :10] == 1.0)
-    kv.free(second)
-    assert kv.capacity == CAPACITY_BLOCK and kv.rows_in_use == 1
-    assert kv.allocate() == 1  # lowest free slot first
-    with pytest.raises(ValueError, match="exceeds the cache limit"):
-        kv.reserve(first, 5000)
+def test_prefix_hits_need_full_computed_blocks_and_the_same_positions(tokenizer):
+    sched = scheduler(max_num_seqs=8, budget=256, chunk=256)
+    first = seq(tokenizer, 50, "first")
+    sched.add([first])
+    run(sched)
+    assert len(sched.blocks.by_hash) == 3  # 50 tokens: 3 full blocks registered
+    again, scaled, shorter = seq(tokenizer, 50, "again"), seq(tokenizer, 50, "scaled", positions=SCALED), seq(tokenizer, 33, "33")
+    other = seq(tokenizer, 50, "other", first=4)
+    sched.add([again, scaled, shorter, other])
+    run(sched)
+    assert again.cached_tokens == 48 and again.block_table[:3] == first.block_table[:3]
+    assert scaled.cached_tokens == 0  # another rotary table: its keys differ
+    assert shorter.cached_tokens == 32  # the last token is always computed: 2 of its 2 full blocks hit, position 32 is new
+    assert other.cached_tokens == 0
+    assert sched.blocks.queries == 50 + 50 + 50 + 33 + 50 and sched.blocks.hits == 48 + 32
 
 
-def test_rows_a_wide_request_grew_are_given_back():
-    """NBCE's n + 1 rows grow the cache to many slots; once they leave, a long
-    prompt must cost one row of its length, not one per slot left behind
-    (that once took a 25k-token prompt after a 17-row NBCE request to 24 GB)."""
-    kv = cache(max_slots=32, max_len=8192)
-    rows = [kv.allocate() for _ in range(17)]
-    for slot in rows:
-        kv.reserve(slot, 1600)
-    assert kv.num_slots == 32
-    for slot in rows:
-        kv.free(slot)
-    assert kv.num_slots == 1
-    long_prompt = kv.allocate()
-    kv.reserve(long_prompt, 8000)
-    assert kv.num_slots == 1 and kv.bytes_allocated() == 2 * 2 * 1 * 1 * kv.capacity * 4 * 4  # k + v, layers, slot, head
-    assert [kv.allocate() for _ in range(3)] == [1, 2, 3] and kv.num_slots == 4  # and they grow again on demand
+def test_cached_blocks_are_evicted_least_recently_used_when_fresh_ones_are_needed(tokenizer):
+    sched = scheduler(num_blocks=8, budget=256, chunk=256)
+    a = seq(tokenizer, 64, "a")
+    sched.add([a])
+    run(sched)
+    sched.remove(a)
+    assert sched.blocks.in_use == 0 and len(sched.blocks.cached_free) == 4
+    b = seq(tokenizer, 100, "b", first=1000)  # needs 7 blocks: 4 never used, 3 evicted from a's
+    sched.add([b])
+    run(sched)
+    assert len(b.block_table) == 7 and len(sched.blocks.by_hash) <= 1 + 6
+    again = seq(tokenizer, 64, "again")
+    sched.remove(b)
+    sched.add([again])
+    run(sched)
+    assert again.cached_tokens <= 16  # a's tail blocks went first; at most its head survived
+
+
+def test_beam_rows_share_blocks_and_copy_one_before_writing(tokenizer):
+    bm = blocks()
+    leader, follower = seq(tokenizer, 20, "beam"), seq(tokenizer, 20, "beam")
+    assert bm.admit(leader, 20)
+    leader.num_cached = 20
+    bm.fork([follower], [leader])
+    assert follower.block_table == leader.block_table and bm.blocks[leader.block_table[1]].ref_count == 2
+    follower.num_cached = 20
+    assert bm.needs_block(follower)  # position 20 is in a shared block
+    bm.grow(follower)
+    assert follower.block_table[0] == leader.block_table[0] and follower.block_table[1] != leader.block_table[1]
+    bm.free(follower)
+    bm.free(leader)
+    assert bm.in_use == 0

@@ -86,6 +86,22 @@ class VllmConfig:
     max_waiting: int = 256
     position: PositionSpec = field(default_factory=PositionSpec)
     kv_cache_gib: int = 2  # CPU only: vLLM's KV cache space (VLLM_CPU_KVCACHE_SPACE, whole GiB)
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache_memory: float | None = None  # GiB (--kv-cache-memory): vLLM's kv_cache_memory_bytes on CUDA, its CPU space here
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def kv_cache_args(config: VllmConfig) -> dict:
+    """--kv-cache-memory on CUDA: vLLM's own kv_cache_memory_bytes (on CPU it is VLLM_CPU_KVCACHE_SPACE)."""
+    if config.kv_cache_memory and torch_has_cuda():
+        return {"kv_cache_memory_bytes": int(config.kv_cache_memory * 2**30)}
+    return {}
 
 
 class VllmEngine:
@@ -110,6 +126,8 @@ class VllmEngine:
         rope_parameters = getattr(model_config, "rope_parameters", None) or {}
         base = float(rope_parameters.get("rope_theta", getattr(model_config, "rope_theta", 10000.0)))
         overrides = positions_for_vllm(self.position, head_dim, base, self.trained_len, self.max_model_len)
+        if config.kv_cache_memory and not torch_has_cuda():  # vLLM on CPU reads its space from the environment, in GiB
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.kv_cache_memory)))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
         # vLLM's engine process inherits the environment as it is now: this switches log-n on or off there.
         if self.position.logn:
@@ -120,7 +138,8 @@ class VllmEngine:
         args = AsyncEngineArgs(model=config.model_path, served_model_name=config.model_name, dtype=dtype,
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                hf_overrides=overrides, enforce_eager=True, disable_log_stats=True,
-                               logits_processors=[KeyLogitsProcessor])
+                               logits_processors=[KeyLogitsProcessor], max_num_batched_tokens=config.max_num_batched_tokens,
+                               enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config))
         # as `vllm serve` builds it: the usage context picks vLLM's defaults for an API server (batched tokens, ...)
         self.engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         self._in_flight: dict[str, list[str]] = {}  # our request id -> vLLM request ids
@@ -282,6 +301,7 @@ class VllmEngine:
                     index=index, text=piece.text, token_ids=list(piece.token_ids),
                     logprobs=self._logprobs(piece.token_ids, piece.logprobs, params.logprobs) if params.logprobs is not None else None,
                     finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                    cached_tokens=getattr(output, "num_cached_tokens", None) or 0,
                     prompt_logprobs=(self._logprobs(prompt[1:], (output.prompt_logprobs or [None])[1:], params.prompt_logprobs)
                                      if first and params.prompt_logprobs is not None else None),
                 )

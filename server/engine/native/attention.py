@@ -1,10 +1,20 @@
 """The attention step: where positions meet the cache.
 
-Each forward pass builds one of these with its Encoding; the model runner
-calls it once per layer with the raw q, k, v of that layer. It turns q and k
-(positions.py), writes the keys and values into the cache, and attends:
-plain rows with PyTorch's SDPA over keys cached after rotation, clipped rows
-(rerope, leaky-rerope) with patches/rerope.py over keys cached in the far form.
+Each forward pass builds one of these per segment (the decode rows, each
+prefill chunk) with its Encoding; the model runner calls it once per layer
+with that segment's raw q, k, v. It turns q and k (positions.py), writes the
+keys and values into the sequence's blocks, gathers the blocks it attends to,
+and attends: plain rows with PyTorch's SDPA over keys cached after rotation,
+clipped rows (rerope, leaky-rerope) with patches/rerope.py over keys cached in
+the far form, whose log-sum-exp merge is exact whatever the gather.
+
+Why SDPA over gathered blocks (measured in the issue-16 note): on CPU a
+gather of a decode batch's blocks costs a few percent of the step, and
+SDPA's fused CPU kernel then runs on dense tensors; FlexAttention needs
+torch.compile for speed (minutes of start-up per shape family on this CPU),
+and vLLM's paged-attention ops exist for CUDA and vLLM's own CPU backend
+layout only. A long prompt's blocks are mostly consecutive, and then the
+"gather" is a slice: no copy at all.
 """
 
 from __future__ import annotations
@@ -13,80 +23,100 @@ import torch
 import torch.nn.functional as F
 
 from patches.rerope import clipped_decode_attention, clipped_prefill_attention, plan_prefill
-from server.engine.native.kv_cache import SlotCache
+from server.engine.native.kv_cache import BLOCK_SIZE, KvPool, slot_index, write_slots
 from server.engine.native.positions import Encoding
 
 
-class PrefillAttention:
-    """Positions [start, end) of the sequence in cache row `slot`, attending to all of [0, end)."""
+def store(plane: torch.Tensor, where, x: torch.Tensor) -> None:
+    """x [tokens, kv_heads, head_dim] into the pool slots `where` (a slice or an index tensor)."""
+    if isinstance(where, slice):
+        plane[where] = x
+    else:
+        plane.index_copy_(0, where, x)
 
-    def __init__(self, cache: SlotCache, slot: int, start: int, end: int, encoding: Encoding, groups: int, scale: float):
-        self.cache, self.slot, self.start, self.end = cache, slot, start, end
-        self.encoding, self.scale = encoding, scale
+
+class PrefillAttention:
+    """Positions [start, end) of one sequence, attending to all of [0, end)."""
+
+    def __init__(self, pool: KvPool, block_table: list[int], start: int, end: int, encoding: Encoding, groups: int,
+                 scale: float):
+        self.pool, self.encoding, self.scale = pool, encoding, scale
+        device = pool.device
+        self.read = slot_index(block_table, end, device)
+        self.write = write_slots(block_table, start, end, device)
         self.mask = self.plan = None
         clipping = encoding.clipping
         if clipping is not None:
-            cache.ensure_near_keys()
-            self.plan = plan_prefill(start, end, int(clipping.window[0]), groups, cache.dtype, cache.device)
+            pool.ensure_near_keys()
+            self.plan = plan_prefill(start, end, int(clipping.window[0]), groups, pool.dtype, device)
         elif start > 0:  # queries [start, end) see keys [0, end), causally
-            device = cache.device
             self.mask = torch.arange(end, device=device).unsqueeze(0) <= torch.arange(start, end, device=device).unsqueeze(1)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        encoding, slot, start, end = self.encoding, self.slot, self.start, self.end
-        cache = self.cache
-        cache.keys[layer][slot, :, start:end] = encoding.rotate_key(k)[0]
-        cache.values[layer][slot, :, start:end] = v[0]
-        keys = cache.keys[layer][slot : slot + 1, :, :end]
-        values = cache.values[layer][slot : slot + 1, :, :end]
+        encoding, pool = self.encoding, self.pool
+        store(pool.keys[layer], self.write, encoding.rotate_key(k)[0].transpose(0, 1))
+        store(pool.values[layer], self.write, v[0].transpose(0, 1))
+        keys = pool.keys[layer][self.read].transpose(0, 1).unsqueeze(0)
+        values = pool.values[layer][self.read].transpose(0, 1).unsqueeze(0)
         if self.plan is None:
             return F.scaled_dot_product_attention(
                 encoding.rotate_query(q), keys, values,
                 attn_mask=self.mask, is_causal=self.mask is None, scale=self.scale, enable_gqa=True,
             )
-        cache.near_keys[layer][slot, :, start:end] = encoding.rotate_near_key(k)[0]
-        near_keys = cache.near_keys[layer][slot : slot + 1, :, :end]
+        store(pool.near_keys[layer], self.write, encoding.rotate_near_key(k)[0].transpose(0, 1))
+        near_keys = pool.near_keys[layer][self.read].transpose(0, 1).unsqueeze(0)
         return clipped_prefill_attention(
             encoding.rotate_query(q), encoding.rotate_far_query(q), keys, near_keys, values, self.plan, self.scale
         )
 
 
 class DecodeAttention:
-    """One new token for every cache row in use; `slots` are the rows of running sequences.
+    """One new token for each row; row r writes position lengths[r] and attends to [0, lengths[r]]."""
 
-    Other rows (free, or mid-prefill) ride along as dummies: their output is
-    dropped and they never write to the cache.
-    """
-
-    def __init__(self, cache: SlotCache, slots: torch.Tensor, lengths: torch.Tensor, encoding: Encoding,
+    def __init__(self, pool: KvPool, block_tables: list[list[int]], lengths: torch.Tensor, encoding: Encoding,
                  num_heads: int, scale: float):
-        self.cache, self.slots, self.lengths, self.encoding = cache, slots, lengths, encoding
+        self.pool, self.lengths, self.encoding = pool, lengths, encoding
         self.num_heads, self.scale = num_heads, scale
-        self.rows = lengths.shape[0]
+        device = pool.device
+        self.rows = len(block_tables)
         self.span = int(lengths.max()) + 1
-        mask = torch.arange(self.span, device=cache.device).unsqueeze(0) <= lengths.unsqueeze(1)
-        self.mask = None if bool(mask.all()) else mask[:, None, None, :]  # [rows, 1, 1, span]
-        self.write_at = lengths[slots]
+        if self.rows == 1:  # one row: a slice when its blocks are consecutive
+            self.read = slot_index(block_tables[0], self.span, device)
+            self.write = write_slots(block_tables[0], self.span - 1, self.span, device)
+            self.mask = None
+        else:
+            width = -(-self.span // BLOCK_SIZE)
+            padded = torch.tensor([table[:width] + [0] * (width - len(table[:width])) for table in block_tables], device=device)
+            slots = (padded[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).flatten(1)[:, : self.span]
+            self.read = slots  # [rows, span]; past a row's length: masked
+            self.write = slots.gather(1, lengths.unsqueeze(1)).squeeze(1)
+            mask = torch.arange(self.span, device=device).unsqueeze(0) <= lengths.unsqueeze(1)
+            self.mask = None if bool(mask.all()) else mask[:, None, None, :]  # [rows, 1, 1, span]
         clipping = encoding.clipping
-        self.clipped_rows = None if clipping is None else clipping.rows[:, None, None, None]
         if clipping is not None:
-            cache.ensure_near_keys()
-        self.any_plain = clipping is None or not bool(clipping.rows[slots].all())
+            pool.ensure_near_keys()
+        self.clipped_rows = None if clipping is None else clipping.rows[:, None, None, None]
+        self.any_plain = clipping is None or not bool(clipping.rows.all())
+
+    def gather(self, plane: torch.Tensor) -> torch.Tensor:
+        """The rows' slots as [rows, kv_heads, span, head_dim]."""
+        if self.rows == 1:
+            return plane[self.read].transpose(0, 1).unsqueeze(0)
+        return plane[self.read].permute(0, 2, 1, 3)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        slots, encoding, cache = self.slots, self.encoding, self.cache
-        cache.keys[layer][slots, :, self.write_at] = encoding.rotate_key(k)[slots, :, 0]
-        cache.values[layer][slots, :, self.write_at] = v[slots, :, 0]
-        if cache.with_near_keys:
-            cache.near_keys[layer][slots, :, self.write_at] = encoding.rotate_near_key(k)[slots, :, 0]
-        keys = self.cache.keys[layer][: self.rows, :, : self.span]
-        values = self.cache.values[layer][: self.rows, :, : self.span]
+        encoding, pool = self.encoding, self.pool
+        store(pool.keys[layer], self.write, encoding.rotate_key(k)[:, :, 0])
+        store(pool.values[layer], self.write, v[:, :, 0])
+        if pool.with_near_keys:
+            store(pool.near_keys[layer], self.write, encoding.rotate_near_key(k)[:, :, 0])
+        keys, values = self.gather(pool.keys[layer]), self.gather(pool.values[layer])
         query = encoding.rotate_query(q)
         out = self.plain(query, keys, values) if self.any_plain else None
         clipping = encoding.clipping
         if clipping is None:
             return out
-        near_keys = cache.near_keys[layer][: self.rows, :, : self.span]
+        near_keys = self.gather(pool.near_keys[layer])
         clipped = clipped_decode_attention(
             query, encoding.rotate_far_query(q), keys, near_keys, values, self.lengths, clipping.window, self.scale
         )

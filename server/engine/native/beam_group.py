@@ -1,11 +1,11 @@
 """Beam search over the keys of a trie: the n best distinct keys, best first, with their scores.
 
 A request with use_beam_search and a constraint becomes n sequences (n = the
-beam width) with one prompt. Only the first is prefilled; the others copy its
-cache rows. Each step every live beam proposes its best allowed next tokens,
+beam width) with one prompt. Only the first is prefilled; the others share its
+blocks (copy on write). Each step every live beam proposes its best allowed next tokens,
 scored by the model's own log-probabilities (the sum over the key's tokens,
 end-of-key step included); the n best continuations become the next beams,
-and the cache rows follow their parents. A continuation that completes a key
+and the rows' block tables follow their parents. A continuation that completes a key
 leaves the beam as a finished hypothesis. The search stops when n keys are
 finished and no live beam can still beat the worst of them (scores only
 fall), when nothing is live, or at max_tokens; beams cut there are reported
@@ -20,6 +20,7 @@ import torch
 
 from server.engine.native.constraint import KeyState
 from server.engine.native.row_group import RowGroup
+from server.engine.native.sequence import Sequence
 
 
 @dataclass
@@ -36,17 +37,26 @@ class BeamGroup(RowGroup):
     finished: list[Hypothesis] = field(default_factory=list)
     shares_prompt = True  # the scheduler prefills the leader only
 
-    def advance(self, logits: torch.Tensor, cache, first: bool = False) -> None:
-        """One search step; every row's cache and state then follow the beam it now holds."""
+    def prompt_cached(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor | None:
+        """The leader's prompt is every beam's prompt: the search starts at once."""
+        return logits.unsqueeze(0)
+
+    def advance(self, logits: torch.Tensor, engine, first: bool = False) -> None:
+        """One search step; every row's blocks and tokens then follow the beam it now holds."""
         sources = self.step(logits, first)
-        length = self.leader.num_cached
-        moves = [(self.rows[src].slot, row.slot) for row, src in zip(self.rows, sources) if first or row is not self.rows[src]]
+        moves = [(row, self.rows[src]) for row, src in zip(self.rows, sources) if first or row is not self.rows[src]]
         if moves:
-            cache.copy_rows([src for src, _ in moves], [dst for _, dst in moves], length)
+            engine.fork([row for row, _ in moves], [source for _, source in moves])
         fallback = next((h for h in self.live if h is not None), None)
         for row, hypothesis in zip(self.rows, self.live):
-            row.num_cached = length
             row.output_ids = list((hypothesis or fallback).tokens) if (hypothesis or fallback) else row.output_ids
+        if not self.done():
+            return
+        self.finish(engine.tokenizer)
+        engine.retire(self.rows, "stop")
+        for row in self.rows:
+            engine.observe.finished(row)
+            engine.emit(row)
 
     def finish(self, tokenizer) -> None:
         """Write the answers into the rows, best first; rows beyond the answers end empty."""

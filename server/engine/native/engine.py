@@ -1,11 +1,15 @@
 """The native engine: PyTorch + transformers, continuous batching, CPU or CUDA.
 
-One background thread runs the model, step after step (scheduler.py decides
-what each step holds). The asyncio side submits sequences under a lock and
-reads its deltas from an asyncio queue the thread feeds through
-`call_soon_threadsafe`. Aborts are recorded by the asyncio side and applied
-by the thread at the start of its next step, so a sequence leaves the batch
-and frees its slot there.
+One background thread runs the model, step after step, and reads top to
+bottom: schedule (scheduler.py: which decodes and prefill chunks fit the
+token budget and the KV-cache blocks), run (model_runner.py: one forward pass
+for the whole step), postprocess (the scheduler records what was computed;
+tokens are sampled and taken; groups of rows, NBCE and beams, take their step
+through one interface, row_group.py). The asyncio side submits sequences
+under a lock and reads its deltas from an asyncio queue the thread feeds
+through `call_soon_threadsafe`. Aborts are recorded by the asyncio side and
+applied by the thread at the start of its next step, so a sequence leaves the
+batch and frees its blocks there.
 
 A failure in one request's part of a step fails that request alone and the
 loop goes on (isolation.py); only a fault that leaves the engine unusable
@@ -24,16 +28,17 @@ import torch
 
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
+from server.engine.native.block_manager import BlockManager
 from server.engine.native.constraint import KeyState, mask_to_keys
 from server.engine.native.isolation import by_request, is_fatal
-from server.engine.native.kv_cache import SlotCache
+from server.engine.native.kv_cache import BLOCK_SIZE, KvPool, default_budget_bytes
 from server.engine.native.loading import NativeConfig, eos_ids, load_model, pick_device, pick_dtype
-from server.engine.native.model_runner import ModelRunner
+from server.engine.native.model_runner import ModelRunner, StepLogits
 from server.engine.native.observe import SequenceMetrics
 from server.engine.native.nbce_group import NbceGroup
 from server.engine.native.positions import Positions
 from server.engine.native.sampler import prompt_logprobs, sample
-from server.engine.native.scheduler import Batch, Scheduler
+from server.engine.native.scheduler import Scheduler, Step
 from server.engine.native.sequence import Sequence
 from server.request_ids import REQUEST_ID, log_context
 
@@ -50,9 +55,9 @@ class NativeEngine:
         self.model_name = config.model_name
         self.max_num_seqs = config.max_num_seqs
         self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)
         if model is None:
-            model, tokenizer = load_model(config.model_path, self.device, self.dtype)
+            model, tokenizer = load_model(config.model_path, self.device, pick_dtype(config.dtype, self.device))
+        self.dtype = model.dtype
         self.model, self.tokenizer = model, tokenizer
         model_config = model.config
         self.trained_len = model_config.max_position_embeddings
@@ -70,19 +75,13 @@ class NativeEngine:
         self.metrics = metrics
         self.observe = SequenceMetrics(metrics)
 
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        self.cache = SlotCache(
-            num_layers=model_config.num_hidden_layers,
-            num_kv_heads=model_config.num_key_value_heads,
-            head_dim=head_dim,
-            max_slots=config.max_num_seqs,
-            max_len=self.max_model_len,
-            dtype=self.dtype,
-            device=self.device,
-        )
         self.positions = Positions(model, self.position, self.device)
-        self.runner = ModelRunner(model, self.cache, self.positions)
-        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_waiting, config.prefill_chunk)
+        self.pool = self._kv_pool(model_config, config)
+        self.blocks = BlockManager(self.pool, prefix_caching=config.enable_prefix_caching)
+        self.observe.watch(self.blocks)
+        self.runner = ModelRunner(model, self.pool, self.positions)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_waiting, config.max_num_batched_tokens,
+                                   config.prefill_chunk, self.max_model_len)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
 
@@ -98,6 +97,25 @@ class NativeEngine:
         self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
         self._thread.start()
 
+    def _kv_pool(self, model_config, config: NativeConfig) -> KvPool:
+        """The block pool, sized by --kv-cache-memory (or half the memory available); says how many tokens fit."""
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        planes = 3 if self.position.clipped else 2
+        token_bytes = model_config.num_hidden_layers * model_config.num_key_value_heads * head_dim * planes * self.dtype.itemsize
+        budget = int(config.kv_cache_memory * 2**30) if config.kv_cache_memory else default_budget_bytes(self.device)
+        num_blocks = budget // (token_bytes * BLOCK_SIZE)
+        if num_blocks * BLOCK_SIZE < self.max_model_len:
+            raise ValueError(
+                f"--kv-cache-memory {budget / 2**30:.2f} GiB holds {num_blocks * BLOCK_SIZE} tokens, fewer than one sequence "
+                f"of --max-model-len {self.max_model_len}; raise --kv-cache-memory or lower --max-model-len"
+            )
+        pool = KvPool(model_config.num_hidden_layers, model_config.num_key_value_heads, head_dim, num_blocks, self.dtype,
+                      self.device, near_keys=self.position.clipped)
+        log.info("KV cache: %.2f GiB, %d blocks of %d: %d tokens fit (%.1f sequences of --max-model-len %d)",
+                 pool.bytes_allocated() / 2**30, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / self.max_model_len,
+                 self.max_model_len)
+        return pool
+
     # ---- the asyncio side -------------------------------------------------
 
     def describe(self) -> dict:
@@ -108,6 +126,8 @@ class NativeEngine:
             "max_model_len": self.max_model_len,
             "trained_len": self.trained_len,
             "position": self.position.describe(),
+            "kv_cache_tokens": self.pool.num_tokens,
+            "prefix_caching": self.blocks.prefix_caching,
         }
 
     def is_alive(self) -> bool:
@@ -190,13 +210,16 @@ class NativeEngine:
                 self._wakeup.clear()
                 with self._lock:
                     self._apply_aborts()
-                    batch = self.scheduler.schedule()
+                    step = self.scheduler.schedule()
                     self.observe.queue(self.scheduler)
-                if batch.empty:
+                    if step.starved:
+                        self._fail_requests(list(dict.fromkeys(seq.request_id for seq in step.starved)),
+                                            "the KV cache is full; raise --kv-cache-memory or lower max_tokens", 503)
+                if step.empty:
                     self._heartbeat = time.monotonic()
                     self._wakeup.wait(timeout=1.0)
                     continue
-                self._step(batch)
+                self._step(step)
                 self._heartbeat = time.monotonic()
         except BaseException as exc:  # the engine is dead: fail every request, say why
             log.exception("engine loop died")
@@ -207,15 +230,14 @@ class NativeEngine:
                 self.on_dead(self._dead_reason)
 
     def _fail_requests(self, request_ids: list[str], message: str, status: int) -> None:
-        """End these requests with an error delta and free their slots (the lock is held)."""
+        """End these requests with an error delta and free their blocks (the lock is held)."""
         for request_id in request_ids:
             for seq in self._requests.pop(request_id, []):
-                if seq.finish_reason is None or seq.slot is not None:  # not ended yet, or ended but not yet out
+                if seq.finish_reason is None or seq.block_table:  # not ended yet, or ended but not yet out
                     seq.finish_reason = "error"
-                    seq.finish("error")
                     self.scheduler.remove(seq)
                     self.observe.finished(seq)
-                    self._emit(seq, error=message, status=status)
+                    self.emit(seq, error=message, status=status)
 
     def _isolated(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run `work` for the requests of `seqs`; if it raises, those requests fail and the loop goes on."""
@@ -237,88 +259,70 @@ class NativeEngine:
         for request_id in self._aborts:
             for seq in self._requests.pop(request_id, []):
                 if seq.finish_reason is None:
-                    seq.finish("abort")
+                    seq.finish_reason = "abort"
                     self.scheduler.remove(seq)
                     self.observe.finished(seq)
         self._aborts.clear()
 
-    def _step(self, batch: Batch) -> None:
-        if batch.prefill is not None:
-            seq = batch.prefill
-            self._isolated([seq], lambda: self._prefill(seq, batch.prefill_end))
-        if not batch.decode:
-            return
+    def _step(self, step: Step) -> None:
         try:
-            logits = self.runner.decode(batch.decode)
+            logits = self.runner.run(step.decode, step.chunks)
         except Exception as exc:
             if is_fatal(exc):
                 raise
-            # Which request broke the batch? Each one's rows alone: the culprit fails, the rest take their token.
+            # Which request broke the step? Each one's part alone: the culprit fails, the rest go on.
             # Nothing moved yet: rerunning writes the same cache positions again.
-            log.warning("a decode step of %d rows failed (%s); running each request alone", len(batch.decode), exc)
-            for seqs in by_request(batch.decode):
-                self._isolated(seqs, lambda seqs=seqs: self._decoded(seqs, self.runner.decode(seqs)))
+            log.warning("a step of %d tokens failed (%s); running each request alone", step.num_tokens, exc)
+            for part in by_request(step):
+                seqs = part.decode + [chunk.seq for chunk in part.chunks]
+                self._isolated(seqs, lambda part=part: self._postprocess(part, self.runner.run(part.decode, part.chunks)))
             return
-        self._decoded(batch.decode, logits)
+        self._postprocess(step, logits)
 
-    def _decoded(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Take one decoded token into each of `seqs`, whose rows of `logits` are in the same order."""
-        for seq in seqs:
-            seq.num_cached += 1
-        row_of = {seq: row for row, seq in enumerate(seqs)}
-        singles = [seq for seq in seqs if seq.group is None]
-        if singles:
-            self._accept(singles, logits[[row_of[seq] for seq in singles]])
-        for group in dict.fromkeys(seq.group for seq in seqs if seq.group is not None):
-            rows_logits = logits[[row_of[row] for row in group.rows]]
-            if isinstance(group, BeamGroup):
-                self._isolated(group.rows, lambda: self._advance_beam(group, rows_logits))
-            else:
-                self._isolated(group.rows, lambda: self._accept_group(group, group.merge(rows_logits)))
-
-    def _prefill(self, seq: Sequence, end: int) -> None:
-        start, k = seq.num_cached, seq.params.prompt_logprobs
-        logits = self.runner.prefill(seq, start, end, every_position=k is not None)
-        seq.num_cached = end
-        if k is not None:  # scores of the prompt's own tokens 1..P-1, chunk by chunk
-            seq.prompt_logprobs += prompt_logprobs(logits, seq.prompt_ids[start + 1 : end + 1], k)
-            logits = logits[-1]
-        if end < len(seq.prompt_ids):
-            return
-        if seq.params.max_tokens == 0:  # scoring only (echo): nothing to sample
-            with self._lock:
-                seq.finish("length")
-                self.scheduler.remove(seq)
-                self._forget(seq)
-            self.observe.finished(seq)
-            self._emit(seq)
-            return
-        if isinstance(seq.group, BeamGroup):  # the leader's prompt is every beam's prompt
-            with self._lock:
-                self.scheduler.park(seq)
-                for row in seq.group.rows:
-                    self.scheduler.prompt_cached(row)
-            self._advance_beam(seq.group, logits.unsqueeze(0), first=True)
-            return
-        if seq.group is not None:  # an NBCE row: the group decodes once every row is cached
-            with self._lock:
-                self.scheduler.park(seq)
-            group = seq.group
-            if group.prompt_cached(seq, logits):
-                with self._lock:
-                    for row in group.rows:
-                        self.scheduler.prompt_cached(row)
-                self._accept_group(group, group.merge(group.first_logits()))
-            return
+    def _postprocess(self, step: Step, logits: StepLogits) -> None:
+        """The step ran: record it, then give every sequence with logits its token."""
         with self._lock:
-            self.scheduler.prompt_cached(seq)
-        self._accept([seq], logits.unsqueeze(0))
+            self.scheduler.computed(step)
+        ready, ready_logits = [], []  # single sequences to sample, with their logits rows
+        row_of = {seq: row for row, seq in enumerate(step.decode)}
+        for row, seq in enumerate(step.decode):
+            if seq.group is None:
+                ready.append(seq)
+                ready_logits.append(logits.decode[row])
+        for group in dict.fromkeys(seq.group for seq in step.decode if seq.group is not None):
+            if group.leader.finish_reason is not None:  # its request failed earlier in this step
+                continue
+            rows_logits = logits.decode[[row_of[row] for row in group.rows]]
+            self._isolated(group.rows, lambda group=group, rows_logits=rows_logits: group.advance(rows_logits, self))
+        for chunk, chunk_logits in zip(step.chunks, logits.chunks):
+            seq = chunk.seq
+            if chunk.every_position:  # scores of the prompt's own tokens 1..P-1, chunk by chunk
+                k = seq.params.prompt_logprobs
+                seq.prompt_logprobs += prompt_logprobs(chunk_logits, seq.prompt_ids[chunk.start + 1 : chunk.end + 1], k)
+                chunk_logits = chunk_logits[-1]
+            if not chunk.ends_prompt or seq.output_ids or seq.finish_reason is not None:  # mid-prompt, or resumed
+                continue
+            if seq.params.max_tokens == 0:  # scoring only (echo): nothing to sample
+                self.retire([seq], "length")
+                self.observe.finished(seq)
+                self.emit(seq)
+            elif seq.group is None:
+                ready.append(seq)
+                ready_logits.append(chunk_logits)
+            else:
+                first = seq.group.prompt_cached(seq, chunk_logits)
+                if first is not None:
+                    with self._lock:
+                        self.scheduler.start_decoding(seq.group.rows)
+                    self._isolated(seq.group.rows, lambda group=seq.group, first=first: group.advance(first, self, first=True))
+        if ready:
+            self._accept(ready, torch.stack(ready_logits))
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample a token for each of `seqs` (rows of `logits`) and take it. Sampling is pure, so when the
         batch's sampling fails, each row samples alone and only the rows that still fail lose their request."""
         try:
-            tokens, records = self._sample(seqs, logits)
+            tokens, records = self.sample(logits, seqs)
         except Exception as exc:
             if is_fatal(exc):
                 raise
@@ -328,13 +332,14 @@ class NativeEngine:
         for seq, token, record in zip(seqs, tokens, records):
             self._isolated([seq], lambda seq=seq, token=token, record=record: self._take(seq, token, record))
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """A token (and its logprob record) for each of `seqs` from rows of `logits`, within their keys if constrained."""
         if any(seq.key_state is not None for seq in seqs):
             logits = mask_to_keys(logits, [seq.key_state for seq in seqs])
         return sample(logits, seqs, self.generator)
 
     def _sample_and_take(self, seq: Sequence, logits: torch.Tensor) -> None:
-        tokens, records = self._sample([seq], logits)
+        tokens, records = self.sample(logits, [seq])
         self._take(seq, tokens[0], records[0])
 
     def _take(self, seq: Sequence, token: int, record) -> None:
@@ -346,50 +351,27 @@ class NativeEngine:
             seq.finish_reason = "stop"  # a whole key: the answer, even on the last allowed token
         self.observe.token(seq, previous)
         if seq.finish_reason is not None:
-            with self._lock:
-                seq.finish(seq.finish_reason)
-                self.scheduler.remove(seq)
-                self._forget(seq)
+            self.retire([seq], seq.finish_reason)
             self.observe.finished(seq)
-        self._emit(seq)
+        self.emit(seq)
 
-    def _accept_group(self, group: NbceGroup, merged: torch.Tensor) -> None:
-        """Sample the group's token from its merged distribution; every row takes it."""
-        leader = group.leader
-        tokens, records = sample(merged, [leader], self.generator)
-        previous = leader.last_token_time
-        leader.append(tokens[0], records[0])
-        group.follow(tokens[0])
-        self.observe.token(leader, previous)
-        if leader.finish_reason is not None:
-            group.finish(leader.finish_reason)
-            self._retire(group.rows)
-            self.observe.finished(leader)
-        self._emit(leader)
+    # ---- what groups of rows (row_group.py) call back -------------------------
 
-    def _advance_beam(self, group: BeamGroup, logits: torch.Tensor, first: bool = False) -> None:
-        group.advance(logits, self.cache, first)
-        if not group.done():
-            return
-        group.finish(self.tokenizer)
-        self._retire(group.rows)
-        for row in group.rows:
-            self.observe.finished(row)
-            self._emit(row)
-
-    def _retire(self, rows: list[Sequence]) -> None:
-        """Finished rows of one request leave the batch and free their slots."""
+    def retire(self, rows: list[Sequence], reason: str) -> None:
+        """Finished rows of one request leave the batch and free their blocks."""
         with self._lock:
             for row in rows:
+                row.finish_reason = row.finish_reason or reason
                 self.scheduler.remove(row)
-            self._forget(rows[0])
+            seqs = self._requests.get(rows[0].request_id, [])
+            if all(s.finish_reason is not None for s in seqs):
+                self._requests.pop(rows[0].request_id, None)
 
-    def _forget(self, seq: Sequence) -> None:
-        seqs = self._requests.get(seq.request_id, [])
-        if all(s.finish_reason is not None for s in seqs):
-            self._requests.pop(seq.request_id, None)
+    def fork(self, rows: list[Sequence], sources: list[Sequence]) -> None:
+        with self._lock:
+            self.scheduler.fork(rows, sources)
 
-    def _emit(self, seq: Sequence, error: str | None = None, status: int = 500) -> None:
+    def emit(self, seq: Sequence, error: str | None = None, status: int = 500) -> None:
         delta = seq.take_delta(error=error, error_status=status)
         if delta is None:
             return
@@ -397,3 +379,4 @@ class NativeEngine:
             seq.emit(delta)
         except RuntimeError:  # the client's event loop is gone
             self.abort(seq.request_id)
+

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.native.sequence import Sequence
+from server.engine.native.scheduler import Step
 
 FATAL_WORDS = ("out of memory", "not enough memory", "cuda error", "cublas", "cudnn", "device-side assert")
 
@@ -27,9 +27,11 @@ def is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(word in text for word in FATAL_WORDS)
 
 
-def by_request(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """`seqs` split by request, in first-seen order: a request's rows (NBCE, beams, n > 1) stay together."""
-    groups: dict[str, list[Sequence]] = {}
-    for seq in seqs:
-        groups.setdefault(seq.request_id, []).append(seq)
-    return list(groups.values())
+def by_request(step: Step) -> list[Step]:
+    """`step` split by request, in first-seen order: a request's rows (NBCE, beams, n > 1) stay together."""
+    parts: dict[str, Step] = {}
+    for seq in step.decode:
+        parts.setdefault(seq.request_id, Step()).decode.append(seq)
+    for chunk in step.chunks:
+        parts.setdefault(chunk.seq.request_id, Step()).chunks.append(chunk)
+    return list(parts.values())

@@ -1,138 +1,128 @@
-"""The KV cache: one padded tensor per layer, one row ("slot") per running sequence.
+"""The KV cache: a fixed pool of blocks, allocated once, sized by a memory budget.
 
-Layout, per layer: keys and values of shape [slots, kv_heads, capacity, head_dim].
-A sequence owns one slot from its admission to its end and writes the key and
-value of its token at position p into column p of its row. A decode step runs
-over the rows [0, R) where R is one past the highest slot in use, as views of
-these tensors: no gather, no copy. Free rows inside that range cost a dummy
-token each; slots are handed out lowest first, so holes fill quickly.
-
-Both dimensions grow on demand (slots by doubling up to --max-num-seqs,
-capacity in blocks of CAPACITY_BLOCK up to --max-model-len) and both shrink
-when the rows or the longest sequence leave, so memory follows the batch
-actually running: rows x longest sequence.
+Per layer, keys and values are one tensor of shape [num_blocks * BLOCK_SIZE,
+kv_heads, head_dim]: token slot `block * BLOCK_SIZE + offset`. Which blocks a
+sequence holds is block_manager.py's business; this file only stores, reads
+and copies. A read gathers a sequence's slots into a dense [kv_heads, tokens,
+head_dim] view for SDPA (a plain slice, no copy, when its blocks are
+consecutive, as a long prompt's usually are).
 
 What the cache holds is decided by the position scheme (attention.py): with
 plain and scaled RoPE the keys are stored *after* rotation, because they never
 need to move again. ReRoPE rows store keys in the far form in `keys` and, in a
-third plane `near_keys` that exists only once a ReRoPE sequence has come, the
-same keys rotated by their own position (the near form), so no step has to
-turn keys again. The cache itself does not care which.
+third plane `near_keys`, the same keys rotated by their own position (the near
+form), so no step has to turn keys again. The budget pays for the third plane
+when the server's default position is clipped; otherwise it is added at the
+first ReRoPE request.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-CAPACITY_BLOCK = 256
+log = logging.getLogger("longserve.engine")
+
+BLOCK_SIZE = 16
 
 
-def round_up(value: int, block: int) -> int:
-    return -(-value // block) * block
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, planes: int) -> int:
+    return num_layers * num_kv_heads * head_dim * planes * torch.empty((), dtype=dtype).element_size()
 
 
-class SlotCache:
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_slots: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ):
-        self.num_layers = num_layers
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.max_slots = max_slots
-        self.max_len = max_len
-        self.dtype = dtype
-        self.device = device
-        self.free_slots: set[int] = set(range(max_slots))
-        self.lengths = [0] * max_slots  # tokens a slot is known to need (for shrinking)
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.near_keys: list[torch.Tensor] = []  # only with_near_keys: the near-form plane of ReRoPE rows
+def default_budget_bytes(device: torch.device) -> int:
+    """With the model loaded: half the memory available now on CPU, 90 % of the free device memory on CUDA."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    available = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    return max(available // 2, 64 << 20)
+
+
+class KvPool:
+    """On CPU the planes start unbacked (torch.empty: the OS hands out pages on first touch) and blocks are
+    zeroed in runs as they are first handed out, so resident memory follows the blocks ever used, up to the
+    budget. On CUDA the whole pool is allocated and zeroed at once, as vLLM does."""
+
+    ZERO_RUN = 256  # blocks zeroed at a time on first use
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, dtype: torch.dtype,
+                 device: torch.device, near_keys: bool):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_blocks = num_blocks
+        self.dtype, self.device = dtype, device
+        self.ready = 0  # blocks [0, ready) are zeroed or written
+        self.keys, self.values, self.near_keys = self._planes(), self._planes(), []
         self.with_near_keys = False
-        self._resize(slots=0, capacity=0)
+        if near_keys:
+            self.ensure_near_keys()
+        if device.type == "cuda":
+            self.prepare(num_blocks - 1)
+
+    def _planes(self) -> list[torch.Tensor]:
+        shape = (self.num_blocks * BLOCK_SIZE, self.num_kv_heads, self.head_dim)
+        return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
     def ensure_near_keys(self) -> None:
-        """Add the near-form key plane (ReRoPE), shaped like the others, from now on."""
-        if not self.with_near_keys:
-            self.with_near_keys = True
-            self.near_keys = [torch.zeros_like(k) for k in self.keys]
+        """Add the near-form key plane (ReRoPE). A server started without a clipped --position adds it at its
+        first ReRoPE request: the pool's memory then grows by half (logged by the engine)."""
+        if self.with_near_keys:
+            return
+        if self.ready:
+            log.warning("a ReRoPE request: the KV cache adds its near-key plane, %.2f GiB more; start the server with a "
+                        "clipped --position to count it in --kv-cache-memory", self.bytes_allocated() / 2 / 2**30)
+        self.near_keys = self._planes()
+        for plane in self.near_keys:
+            plane[: self.ready * BLOCK_SIZE].zero_()
+        self.with_near_keys = True
+
+    def prepare(self, block_id: int) -> None:
+        """Zero the never-used blocks up to `block_id`, before it is handed out."""
+        if block_id < self.ready:
+            return
+        ready = min(self.num_blocks, max(block_id + 1, self.ready + self.ZERO_RUN))
+        for plane in self.keys + self.values + self.near_keys:
+            plane[self.ready * BLOCK_SIZE : ready * BLOCK_SIZE].zero_()
+        self.ready = ready
 
     @property
-    def num_slots(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
+    def num_tokens(self) -> int:
+        return self.num_blocks * BLOCK_SIZE
 
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
-
-    @property
-    def rows_in_use(self) -> int:
-        used = [slot for slot in range(self.max_slots) if slot not in self.free_slots]
-        return max(used) + 1 if used else 0
+    def bytes_per_block(self) -> int:
+        planes = len(self.keys) + len(self.values) + len(self.near_keys)
+        return planes * BLOCK_SIZE * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def bytes_allocated(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values + self.near_keys)
+        """What the pool may take: every plane of every block."""
+        return self.bytes_per_block() * self.num_blocks
 
-    def allocate(self) -> int:
-        slot = min(self.free_slots)  # lowest first keeps the rows in use compact
-        self.free_slots.remove(slot)
-        self.lengths[slot] = 0
-        if slot >= self.num_slots:
-            self._resize(slots=min(self.max_slots, max(slot + 1, 2 * self.num_slots)), capacity=self.capacity)
-        return slot
-
-    def free(self, slot: int) -> None:
-        self.free_slots.add(slot)
-        self.lengths[slot] = 0
-        # Shrink both dimensions once they are 4x what is in use: rows that a
-        # wide request (NBCE, beam search) grew would otherwise stay, and the
-        # next long prompt would grow every one of them to its length.
-        rows, longest = max(self.rows_in_use, 1), max(self.lengths)
-        slots = rows if self.num_slots > 4 * rows else self.num_slots
-        capacity = round_up(max(longest, 1), CAPACITY_BLOCK) if self.capacity > 4 * max(longest, CAPACITY_BLOCK) else self.capacity
-        if (slots, capacity) != (self.num_slots, self.capacity):
-            self._resize(slots=slots, capacity=capacity)
-
-    def reserve(self, slot: int, length: int) -> None:
-        """Make room for `length` tokens in `slot`."""
-        if length > self.max_len:
-            raise ValueError(f"sequence of {length} tokens exceeds the cache limit of {self.max_len}")
-        self.lengths[slot] = max(self.lengths[slot], length)
-        if length > self.capacity:
-            grown = min(self.max_len, max(round_up(length, CAPACITY_BLOCK), 2 * self.capacity))
-            self._resize(slots=self.num_slots, capacity=grown)
-
-    def copy_rows(self, sources: list[int], destinations: list[int], length: int) -> None:
-        """Positions [0, length) of each source row into its destination row (beam search).
-
-        All sources are read before any destination is written, so rows may swap.
-        """
-        source, destination = torch.tensor(sources, device=self.device), torch.tensor(destinations, device=self.device)
+    def copy_block(self, source: int, destination: int) -> None:
+        src = slice(source * BLOCK_SIZE, (source + 1) * BLOCK_SIZE)
+        dst = slice(destination * BLOCK_SIZE, (destination + 1) * BLOCK_SIZE)
         for planes in (self.keys, self.values, self.near_keys):
             for plane in planes:
-                plane[destination, :, :length] = plane[source, :, :length]
-        for slot in destinations:
-            self.lengths[slot] = max(self.lengths[slot], length)
+                plane[dst] = plane[src]
 
-    def _resize(self, slots: int, capacity: int) -> None:
-        shape = (slots, self.num_kv_heads, capacity, self.head_dim)
-        keep_slots = min(slots, self.num_slots)
-        keep_len = min(capacity, self.capacity)
-        def resized(planes: list[torch.Tensor]) -> list[torch.Tensor]:
-            grown = []
-            for layer in range(self.num_layers):
-                plane = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if planes and keep_slots and keep_len:
-                    plane[:keep_slots, :, :keep_len] = planes[layer][:keep_slots, :, :keep_len]
-                grown.append(plane)
-            return grown
 
-        self.keys, self.values = resized(self.keys), resized(self.values)
-        if self.with_near_keys:
-            self.near_keys = resized(self.near_keys)
+def slot_index(block_table: list[int], length: int, device: torch.device) -> torch.Tensor | slice:
+    """The pool slots of positions [0, length): a slice when the blocks are consecutive, else an index tensor."""
+    needed = -(-length // BLOCK_SIZE)
+    first = block_table[0] if needed else 0
+    if block_table[:needed] == list(range(first, first + needed)):
+        return slice(first * BLOCK_SIZE, first * BLOCK_SIZE + length)
+    blocks = torch.tensor(block_table[:needed], device=device)
+    return (blocks[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).flatten()[:length]
+
+
+def write_slots(block_table: list[int], start: int, end: int, device: torch.device) -> torch.Tensor | slice:
+    """The pool slots of positions [start, end)."""
+    slots = slot_index(block_table, end, device)
+    if isinstance(slots, slice):
+        return slice(slots.start + start, slots.stop)
+    return slots[start:end]

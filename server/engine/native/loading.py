@@ -18,7 +18,10 @@ class NativeConfig:
     max_num_seqs: int = 16
     max_model_len: int | None = None  # None: the model's own trained length
     max_waiting: int = 256
-    prefill_chunk: int = 1024
+    prefill_chunk: int = 512  # the most prompt tokens one sequence prefills in a step
+    max_num_batched_tokens: int = 2048  # tokens in one step, decodes and prefill chunks together
+    kv_cache_memory: float | None = None  # GiB of KV-cache blocks; None: kv_cache.default_budget_bytes
+    enable_prefix_caching: bool = True
     position: PositionSpec = field(default_factory=PositionSpec)
 
 
@@ -30,9 +33,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """AVX512-BF16 or AMX-BF16: bfloat16 matmuls run 1.3-2x faster than float32 (measured in the issue-16 note)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_matmul() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 

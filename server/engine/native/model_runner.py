@@ -5,12 +5,11 @@ the attention step ourselves, because the cache layout (kv_cache.py) and the
 place where positions enter attention are what the long-context patches
 change. Supported families share one layer shape: Llama, Qwen2, Mistral.
 
-Two entry points:
-- prefill(seq, start, end): one chunk of one prompt, causal within the chunk
-  and attending to everything already cached for that sequence;
-- decode(seqs): one new token for each running sequence, all in one batch,
-  whatever their lengths (a length mask per row).
-How positions enter attention, and what the cache keeps, is attention.py's.
+One entry point, run(decode, chunks): a whole step in one forward pass. The
+decoding rows each add one token, whatever their lengths (a length mask per
+row); each prefill chunk is causal within itself and attends to everything
+already cached for its sequence. How positions enter attention, and what the
+cache keeps, is attention.py's.
 """
 
 from __future__ import annotations
@@ -19,12 +18,35 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from dataclasses import dataclass
+
 from server.engine.native.attention import DecodeAttention, PrefillAttention
-from server.engine.native.kv_cache import SlotCache
+from server.engine.native.kv_cache import KvPool
 from server.engine.native.positions import Positions
+from server.engine.native.scheduler import Chunk
 from server.engine.native.sequence import Sequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class StepLogits:
+    decode: torch.Tensor | None  # [decoding rows, vocab]
+    chunks: list[torch.Tensor | None]  # per chunk: [vocab], [chunk tokens, vocab] or None
+
+
+def attend_segments(segments: list[tuple[int, object]], layer: int, q, k, v) -> torch.Tensor:
+    """Split q, k, v [1, heads, tokens, d] by segment, attend each, join the outputs."""
+    outs, at = [], 0
+    for size, attend in segments:
+        part = slice(at, at + size)
+        q_part, k_part, v_part = q[:, :, part], k[:, :, part], v[:, :, part]
+        if isinstance(attend, DecodeAttention):  # tokens are rows here: [rows, heads, 1, d]
+            outs.append(attend(layer, q_part.transpose(0, 2), k_part.transpose(0, 2), v_part.transpose(0, 2)).transpose(0, 2))
+        else:
+            outs.append(attend(layer, q_part, k_part, v_part))
+        at += size
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -47,7 +69,7 @@ def fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor 
 
 
 class ModelRunner:
-    def __init__(self, model, cache: SlotCache, positions: Positions):
+    def __init__(self, model, pool: KvPool, positions: Positions):
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -55,14 +77,13 @@ class ModelRunner:
             )
         self.model = model
         self.decoder = model.model
-        self.cache = cache
+        self.pool = pool
         self.positions = positions
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.device = cache.device
+        self.device = pool.device
         self.dtype = model.dtype
-        self.idle_row = positions.for_sequence(None, 0)
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.act = ACT2FN[config.hidden_act]
         # Fewer, larger matmuls: q/k/v as one projection, gate/up as another.
@@ -70,36 +91,65 @@ class ModelRunner:
         self.gate_up = [fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.decoder.layers]
 
     @torch.inference_mode()
+    def run(self, decode: list[Sequence], chunks: list[Chunk]) -> StepLogits:
+        """One forward pass over every token of a step: one new token per decoding row, then each prefill chunk.
+
+        Every linear layer sees all the step's tokens at once; attention runs per
+        segment (the decode rows together, each chunk alone). Returns the logits
+        the step's sequences need: one row per decoding sequence, and per chunk the
+        logits after its last position (every position for prompt_logprobs),
+        or None for a chunk that does not end its prompt and needs no scores.
+        """
+        ids, segments = [], []
+        if decode:
+            ids += [seq.last_token for seq in decode]
+            lengths = torch.tensor([seq.num_cached for seq in decode], device=self.device)
+            encoding = self.positions.encode([seq.positions for seq in decode], lengths.unsqueeze(1), self.dtype)
+            segments.append((len(decode), DecodeAttention(self.pool, [seq.block_table for seq in decode], lengths, encoding,
+                                                          self.num_heads, self.scale)))
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            ids += seq.all_ids[start:end]
+            positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+            encoding = self.positions.encode([seq.positions], positions, self.dtype)
+            segments.append((end - start, PrefillAttention(self.pool, seq.block_table, start, end, encoding,
+                                                           self.num_heads // self.num_kv_heads, self.scale)))
+        hidden = self._forward(torch.tensor([ids], device=self.device), segments)[0]
+        wanted, spans = [], []  # rows of `hidden` to project, and each owner's share of them
+        if decode:
+            wanted.append(torch.arange(len(decode), device=self.device))
+        offset = len(decode)
+        for chunk in chunks:
+            size = chunk.end - chunk.start
+            if chunk.every_position:
+                wanted.append(torch.arange(offset, offset + size, device=self.device))
+                spans.append(size)
+            elif chunk.ends_prompt:
+                wanted.append(torch.tensor([offset + size - 1], device=self.device))
+                spans.append(1)
+            else:
+                spans.append(0)
+            offset += size
+        logits = self._logits(hidden[torch.cat(wanted)]) if wanted else None
+        decode_logits = logits[: len(decode)] if decode else None
+        chunk_logits, at = [], len(decode)
+        for chunk, span in zip(chunks, spans):
+            rows = logits[at : at + span] if span else None
+            chunk_logits.append(rows if rows is None or chunk.every_position else rows[0])
+            at += span
+        return StepLogits(decode_logits, chunk_logits)
+
     def prefill(self, seq: Sequence, start: int, end: int, every_position: bool = False) -> torch.Tensor:
-        """Cache positions [start, end) of `seq`; return the logits after position end-1,
-        or after every position of the chunk ([end - start, vocab]) when asked."""
-        ids = torch.tensor([seq.all_ids[start:end]], device=self.device)
-        positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-        encoding = self.positions.encode([seq.positions], positions, self.dtype)
-        attend = PrefillAttention(self.cache, seq.slot, start, end, encoding, self.num_heads // self.num_kv_heads, self.scale)
-        hidden = self._forward(ids, attend)
-        return self._logits(hidden[0] if every_position else hidden[0, -1])
+        """One chunk alone (tests and tools drive the maths through this): logits after end-1, or every position."""
+        return self.run([], [Chunk(seq, start, end, ends_prompt=True, every_position=every_position)]).chunks[0]
 
-    @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One step for every sequence; returns logits [len(seqs), vocab]."""
-        rows = self.cache.rows_in_use
-        tokens = torch.zeros(rows, 1, dtype=torch.long)
-        lengths = torch.zeros(rows, dtype=torch.long)  # free rows: a dummy token at position 0
-        row_positions = [self.idle_row] * rows  # free or prefilling rows: any table will do
-        for seq in seqs:
-            tokens[seq.slot, 0] = seq.last_token
-            lengths[seq.slot] = seq.num_cached
-            row_positions[seq.slot] = seq.positions
-        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-        slots = torch.tensor([seq.slot for seq in seqs], device=self.device)
-        encoding = self.positions.encode(row_positions, lengths.unsqueeze(1), self.dtype)
-        attend = DecodeAttention(self.cache, slots, lengths, encoding, self.num_heads, self.scale)
-        hidden = self._forward(tokens, attend)
-        return self._logits(hidden[slots, -1])
+        """One decode step alone for `seqs`: logits [len(seqs), vocab]."""
+        return self.run(seqs, []).decode
 
-    def _forward(self, ids: torch.Tensor, attend) -> torch.Tensor:
-        """The decoder stack over ids [rows, tokens]; `attend(layer, q, k, v)` places positions and attends."""
+    def _forward(self, ids: torch.Tensor, segments: list[tuple[int, object]]) -> torch.Tensor:
+        """The decoder stack over ids [1, tokens]; each segment (its token count, an attention step) places
+        its tokens' positions and attends, `attend(layer, q, k, v)`."""
         batch, tokens = ids.shape
         hidden = self.decoder.embed_tokens(ids)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -109,7 +159,7 @@ class ModelRunner:
             q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            out = attend(index, q, k, v)
+            out = attend_segments(segments, index, q, k, v)
             out = out.transpose(1, 2).reshape(batch, tokens, q_size)
             hidden = hidden + layer.self_attn.o_proj(out)
             gate, up = F.linear(layer.post_attention_layernorm(hidden), *self.gate_up[index]).chunk(2, dim=-1)

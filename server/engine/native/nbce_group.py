@@ -1,8 +1,10 @@
 """NBCE in the native engine: the rows of one request, kept and stepped together.
 
 A request with contexts becomes n + 1 sequences, row 0 the question alone.
-They are admitted together, prefilled one after another, and join the decode
-batch together once every row's prompt is cached. Each step the group merges
+They are admitted together, prefilled together (as many chunks per step as
+the token budget holds; contexts come first in each row, so the prefix cache
+serves the same documents to a new question), and join the decode batch
+together once every row's prompt is cached. Each step the group merges
 its rows' logits (patches/nbce.py), the request's sampler draws one token
 from the merged distribution, and every row takes that token. Row 0 talks to
 the client (text, stop strings, logprobs, the context each token came from);
@@ -26,13 +28,26 @@ class NbceGroup(RowGroup):
     previous: int | None = None  # the row chosen at the previous step
     prompt_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> logits after its prompt
 
-    def prompt_cached(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Record that `seq` has its prompt cached; True once every row has."""
+    def prompt_cached(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor | None:
+        """Record that `seq` has its prompt cached; every row's logits once all have."""
         self.prompt_logits[self.rows.index(seq)] = logits
-        return len(self.prompt_logits) == len(self.rows)
-
-    def first_logits(self) -> torch.Tensor:
+        if len(self.prompt_logits) < len(self.rows):
+            return None
+        self.leader.cached_tokens = sum(row.cached_tokens for row in self.rows)  # usage counts every row's prompt
         return torch.stack([self.prompt_logits.pop(row) for row in range(len(self.rows))])
+
+    def advance(self, logits: torch.Tensor, engine, first: bool = False) -> None:
+        """Sample the group's token from its merged distribution; every row takes it."""
+        leader = self.leader
+        tokens, records = engine.sample(self.merge(logits), [leader])
+        previous = leader.last_token_time
+        leader.append(tokens[0], records[0])
+        self.follow(tokens[0])
+        engine.observe.token(leader, previous)
+        if leader.finish_reason is not None:
+            engine.retire(self.rows, leader.finish_reason)
+            engine.observe.finished(leader)
+        engine.emit(leader)
 
     def merge(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] in row order -> merged log-probabilities [1, vocab]; remembers the choice."""
@@ -45,7 +60,3 @@ class NbceGroup(RowGroup):
         """Every other row takes the token the leader took."""
         for row in self.rows[1:]:
             row.output_ids.append(token)
-
-    def finish(self, reason: str) -> None:
-        for row in self.rows:
-            row.finish(reason)

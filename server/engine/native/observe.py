@@ -10,10 +10,21 @@ from server.engine.native.sequence import Sequence
 class SequenceMetrics:
     def __init__(self, metrics=None):
         self.metrics = metrics
+        self._counted = (0, 0, 0)  # prefix-cache queries, hits and preemptions already exported
+
+    def watch(self, blocks) -> None:
+        if self.metrics:
+            self.metrics.watch_kv_cache(lambda: blocks.usage)
 
     def queue(self, scheduler) -> None:
-        if self.metrics:
-            self.metrics.set_queue(running=scheduler.num_running, waiting=len(scheduler.waiting))
+        if not self.metrics:
+            return
+        self.metrics.set_queue(running=scheduler.num_running, waiting=len(scheduler.waiting))
+        blocks = scheduler.blocks
+        queries, hits, preempted = blocks.queries, blocks.hits, scheduler.num_preempted
+        self.metrics.count_prefix_cache(queries - self._counted[0], hits - self._counted[1])
+        self.metrics.count_preemptions(preempted - self._counted[2])
+        self._counted = (queries, hits, preempted)
 
     def token(self, seq: Sequence, previous: float | None) -> None:
         """`seq` took a token; `previous` is when it took the one before (None: this is its first)."""

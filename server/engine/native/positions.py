@@ -75,6 +75,17 @@ class SequencePositions:
     window: int | None = None  # set for rerope and leaky-rerope
     leak: float = 0.0
 
+    @property
+    def cache_key(self) -> tuple:
+        """What decides a cached key besides its token and position (the prefix cache's hash covers it):
+        the exact rotary frequencies and factor (so `dynamic`'s effective scale too), log-n, window, leak."""
+        key = self.__dict__.get("_cache_key")
+        if key is None:
+            inv_freq = tuple(self.table.inv_freq.flatten().tolist())
+            key = (inv_freq, float(self.table.attention_factor), self.logn, self.window, self.leak)
+            object.__setattr__(self, "_cache_key", key)
+        return key
+
 
 class Positions:
     def __init__(self, model, default_spec: PositionSpec, device: torch.device):

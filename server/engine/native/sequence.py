@@ -1,8 +1,9 @@
 """One sequence: a prompt, the tokens generated so far, and the text they make.
 
-A request with `n` choices becomes `n` sequences. Each one owns a slot of the
-KV cache while it runs (see kv_cache.py) and turns its tokens into text
-incrementally, holding back text that could still become a stop string.
+A request with `n` choices becomes `n` sequences. Each one holds a table of
+KV-cache blocks while it runs (block_manager.py) and turns its tokens into
+text incrementally, holding back text that could still become a stop string.
+Its state changes are the scheduler's (scheduler.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # queued, owns no cache slot
-    PREFILLING = "prefilling"  # owns a slot, prompt partly in the cache
+    WAITING = "waiting"  # queued (or preempted), holds no blocks
+    PREFILLING = "prefilling"  # holds blocks, prompt partly in the cache
+    PARKED = "parked"  # a group row waiting for the rest of its group
     DECODING = "decoding"  # prompt cached, one token per step
     FINISHED = "finished"
 
@@ -40,8 +42,10 @@ class Sequence:
     positions: SequencePositions | None = None  # this sequence's rotary table, fixed for its life
     generator: torch.Generator | None = None  # per-sequence RNG when a seed is given
     status: Status = Status.WAITING
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # the KV-cache blocks holding positions 0, 16, 32, ...
     num_cached: int = 0  # tokens whose keys and values are in the cache
+    cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission (usage.prompt_tokens_details)
+    preemptions: int = 0
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -66,6 +70,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_target(self) -> int:
+        """Positions to cache before decoding: the prompt; after a preemption, everything but the last token."""
+        return self.length - 1 if self.output_ids else len(self.prompt_ids)
 
     @property
     def last_token(self) -> int:
@@ -106,8 +115,8 @@ class Sequence:
         return max((len(s) for s in self.params.stop), default=0)
 
     def finish(self, reason: str) -> None:
+        """Why the output ends (the first reason wins); the scheduler takes the sequence out."""
         self.finish_reason = self.finish_reason or reason
-        self.status = Status.FINISHED
 
     def take_delta(self, error: str | None = None, error_status: int = 500) -> SeqDelta | None:
         """The text and tokens not yet sent; None when there is nothing new."""
@@ -133,6 +142,7 @@ class Sequence:
             logprobs=logprobs,
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.prompt_ids),
+            cached_tokens=self.cached_tokens,
             completion_tokens=len(self.output_ids),
             error=error,
             error_status=error_status,
