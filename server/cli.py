@@ -72,6 +72,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--header-timeout", type=float, help="seconds a client has to send a request's headers (default 10)")
     add("--body-timeout", type=float, help="longest silence while a request body is read, in seconds (default 30)")
     add("--keep-alive-timeout", type=int, help="seconds an idle keep-alive connection stays open (default 5)")
+    add("--sse-ping-seconds", type=float,
+        help="send an SSE comment this often on a quiet stream, for proxies that cut idle connections (default off)")
 
 
 def json_object(text: str) -> dict:

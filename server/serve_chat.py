@@ -78,7 +78,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
     abort = lambda: engine.abort(request.request_id)  # noqa: E731
 
     if body.stream:
-        return sse_response(stream_chunks(body, request, stream, engine, created, prompt_lengths, base), abort)
+        return sse_response(stream_chunks(body, request, stream, engine, created, prompt_lengths, base), abort,
+                            raw.app.state.settings.sse_ping_seconds)
 
     choices = await until_disconnect(raw, collect(stream, request.num_choices), abort)
     return {

@@ -93,7 +93,7 @@ async def create_completion(body: CompletionRequest, raw: Request):
 
     if body.stream:
         chunks = stream_chunks(body, request, stream, engine, created, prompt_lengths, base)
-        return sse_response(chunks, lambda: engine.abort(request.request_id))
+        return sse_response(chunks, lambda: engine.abort(request.request_id), raw.app.state.settings.sse_ping_seconds)
 
     choices = await until_disconnect(raw, collect(stream, request.num_choices), lambda: engine.abort(request.request_id))
     return {

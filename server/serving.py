@@ -162,7 +162,7 @@ def cached_per_prompt(cached: list[int], n: int) -> int:
     return sum(max(cached[i : i + n]) for i in range(0, len(cached), n))
 
 
-def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None]) -> EventSourceResponse:
+def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None], ping: float | None = None) -> EventSourceResponse:
     """Serve `events` as `data: {json}` lines, then `data: [DONE]`; errors become an error event."""
 
     async def lines():
@@ -175,7 +175,11 @@ def sse_response(events: AsyncIterator[dict], on_close: Callable[[], None]) -> E
             on_close()
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(lines(), ping=15)
+    # "\n" line ends, as OpenAI and vLLM send them: sse-starlette's default "\r\n" is valid SSE, but clients that
+    # split events on "\n\n" (vLLM's own benchmark client among them) lose events that share a read, usage included.
+    # `ping` (--sse-ping-seconds): off by default, as OpenAI and vLLM send none; clients that strip each read before
+    # splitting (vLLM's benchmark client) merge a lone ": ping" comment with the events after it and lose them.
+    return EventSourceResponse(lines(), ping=ping or 10**9, sep="\n")
 
 
 def token_text(tokenizer, token_id: int) -> str:

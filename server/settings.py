@@ -52,6 +52,7 @@ class ServerSettings(BaseSettings):
     header_timeout: float = Field(10.0, gt=0.0, le=3600.0)
     body_timeout: float = Field(30.0, gt=0.0, le=3600.0)
     keep_alive_timeout: int = Field(5, ge=1, le=3600)
+    sse_ping_seconds: float | None = Field(None, gt=0.0, le=3600.0)  # None: no keep-alive comments in streams
 
     @property
     def model_name(self) -> str:
