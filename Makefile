@@ -46,21 +46,21 @@ soak: model
 	$(PY) benchmarks/soak.py $(ARGS)
 
 bench-engine: model
-	$(PY) -m server.engine.native.benchmark $(ARGS)
+	$(PY) benchmarks/engine_rate.py $(ARGS)
 
 # the same load against bare vLLM, longserve --engine vllm and --engine native (needs vllm)
 bench-engines: model
-	$(PY) -m server.engine.compare_engines $(ARGS)
+	$(PY) benchmarks/compare_engines.py $(ARGS)
 
 # mixed load, prefix reuse (plain and NBCE) and peak memory: ARGS="--scenario mixed|prefix|nbce-prefix|memory"
 bench-load: model
 	$(PY) benchmarks/native_load.py $(ARGS)
 
 bench-positions: model
-	$(PY) -m server.engine.native.position_cost $(ARGS)
+	$(PY) benchmarks/position_cost.py $(ARGS)
 
 bench-tries: model
-	$(PY) -m server.trie_benchmark $(ARGS)
+	$(PY) benchmarks/tries.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,7 +1,7 @@
 """Decode rate of the native engine at 1, 4 and 16 concurrent sequences,
 against transformers' `generate` single stream on the same prompts.
 
-    python -m server.engine.native.benchmark [--tokens 128] [--concurrency 1,4,16]
+    python benchmarks/engine_rate.py [--tokens 128] [--concurrency 1,4,16]
 
 Every sequence decodes exactly --tokens tokens (ignore_eos), from short
 prompts, greedy; the rate is generated tokens / wall time of the whole batch,

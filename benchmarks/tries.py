@@ -1,6 +1,6 @@
 """Knowledge-base build time, memory and per-step masking cost at growing sizes.
 
-    python -m server.trie_benchmark --keys 10k,100k,1M
+    python benchmarks/tries.py --keys 10k,100k,1M
 
 Keys look like KgCLUE's "subject ||| predicate": synthetic subjects (Chinese
 and Latin, some with bracketed disambiguation, some prefixes of others) and

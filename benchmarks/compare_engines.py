@@ -1,6 +1,6 @@
 """The same load against bare vLLM, `longserve serve --engine vllm` and `--engine native`.
 
-    python -m server.engine.compare_engines [--concurrency 1,8,32] [--num-prompts 32] [--dtype bfloat16]
+    python benchmarks/compare_engines.py [--concurrency 1,8,32] [--num-prompts 32] [--dtype bfloat16]
     (or: make bench-engines ARGS="...")
 
 Each server is started here on a loopback port, one at a time, and driven by

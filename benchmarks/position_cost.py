@@ -1,7 +1,7 @@
 """What a position setting costs: prefill time, decode time per token and peak memory,
 on the same long prompts, one setting against another.
 
-    python -m server.engine.native.position_cost --lengths 8k,16k \\
+    python benchmarks/position_cost.py --lengths 8k,16k \\
         --positions '[{"type": "rope"}, {"type": "rerope", "window": 2048, "logn": true}]'
 
 Each (setting, length) runs in a fresh child process, so its peak memory is
@@ -26,7 +26,7 @@ import torch
 
 from patches.rope import PositionSpec
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # beside the checkout
 
 
 def measure(model: str, text: Path, length: int, spec: PositionSpec, tokens: int) -> dict:
@@ -85,7 +85,7 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         for spec in specs:
-            command = [sys.executable, "-m", __spec__.name, "--child", spec.model_dump_json(), "--model", args.model,
+            command = [sys.executable, __file__, "--child", spec.model_dump_json(), "--model", args.model,
                        "--text", str(args.text), "--lengths", str(length), "--tokens", str(args.tokens)]
             print(f"measuring {label(spec)} at {length_label(length)} ...", file=sys.stderr, flush=True)
             done = subprocess.run(command, capture_output=True, text=True)
