@@ -66,7 +66,7 @@ def label(spec: PositionSpec) -> str:
 
 
 def main() -> None:
-    from clients.longeval import length_label, parse_lengths
+    from clients.prompts import length_label, parse_lengths
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")

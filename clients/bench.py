@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from clients.bench_datasets import DATASETS, build
 from clients.bench_stats import Record, detailed, parse_slo, report, summarize
-from clients.longeval import Server
+from clients.server_client import Server
 
 
 def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:

@@ -3,7 +3,7 @@
 - random: words drawn with the seed, fitted through the server's /tokenize so
   each prompt is exactly --input-len tokens as the server counts them (chat:
   the whole templated conversation); --output-len tokens asked for.
-- passkey: the long-context prompt of clients/longeval.py at --input-len tokens.
+- passkey: the long-context prompt of clients/prompts.py at --input-len tokens.
 - nbce: --nbce-contexts documents of --input-len / n tokens, one hiding the
   passkey, sent as longserve's `contexts`.
 - kgclue: few-shot questions answered under a trie constraint against the
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clients.longeval import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, Server, passkey_prompt
+from clients.prompts import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_prompt
+from clients.server_client import Server
 
 # Common words that most BPE vocabularies hold as one token after a space: a
 # prompt of them grows by about one token per word, so fitting takes few tries.

@@ -15,6 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
+from clients.longeval_tables import loss_table, passkey_table, plot_loss, plot_passkey
+from clients.nbce_eval import nbce_table, plot_nbce
+
 AXES = {"passkey": ("lengths", "depths"), "loss": ("contexts",), "nbce": ("docs",)}  # the lists each kind's table runs over
 CELL_FIELDS = {
     "passkey": ("method", "length", "depth", "trial"),
@@ -45,9 +48,6 @@ def merge_results(results: list[dict]) -> dict:
 
 def table_for(result: dict) -> tuple[str, object]:
     """The table text and the plot function for a result of any kind."""
-    from clients.longeval import loss_table, passkey_table, plot_loss, plot_passkey
-    from clients.nbce_eval import nbce_table, plot_nbce
-
     tables = {"passkey": (passkey_table, plot_passkey), "loss": (loss_table, plot_loss), "nbce": (nbce_table, plot_nbce)}
     table, plot = tables[result["kind"]]
     return table(result), plot

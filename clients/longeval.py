@@ -24,128 +24,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from tqdm import tqdm
 
 from clients.eval_table import add_table_args, run_table, table_for
+from clients.prompts import ANSWER_TOKENS, length_label, parse_lengths, passkey_prompt, position_label
+from clients.server_client import Server
 
 METHODS = ("nbce", "concat", "concat-scaled", "truncate")  # clients/nbce_eval.py
 
-PASSKEY_INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about the important information there."
-)
-PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_SENTENCE = " The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = " What is the pass key? The pass key is"
-ANSWER_TOKENS = 10
-
-
-def parse_length(text: str) -> int:
-    """'4k' -> 4096, '1500' -> 1500."""
-    text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-
-
-def parse_lengths(text: str) -> list[int]:
-    return [parse_length(part) for part in text.split(",") if part.strip()]
-
-
-def length_label(tokens: int) -> str:
-    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
-
-
-@dataclass
-class Server:
-    """What the evaluation needs from a server: a model name, token counts, completions."""
-
-    base_url: str  # ends with /v1
-    model: str
-    api_key: str | None = None
-    timeout: float = 3600.0
-
-    @property
-    def root(self) -> str:
-        return self.base_url.removesuffix("/").removesuffix("/v1")
-
-    def headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    @classmethod
-    def connect(cls, base_url: str, model: str | None, api_key: str | None) -> "Server":
-        base_url = base_url.rstrip("/")
-        if not base_url.endswith("/v1"):
-            base_url += "/v1"
-        server = cls(base_url, model or "", api_key)
-        if not model:
-            listing = httpx.get(f"{base_url}/models", headers=server.headers(), timeout=30)
-            listing.raise_for_status()
-            server.model = listing.json()["data"][0]["id"]
-        return server
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` alone (no special tokens)."""
-        return self.tokenize_body({"prompt": text, "add_special_tokens": False})["tokens"]
-
-    def tokenize_body(self, body: dict) -> dict:
-        """The server's /tokenize answer (vLLM's and longserve's shape: tokens, count) for `body` + the model."""
-        response = httpx.post(f"{self.root}/tokenize", json={"model": self.model, **body}, headers=self.headers(), timeout=120)
-        if response.status_code == 404:
-            raise SystemExit("this server has no /tokenize endpoint; exact token counts need it")
-        response.raise_for_status()
-        return response.json()
-
-    def complete(self, prompt, position: dict | None, **fields) -> dict:
-        body = {"model": self.model, "prompt": prompt, "temperature": 0, **fields}
-        if position is not None:
-            body["position"] = position
-        response = httpx.post(f"{self.base_url}/completions", json=body, headers=self.headers(), timeout=self.timeout)
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
-        return response.json()
-
-
-def position_label(position: dict | None) -> str:
-    if position is None:
-        return "server"
-    parts = [position.get("type", "rope")]
-    if "factor" in position:
-        parts.append(f"x{position['factor']:g}")
-    if position.get("type") == "ntk-mixed" and "b" in position:
-        parts.append(f"b{position['b']:g}")
-    if "window" in position:
-        parts.append(f"w{position['window']}")
-    if position.get("type") == "leaky-rerope" and "k" in position:
-        parts.append(f"k{position['k']:g}")
-    if position.get("logn"):
-        parts.append("+logn")
-    return " ".join(parts)
-
-
 # ---- passkey -------------------------------------------------------------------
-
-
-def passkey_prompt(server: Server, target_tokens: int, depth: float, key: str, sizes: dict) -> str:
-    """A passkey prompt of about `target_tokens` tokens with the key at `depth` (0 = start, 1 = end)."""
-    if not sizes:
-        sizes["filler"] = len(server.tokenize(PASSKEY_FILLER * 64)) / 64
-        sizes["fixed"] = len(server.tokenize(PASSKEY_INTRO + PASSKEY_SENTENCE.format(key="12345") + PASSKEY_QUESTION))
-    fillers = max(1, int((target_tokens - sizes["fixed"]) / sizes["filler"]))
-    before = round(fillers * depth)
-    return (
-        PASSKEY_INTRO
-        + PASSKEY_FILLER * before
-        + PASSKEY_SENTENCE.format(key=key)
-        + PASSKEY_FILLER * (fillers - before)
-        + PASSKEY_QUESTION
-    )
 
 
 def run_passkey(server: Server, lengths: list[int], depths: list[float], trials: int, positions: list, seed: int) -> dict:
@@ -177,47 +70,6 @@ def run_passkey(server: Server, lengths: list[int], depths: list[float], trials:
     progress.close()
     return {"kind": "passkey", "interrupted": len(records) < progress.total, "model": server.model, "lengths": lengths,
             "depths": depths, "trials": trials, "records": records}
-
-
-def passkey_table(result: dict) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in result["records"]))
-    lengths = result["lengths"]
-    header = f"{'method':<24}" + "".join(f"{length_label(n):>10}" for n in lengths)
-    lines = [header]
-    for method in methods:
-        cells = []
-        for length in lengths:
-            hits = [r["found"] for r in result["records"] if r["method"] == method and r["length"] == length]
-            cells.append(f"{sum(hits)}/{len(hits)}" if hits else "-")  # "-": not run (interrupted)
-        lines.append(f"{method:<24}" + "".join(f"{cell:>10}" for cell in cells))
-    return "\n".join(lines)
-
-
-def plot_passkey(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(dict.fromkeys(r["method"] for r in result["records"]))
-    lengths, depths = result["lengths"], result["depths"]
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.2), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        grid = [[0.0] * len(lengths) for _ in depths]
-        for i, depth in enumerate(depths):
-            for j, length in enumerate(lengths):
-                hits = [r["found"] for r in result["records"] if r["method"] == method and r["length"] == length and r["depth"] == depth]
-                grid[i][j] = sum(hits) / len(hits) if hits else math.nan
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_title(method, fontsize=9)
-        ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set_xlabel("length (tokens)")
-        ax.set_ylabel("depth")
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.suptitle(f"passkey retrieval, {result['model']}", fontsize=10)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ---- loss at length ------------------------------------------------------------
@@ -276,39 +128,6 @@ def score_prompt(server: Server, window: list[int], position: dict | None, answe
             raise
         answer_tokens[0] = 1
         return server.complete(window, position, max_tokens=1, echo=True, logprobs=0)
-
-
-def loss_table(result: dict) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in result["records"]))
-    contexts = result["contexts"]
-    lines = [f"{'method':<24}" + "".join(f"{length_label(c):>10}" for c in contexts)]
-    for method in methods:
-        by_context = {r["context"]: r["loss"] for r in result["records"] if r["method"] == method}
-        cells = [("-" if c not in by_context else "error" if by_context[c] is None else f"{by_context[c]:.3f}") for c in contexts]
-        lines.append(f"{method:<24}" + "".join(f"{cell:>10}" for cell in cells))
-    return "\n".join(lines)
-
-
-def plot_loss(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in result["records"]):
-        points = [(r["context"], r["loss"]) for r in result["records"] if r["method"] == method and r["loss"] is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(result["contexts"], [length_label(c) for c in result["contexts"]])
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel(f"loss of the last {result['score_last']} tokens")
-    ax.set_title(f"loss at length, {result['model']}", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ---- command line ----------------------------------------------------------------

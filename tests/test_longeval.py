@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from clients.eval_table import merge_results
-from clients.longeval import PASSKEY_INTRO, PASSKEY_QUESTION, Server, parse_lengths, passkey_prompt, run_loss
+from clients.longeval import run_loss
+from clients.prompts import PASSKEY_INTRO, PASSKEY_QUESTION, parse_lengths, passkey_prompt
+from clients.server_client import Server
 from server.cli import main
 from tests.conftest import make_engine, running_server, tiny_model
 
@@ -181,7 +183,7 @@ def test_ctrl_c_keeps_what_finished(eval_server, tmp_path, capsys, monkeypatch, 
 
 
 def test_position_labels_tell_every_setting_apart():
-    from clients.longeval import position_label
+    from clients.prompts import position_label
 
     labels = {position_label(p) for p in ({"type": "rerope", "window": 1024}, {"type": "rerope", "window": 2048, "logn": True},
                                           {"type": "leaky-rerope", "window": 2048, "k": 16}, {"type": "ntk-mixed", "factor": 2, "b": 0.625})}

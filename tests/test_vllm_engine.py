@@ -157,7 +157,8 @@ def test_ntk_mixed_with_logn_past_the_trained_length_agrees_with_the_native_engi
 @needs_vllm
 def test_the_loss_evaluation_scores_alike_through_either_engine(vllm_server, bundled_server, tmp_path):
     """`longserve eval loss` needs prompt log-probs: the vLLM engine gives them through vLLM's prompt_logprobs."""
-    from clients.longeval import Server, run_loss
+    from clients.longeval import run_loss
+    from clients.server_client import Server
 
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(80)))
