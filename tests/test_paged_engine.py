@@ -6,7 +6,6 @@ import asyncio
 import os
 
 import pytest
-import torch
 
 from patches.rope import PositionSpec
 from server.engine.base import GenerationRequest, SamplingParams
