@@ -78,9 +78,9 @@ class BlockManager:
         `target` is left to compute, so the step that reaches it has logits to sample from."""
         if not self.prefix_caching or seq.params.prompt_logprobs is not None:  # scores need every position computed
             return []
-        found, parent = [], None
+        found, parent, ids = [], None, seq.all_ids  # all_ids builds a list: once, not once per block
         for index in range((target - 1) // BLOCK_SIZE):
-            tokens = tuple(seq.all_ids[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
+            tokens = tuple(ids[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
             parent = hash((parent, tokens, seq.positions.cache_key))
             block_id = self.by_hash.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
