@@ -31,7 +31,7 @@ from server.engine.native.beam_group import BeamGroup
 from server.engine.native.block_manager import BlockManager
 from server.engine.native.constraint import KeyState, mask_to_keys
 from server.engine.native.isolation import by_request, is_fatal
-from server.engine.native.kv_cache import BLOCK_SIZE, KvPool, default_budget_bytes
+from server.engine.native.kv_cache import BLOCK_SIZE, KvPool, bytes_per_token, default_budget_bytes
 from server.engine.native.loading import NativeConfig, eos_ids, load_model, pick_device, pick_dtype
 from server.engine.native.model_runner import ModelRunner, StepLogits
 from server.engine.native.observe import SequenceMetrics
@@ -105,7 +105,7 @@ class NativeEngine:
         """The block pool, sized by --kv-cache-memory (or half the memory available); says how many tokens fit."""
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         planes = 3 if self.position.clipped else 2
-        token_bytes = model_config.num_hidden_layers * model_config.num_key_value_heads * head_dim * planes * self.dtype.itemsize
+        token_bytes = bytes_per_token(model_config.num_hidden_layers, model_config.num_key_value_heads, head_dim, self.dtype, planes)
         budget = int(config.kv_cache_memory * 2**30) if config.kv_cache_memory else default_budget_bytes(self.device)
         num_blocks = budget // (token_bytes * BLOCK_SIZE)
         if num_blocks * BLOCK_SIZE < self.max_model_len:

@@ -44,7 +44,6 @@ class Chunk:
 class Step:
     decode: list[Sequence] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
     starved: list[Sequence] = field(default_factory=list)  # group rows out of blocks with nothing to preempt: they fail
 
     @property
@@ -161,7 +160,6 @@ class Scheduler:
                 step.starved.append(seq)
                 return False
             self.preempt(victim)
-            step.preempted.append(victim)
             if victim is seq:
                 return False
         return True
