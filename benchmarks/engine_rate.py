@@ -17,7 +17,8 @@ import time
 import torch
 
 from server.engine.base import GenerationRequest, SamplingParams
-from server.engine.native.engine import NativeConfig, NativeEngine
+from server.engine.config import EngineConfig
+from server.engine.native.engine import NativeEngine
 from server.models import DEFAULT_MODEL, resolve
 
 PROMPTS = [
@@ -62,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    engine = NativeEngine(NativeConfig(model_path=str(resolve(args.model)), model_name=args.model, max_num_seqs=max(levels)))
+    engine = NativeEngine(EngineConfig(model_path=str(resolve(args.model)), model_name=args.model, max_num_seqs=max(levels)))
     tokenizer = engine.tokenizer
     print(f"model {args.model}, {engine.device}, {engine.dtype}, torch threads {torch.get_num_threads()}, {args.tokens} tokens per sequence")
 

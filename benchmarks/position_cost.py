@@ -32,10 +32,11 @@ DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysh
 def measure(model: str, text: Path, length: int, spec: PositionSpec, tokens: int) -> dict:
     """In this process: one prompt of `length` tokens under `spec`."""
     from server.engine.base import GenerationRequest, SamplingParams
-    from server.engine.native.engine import NativeConfig, NativeEngine
+    from server.engine.config import EngineConfig
+    from server.engine.native.engine import NativeEngine
     from server.models import resolve
 
-    engine = NativeEngine(NativeConfig(model_path=str(resolve(model)), model_name=model, max_num_seqs=1,
+    engine = NativeEngine(EngineConfig(model_path=str(resolve(model)), model_name=model, max_num_seqs=1,
                                        max_model_len=length + tokens + 1, position=spec))
     ids = engine.tokenizer.encode(text.read_text(encoding="utf-8")[: length * 8])[:length]
     if len(ids) < length:

@@ -18,14 +18,8 @@ from typing import Any
 
 import torch
 
+from patches.model_facts import ModelFacts
 from patches.rope import PositionSpec, logn_factors, rope_table
-
-
-def model_rope_facts(config) -> tuple[int, float, int]:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope_parameters = getattr(config, "rope_parameters", None) or {}
-    base = float(rope_parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    return head_dim, base, config.max_position_embeddings
 
 
 def forward_positions(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -45,7 +39,8 @@ def install_position(model, spec: PositionSpec) -> list:
     """Patch `model` in place for `spec`; returns hook handles (call .remove() to undo the hooks)."""
     if spec.clipped:
         raise ValueError(f"{spec.type!r} changes the attention step itself; it runs in longserve's native engine only")
-    head_dim, base, trained_len = model_rope_facts(model.config)
+    facts = ModelFacts.of(model.config)
+    head_dim, base, trained_len = facts.head_dim, facts.rope_base, facts.trained_len
     decoder = model.model
     rotary = decoder.rotary_emb
     handles = []

@@ -18,14 +18,14 @@ from fastapi.responses import JSONResponse
 from server import __version__
 from server.drain import Drain, DrainGate
 from server.errors import APIError, error_response, install_error_handlers
+from server.engine.metrics import Metrics
 from server.knowledge import KnowledgeStore, Limits
-from server.metrics import Metrics
-from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.protocol import DetokenizeRequest, TokenizeRequest, check_model, check_token_ids
 from server.request_ids import RequestIds
+from server.responses import STREAM_EVENTS, ChatCompletionResponse, CompletionResponse
 from server.serve_chat import chat_prompt_ids, create_chat_completion
 from server.serve_completion import create_completion
 from server.serve_tries import trie_routes
-from server.serving import check_model, check_token_ids
 from server.settings import ServerSettings
 
 
@@ -49,10 +49,10 @@ class BodyLimit:
         limit, flag = self.limit, "--max-body-bytes"
         if scope["method"] == "PUT" and scope["path"].startswith("/v1/tries/"):
             limit, flag = self.upload_limit, "--max-upload-bytes"
-        too_big = error_response(413, f"the request body is over this server's limit of {limit} bytes ({flag})")
+        too_big = f"the request body is over this server's limit of {limit} bytes ({flag})"
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await too_big(scope, receive, send)
+            return await error_response(413, too_big)(scope, receive, send)
         chunks, size = [], 0
         while True:
             try:
@@ -66,7 +66,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                return await too_big(scope, receive, send)
+                return await error_response(413, too_big)(scope, receive, send)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -89,6 +89,30 @@ def require_api_key(request: Request) -> None:
     given = header[7:] if header.lower().startswith("bearer ") else ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def stream_responses(path: str) -> dict:
+    """The OpenAPI entry of a stream (stream: true): server-sent events, each one JSON object of this schema."""
+    event = {"$ref": f"#/components/schemas/{STREAM_EVENTS[path].__name__}"}
+    return {200: {"content": {"text/event-stream": {"schema": event}},
+                  "description": "a JSON object; with stream: true, `data: {event}` lines, then `data: [DONE]`"}}
+
+
+def with_stream_events(app: FastAPI) -> Callable[[], dict]:
+    """app.openapi, plus the schemas of stream events, which no route returns as JSON."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in STREAM_EVENTS.values():
+                event = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(event.pop("$defs", {}))
+                components[model.__name__] = event
+        return app.openapi_schema
+
+    return openapi
 
 
 def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None,
@@ -138,10 +162,14 @@ def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None,
             ],
         }
 
-    v1.post("/completions")(create_completion)
-    v1.post("/chat/completions")(create_chat_completion)
+    # Fields left unset are left out (server/responses.py): a plain request gets exactly OpenAI's shape.
+    v1.post("/completions", response_model=CompletionResponse, response_model_exclude_unset=True,
+            responses=stream_responses("/v1/completions"))(create_completion)
+    v1.post("/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_unset=True,
+            responses=stream_responses("/v1/chat/completions"))(create_chat_completion)
     v1.include_router(trie_routes())
     app.include_router(v1)
+    app.openapi = with_stream_events(app)
 
     @app.get("/health")
     async def health():

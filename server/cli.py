@@ -24,56 +24,76 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
+def default(name: str) -> str:
+    """ServerSettings' default for a flag's help: the one place defaults live."""
+    from server.settings import ServerSettings
+
+    value = ServerSettings.model_fields[name].get_default(call_default_factory=True)
+    if name.endswith("_bytes") and value >= 2**20:
+        return f"{value / 2**30:g} GiB" if value >= 2**30 else f"{value / 2**20:g} MiB"
+    if name.endswith("_bytes") and value >= 1024:
+        return f"{value / 1024:g} KiB"
+    return "off" if value is None or value is False else str(value)
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     # Defaults are None so that unset flags fall through to LONGSERVE_* variables
-    # and then to ServerSettings' own defaults.
+    # and then to ServerSettings' own defaults, which the help shows.
     add = parser.add_argument
     add("--model", help=f"bundled name, local HF directory or hub id (default {DEFAULT_MODEL})")
     add("--served-model-name", help="the name clients use (default: --model)")
-    add("--host", help="address to bind (default 127.0.0.1)")
-    add("--port", type=int, help="port (default 8000)")
+    add("--host", help=f"address to bind (default {default('host')})")
+    add("--port", type=int, help=f"port (default {default('port')})")
     add("--engine", choices=["native", "vllm", "auto"],
-        help="native (every feature; default), vllm (throughput; no NBCE, beam search over keys or ReRoPE), "
-        "auto (vllm when installed and the position setting allows it)")
-    add("--device", choices=["auto", "cpu", "cuda"], help="default auto (native engine)")
+        help=f"native (every feature), vllm (throughput; no NBCE, beam search over keys or ReRoPE), "
+        f"auto (vllm when installed and the position setting allows it); default {default('engine')}")
+    add("--device", choices=["auto", "cpu", "cuda"], help=f"native engine (default {default('device')})")
     add("--dtype", choices=["auto", "float32", "bfloat16"],
         help="default auto: bfloat16 on CUDA and on CPUs with bf16 matmul instructions (AVX512-BF16, AMX), else float32")
-    add("--max-num-seqs", type=int, help="sequences decoded together (default 16)")
+    add("--max-num-seqs", type=int, help=f"sequences decoded together (default {default('max_num_seqs')})")
     add("--max-model-len", type=int, help="prompt + output tokens per sequence (default: trained length x position factor)")
     add(
         "--position",
         type=json_object,
         help='position scaling as JSON, e.g. \'{"type": "ntk-mixed", "factor": 2, "b": 0.625, "logn": true}\'; '
-        f"types: {', '.join(POSITION_TYPES)}",
+        f"types: {', '.join(POSITION_TYPES)} (default rope: the model's own)",
     )
-    add("--max-waiting", type=int, help="sequences queued beyond the batch before 429 (default 256)")
-    add("--prefill-chunk", type=int, help="most prompt tokens one sequence prefills in a step (default 512)")
+    add("--max-waiting", type=int, help=f"sequences queued beyond the batch before 429 (default {default('max_waiting')})")
+    add("--prefill-chunk", type=int,
+        help=f"native engine: most prompt tokens one sequence prefills in a step (default {default('prefill_chunk')})")
     add("--max-num-batched-tokens", type=int,
-        help="tokens in one step: every decode, then prefill chunks of as many prompts as fit (default 2048)")
+        help="tokens in one step: every decode, then prefill chunks of as many prompts as fit "
+        f"(default {default('max_num_batched_tokens')})")
     add("--kv-cache-memory", type=float,
         help="GiB of KV-cache blocks (default: half the memory available on CPU, 90%% of free GPU memory)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
         help="reuse the KV cache of prompt blocks seen before (default on; --no-enable-prefix-caching to turn off)")
     add("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or LONGSERVE_API_KEY)")
-    add("--max-body-bytes", type=int, help="largest request body (default 16 MiB)")
-    add("--max-contexts", type=int, help="most NBCE contexts in one request (default 64; also at most --max-num-seqs - 1)")
+    add("--max-body-bytes", type=int, help=f"largest request body (default {default('max_body_bytes')})")
+    add("--max-contexts", type=int,
+        help=f"most NBCE contexts in one request (default {default('max_contexts')}; also at most --max-num-seqs - 1)")
     add("--data-dir", help="where knowledge bases (tries) persist (default ~/.local/share/longserve)")
-    add("--max-trie-keys", type=int, help="keys per knowledge base (default 2000000)")
-    add("--max-key-chars", type=int, help="characters per key (default 512)")
-    add("--max-trie-bytes", type=int, help="memory of all knowledge bases together (default 4 GiB)")
-    add("--max-upload-bytes", type=int, help="largest JSON-lines upload to PUT /v1/tries/NAME (default 1 GiB)")
-    add("--log-level", choices=["debug", "info", "warning", "error"])
+    add("--max-trie-keys", type=int, help=f"keys per knowledge base (default {default('max_trie_keys')})")
+    add("--max-key-chars", type=int, help=f"characters per key (default {default('max_key_chars')})")
+    add("--max-trie-bytes", type=int, help=f"memory of all knowledge bases together (default {default('max_trie_bytes')})")
+    add("--max-upload-bytes", type=int,
+        help=f"largest JSON-lines upload to PUT /v1/tries/NAME (default {default('max_upload_bytes')})")
+    add("--log-level", choices=["debug", "info", "warning", "error"], help=f"default {default('log_level')}")
     add("--log-prompts", action="store_true", default=None, help="write prompt text to the log (off: only ids and counts)")
     add("--shutdown-timeout", type=float,
-        help="on SIGTERM, seconds in-flight requests get to finish before they are ended (default 30)")
+        help=f"on SIGTERM, seconds in-flight requests get to finish before they are ended (default {default('shutdown_timeout')})")
     add("--health-stall-seconds", type=float,
-        help="/health answers 503 when the engine has made no progress this long with work queued (default 120)")
-    add("--max-header-bytes", type=int, help="largest request line + headers (default 64 KiB)")
-    add("--header-timeout", type=float, help="seconds a client has to send a request's headers (default 10)")
-    add("--body-timeout", type=float, help="longest silence while a request body is read, in seconds (default 30)")
-    add("--keep-alive-timeout", type=int, help="seconds an idle keep-alive connection stays open (default 5)")
+        help="/health answers 503 when the engine has made no progress this long with work queued "
+        f"(default {default('health_stall_seconds')})")
+    add("--max-header-bytes", type=int, help=f"largest request line + headers (default {default('max_header_bytes')})")
+    add("--header-timeout", type=float, help=f"seconds a client has to send a request's headers (default {default('header_timeout')})")
+    add("--body-timeout", type=float,
+        help=f"longest silence while a request body is read, in seconds (default {default('body_timeout')})")
+    add("--keep-alive-timeout", type=int,
+        help=f"seconds an idle keep-alive connection stays open (default {default('keep_alive_timeout')})")
     add("--sse-ping-seconds", type=float,
-        help="send an SSE comment this often on a quiet stream, for proxies that cut idle connections (default off)")
+        help=f"send an SSE comment this often on a quiet stream, for proxies that cut idle connections "
+        f"(default {default('sse_ping_seconds')})")
 
 
 def json_object(text: str) -> dict:
@@ -120,24 +140,19 @@ def pick_engine(settings) -> str:
 
 
 def build_engine(settings, path: str, metrics):
+    from server.engine.config import EngineConfig
+
+    config = EngineConfig.from_settings(settings, path)
     if pick_engine(settings) == "vllm":
-        from server.engine.vllm import VllmConfig, VllmEngine
+        from server.engine.vllm import VllmEngine
 
-        if settings.device == "cuda" or settings.prefill_chunk != 512:
-            logging.getLogger("longserve").info("--device and --prefill-chunk apply to the native engine only")
-        config = VllmConfig(model_path=path, model_name=settings.model_name, dtype=settings.dtype,
-                            max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
-                            max_waiting=settings.max_waiting, position=settings.position,
-                            max_num_batched_tokens=settings.max_num_batched_tokens,
-                            enable_prefix_caching=settings.enable_prefix_caching, kv_cache_memory=settings.kv_cache_memory)
+        native_only = sorted({"device", "prefill_chunk"} & settings.model_fields_set)
+        if native_only:
+            logging.getLogger("longserve").info("%s apply to the native engine only",
+                                                " and ".join("--" + name.replace("_", "-") for name in native_only))
         return VllmEngine(config, metrics=metrics)
-    from server.engine.native.engine import NativeConfig, NativeEngine
+    from server.engine.native.engine import NativeEngine
 
-    config = NativeConfig(model_path=path, model_name=settings.model_name, device=settings.device, dtype=settings.dtype,
-                          max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
-                          max_waiting=settings.max_waiting, prefill_chunk=settings.prefill_chunk, position=settings.position,
-                          max_num_batched_tokens=settings.max_num_batched_tokens, kv_cache_memory=settings.kv_cache_memory,
-                          enable_prefix_caching=settings.enable_prefix_caching)
     return NativeEngine(config, metrics=metrics)
 
 
@@ -156,7 +171,7 @@ def run_serve(args: argparse.Namespace) -> None:
         fail(str(exc))
     from server.app import create_app
     from server.http_server import serve
-    from server.metrics import Metrics
+    from server.engine.metrics import Metrics
 
     metrics = Metrics(settings.model_name)
     try:

@@ -1,4 +1,8 @@
-"""OpenAI request and response models, with vLLM's common extensions.
+"""OpenAI request and response models, with vLLM's common extensions and longserve's own.
+
+Each request model converts itself to the engine's GenerationRequest
+(`to_generation_request`); the extensions' adapters (server/extensions/) then
+set their own engine fields. The responses are in server/responses.py.
 
 Requests forbid unknown fields: a misspelt parameter gets a 400 that names
 it, instead of being silently ignored. Ranges follow OpenAI's documentation.
@@ -18,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from patches.nbce import NbceParams
 from patches.rope import PositionSpec
+from server.engine.base import GenerationRequest, SamplingParams
+from server.errors import APIError
 from server.valid_text import check_text
 
 MAX_STOP_STRINGS = 16
@@ -123,6 +129,31 @@ class SamplingFields(RequestBody):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+        logit_bias = {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+        check_token_ids(list(logit_bias), vocab_size, "logit_bias")
+        check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            seed=self.seed,
+            stop=self.stop_list,
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=logit_bias,
+        )
+
+    def to_generation_request(self, request_id: str, prompts: list[list[int]], params: SamplingParams) -> GenerationRequest:
+        """The engine's request, before the extensions set their fields (server/extensions/)."""
+        return GenerationRequest(request_id, prompts, params, self.n)
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -211,6 +242,11 @@ class ChatCompletionRequest(SamplingFields):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def top_logprob_count(self) -> int | None:
+        """The engine's `logprobs`: None without logprobs, else how many alternatives each token lists."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class TokenizeRequest(RequestBody):
     model: str | None = None
@@ -231,5 +267,32 @@ class DetokenizeRequest(RequestBody):
     tokens: list[int]
 
 
+
 def now() -> int:
     return int(time.time())
+
+
+# Checks against the served model's limits: the request is valid JSON, but this server cannot take it.
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise APIError(404, f"the model {requested!r} does not exist; this server serves {served!r}", "model", "model_not_found")
+
+
+def check_length(prompt_len: int, max_tokens: int, max_model_len: int, which: str = "the prompt", param: str | None = None) -> None:
+    if prompt_len == 0:
+        raise APIError(400, f"{which} is empty; give at least one token", param or "prompt")
+    if prompt_len + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"{which} has {prompt_len} tokens and max_tokens is {max_tokens}: together {prompt_len + max_tokens}, "
+            f"over this server's max_model_len of {max_model_len}. Shorten the prompt or lower max_tokens.",
+            param or "max_tokens",
+        )
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise APIError(400, f"{param} holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})", param)

@@ -18,9 +18,9 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from server.errors import APIError
-from server.engine.base import KeyConstraint
+from server.extensions.keys import find_base
 from server.knowledge import EntryError, KnowledgeStore, build
-from server.protocol import Constraint, RequestBody
+from server.protocol import RequestBody
 
 MAX_LEAD_CHARS = 8
 
@@ -67,52 +67,6 @@ async def register(request: Request, name: str, entries: list, lead: str) -> dic
     return base.stats()
 
 
-def find(request: Request, name: str):
-    base = request.app.state.knowledge.bases.get(name)
-    if base is None:
-        known = ", ".join(sorted(request.app.state.knowledge.bases)) or "none yet"
-        raise APIError(404, f"no trie named {name!r}; this server has: {known}", "name", "trie_not_found")
-    return base
-
-
-async def key_constraint(request: Request, constraint: Constraint | None, beam_width: int | None = None):
-    """The engine's KeyConstraint and the base that answers for it, or (None, None).
-
-    Inline choices are tokenized and built into a trie in a worker thread
-    (about 0.2 s for 10,000 choices): other requests' streams go on meanwhile."""
-    if constraint is None:
-        return None, None
-    engine = request.app.state.engine
-    if constraint.trie is not None:
-        base = find(request, constraint.trie)
-    else:
-        entries = [{"key": choice, "value": None} for choice in constraint.choices]
-        try:
-            base = await asyncio.to_thread(build, "inline", entries, engine.tokenizer, constraint.lead,
-                                           request.app.state.knowledge.limits)
-        except EntryError as exc:
-            raise APIError(400, str(exc).replace("entry", "choice", 1), "constraint.choices") from None
-    if beam_width is not None and beam_width > base.num_keys:
-        raise APIError(400, f"a beam of n = {beam_width} asks for more distinct keys than the {base.num_keys} there are; lower n", "n")
-    if beam_width is not None and beam_width > engine.max_num_seqs:
-        raise APIError(400, f"a beam of n = {beam_width} does not fit --max-num-seqs {engine.max_num_seqs}; lower n", "n")
-    end_token = engine.tokenizer.eos_token_id
-    if end_token is None:
-        raise APIError(400, "this model has no end-of-sequence token to end a key with", "constraint")
-    return KeyConstraint(base.trie, end_token), base
-
-
-def key_fields(base, entry: int | None, score: float | None = None) -> dict:
-    """The extension fields of a constrained choice: its key and the stored value once complete,
-    and with beam search its score (cumulative log-probability)."""
-    if base is None:
-        return {}
-    fields = {"key": None, "value": None} if entry is None else {"key": base.key(entry), "value": base.value(entry)}
-    if score is not None:
-        fields["score"] = score
-    return fields
-
-
 def trie_routes() -> APIRouter:
     router = APIRouter()
 
@@ -136,11 +90,11 @@ def trie_routes() -> APIRouter:
 
     @router.get("/tries/{name}")
     async def show(name: str, request: Request):
-        return find(request, name).stats()
+        return find_base(request.app.state.knowledge, name).stats()
 
     @router.delete("/tries/{name}")
     async def delete(name: str, request: Request):
-        find(request, name)
+        find_base(request.app.state.knowledge, name)
         request.app.state.knowledge.delete(name)
         return {"name": name, "object": "trie", "deleted": True}
 

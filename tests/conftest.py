@@ -15,8 +15,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 
 from server.app import create_app  # noqa: E402
-from server.engine.native.engine import NativeConfig, NativeEngine  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.native.engine import NativeEngine  # noqa: E402
+from server.engine.metrics import Metrics  # noqa: E402
 from server.models import DEFAULT_MODEL, resolve  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
 
@@ -72,7 +73,7 @@ def tiny_llama():
 def make_engine(model, tokenizer, name="tiny", **config) -> NativeEngine:
     config.setdefault("kv_cache_memory", 1.0)  # GiB: 23k tokens of the bundled model in float32; far more of a tiny one
     metrics = Metrics(name)
-    return NativeEngine(NativeConfig(model_path="", model_name=name, **config), metrics=metrics, model=model, tokenizer=tokenizer)
+    return NativeEngine(EngineConfig(model_path="", model_name=name, **config), metrics=metrics, model=model, tokenizer=tokenizer)
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
@@ -155,11 +156,12 @@ def bundled_server(bundled_model, tokenizer):
 def vllm_server(bundled_path):
     """The bundled model behind the vLLM engine (float32, as the native engine runs it), for the whole session:
     vLLM takes about a minute to start on CPU. Skipped where vllm is not installed."""
-    from server.engine.vllm import VllmConfig, VllmEngine, vllm_available
+    from server.engine.config import EngineConfig
+    from server.engine.vllm import VllmEngine, vllm_available
 
     if not vllm_available():
         pytest.skip("vllm is not installed (make setup installs it unless SKIP_VLLM=1)")
-    engine = VllmEngine(VllmConfig(model_path=str(bundled_path), model_name=DEFAULT_MODEL, dtype="float32", max_num_seqs=8),
+    engine = VllmEngine(EngineConfig(model_path=str(bundled_path), model_name=DEFAULT_MODEL, dtype="float32", max_num_seqs=8),
                         metrics=Metrics(DEFAULT_MODEL))
     with running_server(engine) as url:
         yield url

@@ -128,15 +128,16 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
 @needs_vllm
 def test_ntk_mixed_with_logn_past_the_trained_length_agrees_with_the_native_engine(tiny_llama_dir, tokenizer):
     """vLLM's ntk table must reach past max_position_embeddings (else garbage, no error) and the plugin must scale queries."""
-    from server.engine.vllm import VllmConfig, VllmEngine
-    from server.metrics import Metrics
+    from server.engine.config import EngineConfig
+    from server.engine.vllm import VllmEngine
+    from server.engine.metrics import Metrics
 
     path, model = tiny_llama_dir
     spec = PositionSpec(type="ntk-mixed", factor=4, b=0.625, logn=True)
     prompt = " ".join(f"word{i % 97}" for i in range(300))  # about 900 tokens: 3.5x the trained length
     assert 700 < len(tokenizer.encode(prompt)) < 1000
     score = dict(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0, temperature=0)
-    vllm_engine = VllmEngine(VllmConfig(model_path=str(path), model_name="tiny", dtype="float32", max_num_seqs=2,
+    vllm_engine = VllmEngine(EngineConfig(model_path=str(path), model_name="tiny", dtype="float32", max_num_seqs=2,
                                         max_model_len=1024, position=spec), metrics=Metrics("tiny"))
     with running_server(vllm_engine) as vllm_url, \
             running_server(make_engine(model, tokenizer, max_model_len=1024, position=spec)) as native_url:

@@ -27,10 +27,11 @@ import tempfile
 import time
 import uuid
 import weakref
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from patches.model_facts import ModelFacts
 from patches.rope import PositionSpec
+from server.engine.config import EngineConfig
 from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, KeyConstraint, SamplingParams, SeqDelta,
                                 TokenLogprob, Unsupported, check_fits, choice_deltas)
 
@@ -76,19 +77,7 @@ def positions_for_vllm(spec: PositionSpec, head_dim: int, base: float, trained_l
     raise ValueError(f"the vLLM engine has no {spec.type!r} positions; use --engine native")
 
 
-@dataclass
-class VllmConfig:
-    model_path: str
-    model_name: str
-    dtype: str = "auto"  # auto | float32 | bfloat16
-    max_num_seqs: int = 16
-    max_model_len: int | None = None
-    max_waiting: int = 256
-    position: PositionSpec = field(default_factory=PositionSpec)
-    kv_cache_gib: int = 2  # CPU only: vLLM's KV cache space (VLLM_CPU_KVCACHE_SPACE, whole GiB)
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    kv_cache_memory: float | None = None  # GiB (--kv-cache-memory): vLLM's kv_cache_memory_bytes on CUDA, its CPU space here
+CPU_KV_CACHE_GIB = 2  # vLLM's CPU KV-cache space (VLLM_CPU_KVCACHE_SPACE) when --kv-cache-memory is not given
 
 
 def torch_has_cuda() -> bool:
@@ -97,7 +86,7 @@ def torch_has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def kv_cache_args(config: VllmConfig) -> dict:
+def kv_cache_args(config: EngineConfig) -> dict:
     """--kv-cache-memory on CUDA: vLLM's own kv_cache_memory_bytes (on CPU it is VLLM_CPU_KVCACHE_SPACE)."""
     if config.kv_cache_memory and torch_has_cuda():
         return {"kv_cache_memory_bytes": int(config.kv_cache_memory * 2**30)}
@@ -105,7 +94,7 @@ def kv_cache_args(config: VllmConfig) -> dict:
 
 
 class VllmEngine:
-    def __init__(self, config: VllmConfig, metrics=None):
+    def __init__(self, config: EngineConfig, metrics=None):
         from transformers import AutoConfig, AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
@@ -118,24 +107,20 @@ class VllmEngine:
         self.model_name = config.model_name
         self.max_num_seqs = config.max_num_seqs
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-        model_config = AutoConfig.from_pretrained(config.model_path)
-        self.trained_len = model_config.max_position_embeddings
+        facts = ModelFacts.of(AutoConfig.from_pretrained(config.model_path))
+        self.trained_len = facts.trained_len
         self.position = config.position
         self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        rope_parameters = getattr(model_config, "rope_parameters", None) or {}
-        base = float(rope_parameters.get("rope_theta", getattr(model_config, "rope_theta", 10000.0)))
-        overrides = positions_for_vllm(self.position, head_dim, base, self.trained_len, self.max_model_len)
+        overrides = positions_for_vllm(self.position, facts.head_dim, facts.rope_base, self.trained_len, self.max_model_len)
         if config.kv_cache_memory and not torch_has_cuda():  # vLLM on CPU reads its space from the environment, in GiB
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.kv_cache_memory)))
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
         # vLLM's engine process inherits the environment as it is now: this switches log-n on or off there.
         if self.position.logn:
             os.environ[LOGN_ENV] = str(self.trained_len)
         else:
             os.environ.pop(LOGN_ENV, None)
-        dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16"}[config.dtype]
-        args = AsyncEngineArgs(model=config.model_path, served_model_name=config.model_name, dtype=dtype,
+        args = AsyncEngineArgs(model=config.model_path, served_model_name=config.model_name, dtype=config.dtype,
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                hf_overrides=overrides, enforce_eager=True, disable_log_stats=True,
                                logits_processors=[KeyLogitsProcessor], max_num_batched_tokens=config.max_num_batched_tokens,

@@ -26,13 +26,15 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from patches.model_facts import ModelFacts
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
 from server.engine.native.block_manager import BlockManager
 from server.engine.native.constraint import KeyState, mask_to_keys
 from server.engine.native.isolation import by_request, is_fatal
 from server.engine.native.kv_cache import BLOCK_SIZE, KvPool, bytes_per_token, default_budget_bytes
-from server.engine.native.loading import NativeConfig, eos_ids, load_model, pick_device, pick_dtype
+from server.engine.config import EngineConfig
+from server.engine.native.loading import eos_ids, load_model, pick_device, pick_dtype
 from server.engine.native.model_runner import ModelRunner, StepLogits
 from server.engine.native.observe import SequenceMetrics
 from server.engine.native.nbce_group import NbceGroup
@@ -53,7 +55,7 @@ def ignore(delta: SeqDelta) -> None:
 
 
 class NativeEngine:
-    def __init__(self, config: NativeConfig, metrics=None, model=None, tokenizer=None):
+    def __init__(self, config: EngineConfig, metrics=None, model=None, tokenizer=None):
         self.config = config
         self.model_name = config.model_name
         self.max_num_seqs = config.max_num_seqs
@@ -63,7 +65,8 @@ class NativeEngine:
         self.dtype = model.dtype
         self.model, self.tokenizer = model, tokenizer
         model_config = model.config
-        self.trained_len = model_config.max_position_embeddings
+        self.facts = ModelFacts.of(model_config)
+        self.trained_len = self.facts.trained_len
         self.position = config.position
         if self.position.clipped:  # report the window in use, not "default"
             self.position = self.position.model_copy(update={"window": self.position.window_for(self.trained_len)})
@@ -79,7 +82,7 @@ class NativeEngine:
         self.observe = SequenceMetrics(metrics)
 
         self.positions = Positions(model, self.position, self.device)
-        self.pool = self._kv_pool(model_config, config)
+        self.pool = self._kv_pool(config)
         self.blocks = BlockManager(self.pool, prefix_caching=config.enable_prefix_caching)
         self.observe.watch(self.blocks)
         self.runner = ModelRunner(model, self.pool, self.positions)
@@ -101,11 +104,11 @@ class NativeEngine:
         self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
         self._thread.start()
 
-    def _kv_pool(self, model_config, config: NativeConfig) -> KvPool:
+    def _kv_pool(self, config: EngineConfig) -> KvPool:
         """The block pool, sized by --kv-cache-memory (or half the memory available); says how many tokens fit."""
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        facts = self.facts
         planes = 3 if self.position.clipped else 2
-        token_bytes = bytes_per_token(model_config.num_hidden_layers, model_config.num_key_value_heads, head_dim, self.dtype, planes)
+        token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, self.dtype, planes)
         budget = int(config.kv_cache_memory * 2**30) if config.kv_cache_memory else default_budget_bytes(self.device)
         num_blocks = budget // (token_bytes * BLOCK_SIZE)
         if num_blocks * BLOCK_SIZE < self.max_model_len:
@@ -113,7 +116,7 @@ class NativeEngine:
                 f"--kv-cache-memory {budget / 2**30:.2f} GiB holds {num_blocks * BLOCK_SIZE} tokens, fewer than one sequence "
                 f"of --max-model-len {self.max_model_len}; raise --kv-cache-memory or lower --max-model-len"
             )
-        pool = KvPool(model_config.num_hidden_layers, model_config.num_key_value_heads, head_dim, num_blocks, self.dtype,
+        pool = KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, num_blocks, self.dtype,
                       self.device, near_keys=self.position.clipped)
         log.info("KV cache: %.2f GiB, %d blocks of %d: %d tokens fit (%.1f sequences of --max-model-len %d)",
                  pool.bytes_allocated() / 2**30, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / self.max_model_len,

@@ -1,28 +1,8 @@
-"""What the native engine starts from: its configuration, the device and dtype, the model and its end tokens."""
+"""What the native engine starts from, past its EngineConfig: the device and dtype, the model and its end tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-
-from patches.rope import PositionSpec
-
-
-@dataclass
-class NativeConfig:
-    model_path: str
-    model_name: str
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16
-    max_num_seqs: int = 16
-    max_model_len: int | None = None  # None: the model's own trained length
-    max_waiting: int = 256
-    prefill_chunk: int = 512  # the most prompt tokens one sequence prefills in a step
-    max_num_batched_tokens: int = 2048  # tokens in one step, decodes and prefill chunks together
-    kv_cache_memory: float | None = None  # GiB of KV-cache blocks; None: kv_cache.default_budget_bytes
-    enable_prefix_caching: bool = True
-    position: PositionSpec = field(default_factory=PositionSpec)
 
 
 def pick_device(name: str) -> torch.device:

@@ -14,12 +14,13 @@ cache keeps, is attention.py's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from dataclasses import dataclass
-
+from patches.model_facts import ModelFacts
 from server.engine.native.attention import DecodeAttention, PrefillAttention
 from server.engine.native.kv_cache import KvPool
 from server.engine.native.positions import Positions
@@ -79,9 +80,8 @@ class ModelRunner:
         self.decoder = model.model
         self.pool = pool
         self.positions = positions
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        facts = ModelFacts.of(config)
+        self.num_heads, self.num_kv_heads, self.head_dim = facts.num_heads, facts.num_kv_heads, facts.head_dim
         self.device = pool.device
         self.dtype = model.dtype
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)

@@ -1,4 +1,4 @@
-"""The native engine's sequences as Prometheus observations (server/metrics.py); a no-op without metrics."""
+"""The native engine's sequences as Prometheus observations (server/engine/metrics.py); a no-op without metrics."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from patches.model_facts import ModelFacts
 from patches.rerope import far_key_positions, far_query_positions
 from patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table, rotate
 
@@ -90,10 +91,8 @@ class SequencePositions:
 class Positions:
     def __init__(self, model, default_spec: PositionSpec, device: torch.device):
         config = model.config
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rope_parameters = getattr(config, "rope_parameters", None) or {}
-        self.base = float(rope_parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-        self.trained_len = config.max_position_embeddings
+        facts = ModelFacts.of(config)
+        self.head_dim, self.base, self.trained_len = facts.head_dim, facts.rope_base, facts.trained_len
         self.default_spec = default_spec
         self.device = device
         rotary = model.model.rotary_emb

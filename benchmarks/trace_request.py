@@ -1,0 +1,120 @@
+"""Which of the project's files one plain chat request runs through, HTTP to sampled token.
+
+    python benchmarks/trace_request.py [--model smollm2-135m-instruct] [--port 8019]
+
+Starts a real `longserve serve` in a child process whose every thread has a
+profile hook (set before any thread starts), sends one warm-up request, then
+records the files of every Python function called while a second request,
+sent through the official openai SDK, runs. Prints them by layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = {"HTTP layer": "server/", "engine": "server/engine/", "patches": "patches/", "clients": "clients/"}
+
+
+def serve_traced(record_to: str, serve_args: list[str]) -> None:
+    """The child: a profile hook in every thread; SIGUSR1 starts recording, SIGUSR2 writes what was recorded."""
+    recording, files = [False], set()
+
+    def hook(frame, event, _arg):
+        if recording[0] and event == "call":
+            files.add(f"{frame.f_code.co_filename}::{frame.f_code.co_name}")
+
+    def start(*_):
+        files.clear()
+        recording[0] = True
+
+    def stop(*_):
+        recording[0] = False
+        Path(record_to).write_text(json.dumps(sorted(files)))
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    threading.setprofile(hook)
+    sys.setprofile(hook)
+    from server.cli import main
+
+    main(["serve", *serve_args])
+
+
+def wait_healthy(base: str, child: subprocess.Popen, timeout: float = 300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise SystemExit(f"the server exited with {child.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit("the server did not become healthy")
+
+
+def by_layer(calls: list[str], functions: bool) -> dict[str, list[str]]:
+    files = {call if functions else call.split("::")[0] for call in calls}
+    ours = sorted(str(Path(f).resolve().relative_to(REPO)) for f in files if Path(f.split("::")[0]).resolve().is_relative_to(REPO))
+    layers: dict[str, list[str]] = {name: [] for name in LAYERS}
+    for path in ours:
+        if path.startswith("server/engine/"):
+            layers["engine"].append(path)
+        else:
+            layers.get(next((name for name, prefix in LAYERS.items() if path.startswith(prefix)), ""), []).append(path)
+    return layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--port", type=int, default=8019)
+    parser.add_argument("--functions", action="store_true", help="list each function called, not only its file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    if sys.argv[1:2] == ["--child"]:  # the child's own flags are longserve serve's
+        return serve_traced(sys.argv[2], sys.argv[3:])
+    args = parser.parse_args()
+    from openai import OpenAI
+
+    record = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    serve_args = ["--model", args.model, "--port", str(args.port), "--host", "127.0.0.1",
+                  "--data-dir", tempfile.mkdtemp(prefix="trace-data-")]
+    child = subprocess.Popen([sys.executable, __file__, "--child", record, *serve_args], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        wait_healthy(base, child)
+        client = OpenAI(base_url=f"{base}/v1", api_key="none")
+        ask = dict(model=args.model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)
+        client.chat.completions.create(**ask)  # warm-up: lazy imports and first-use paths
+        child.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        client.chat.completions.create(**ask)
+        time.sleep(0.5)  # the engine thread's last step ends after the response
+        child.send_signal(signal.SIGUSR2)
+        time.sleep(0.5)
+        layers = by_layer(json.loads(Path(record).read_text()), args.functions)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=60)
+    for name, paths in layers.items():
+        print(f"{name}: {len(paths)}")
+        for path in paths:
+            print(f"  {path}")
+
+
+if __name__ == "__main__":
+    main()

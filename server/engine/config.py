@@ -1,0 +1,33 @@
+"""What either engine starts from. Its defaults are ServerSettings' (server/settings.py): one place for each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from patches.rope import PositionSpec
+from server.settings import ServerSettings
+
+
+def default(name: str):
+    return ServerSettings.model_fields[name].default
+
+
+@dataclass
+class EngineConfig:
+    model_path: str
+    model_name: str
+    device: str = default("device")  # auto | cpu | cuda (native engine)
+    dtype: str = default("dtype")  # auto | float32 | bfloat16
+    max_num_seqs: int = default("max_num_seqs")
+    max_model_len: int | None = default("max_model_len")  # None: trained length x position factor
+    max_waiting: int = default("max_waiting")
+    prefill_chunk: int = default("prefill_chunk")  # the most prompt tokens one sequence prefills in a step (native)
+    max_num_batched_tokens: int = default("max_num_batched_tokens")  # tokens in one step, decodes and prefill chunks
+    kv_cache_memory: float | None = default("kv_cache_memory")  # GiB of KV-cache blocks; None: the engine's own share
+    enable_prefix_caching: bool = default("enable_prefix_caching")
+    position: PositionSpec = field(default_factory=PositionSpec)
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings, model_path: str) -> "EngineConfig":
+        given = {f.name: getattr(settings, f.name) for f in fields(cls) if f.name not in ("model_path", "model_name")}
+        return cls(model_path=model_path, model_name=settings.model_name, **given)

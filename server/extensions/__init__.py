@@ -1,0 +1,48 @@
+"""Request extensions at the HTTP edge: one adapter per extension, request fields in, response fields out.
+
+A plain request has no adapter, and runs none of this code. For a request
+that uses an extension, server/choice_stream.py makes its adapter
+(`extensions_of`) and calls the hooks below, in this order:
+
+1. `conversations` (chat) or `prompts` (completions): the prompts to tokenize,
+   where the extension changes them (NBCE: one row per context);
+2. `prompt_label`: how an error names prompt i (NBCE: "the row of contexts[k]");
+3. `prepare`: check the request against the server, then set the extension's
+   fields of the engine's GenerationRequest;
+4. `observe`: every delta of the engine, as it arrives;
+5. `fields`: the extension's response fields of a choice (server/responses.py
+   declares them): all of them in a full response, and in a stream those that
+   arrived since the choice's previous chunk.
+
+Structured outputs come next, through the same hooks.
+"""
+
+from __future__ import annotations
+
+from server.engine.base import GenerationRequest, SeqDelta
+
+
+class Extension:
+    """Every hook does nothing; an adapter overrides those it needs."""
+
+    def conversations(self, messages: list) -> list[list] | None:
+        """Chat: the conversations to template, one per prompt; None leaves the request's messages alone."""
+        return None
+
+    def prompts(self, prompt, tokenizer) -> list[list[int]] | None:
+        """Completions: the prompts' token ids; None tokenizes the request's prompt as usual."""
+        return None
+
+    def prompt_label(self, index: int) -> tuple[str, str | None] | None:
+        """How an error names prompt `index`, and the field to blame; None for the usual."""
+        return None
+
+    async def prepare(self, request: GenerationRequest, state) -> None:
+        """Check the request against the server (`state`: the app's), then set the engine's fields."""
+
+    def observe(self, delta: SeqDelta) -> None:
+        """See one delta of the engine."""
+
+    def fields(self, index: int, finished: bool) -> dict:
+        """The response fields of choice `index`; a stream asks after each delta, and gets what is new."""
+        return {}

@@ -1,0 +1,17 @@
+"""Position scaling for one request: `position` in (patches/rope.py's PositionSpec); no response fields.
+
+The engine checks that it can serve the spec (server/engine/native/positions.py;
+the vLLM engine refuses what its server-wide setting cannot give).
+"""
+
+from __future__ import annotations
+
+from server.extensions import Extension
+
+
+class Position(Extension):
+    def __init__(self, body, state):
+        self.spec = body.position
+
+    async def prepare(self, request, state) -> None:
+        request.position = self.spec
