@@ -5,7 +5,8 @@
 Starts a real `longserve serve` in a child process whose every thread has a
 profile hook (set before any thread starts), sends one warm-up request, then
 records the files of every Python function called while a second request,
-sent through the official openai SDK, runs. Prints them by layer.
+sent through the official openai SDK, runs. Prints them by layer, and marks
+the HTTP-layer files a GET /health runs too (transport and middleware).
 """
 
 from __future__ import annotations
@@ -78,15 +79,26 @@ def by_layer(calls: list[str], functions: bool) -> dict[str, list[str]]:
     return layers
 
 
+def record_calls(child: subprocess.Popen, record: str, work) -> list[str]:
+    """The functions the server called (file::name) while `work` ran."""
+    child.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    work()
+    time.sleep(0.5)  # the engine thread's last step ends after the response
+    child.send_signal(signal.SIGUSR2)
+    time.sleep(0.5)
+    return json.loads(Path(record).read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--port", type=int, default=8019)
     parser.add_argument("--functions", action="store_true", help="list each function called, not only its file")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     if sys.argv[1:2] == ["--child"]:  # the child's own flags are longserve serve's
         return serve_traced(sys.argv[2], sys.argv[3:])
     args = parser.parse_args()
+    import httpx
     from openai import OpenAI
 
     record = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
@@ -100,20 +112,18 @@ def main() -> None:
         client = OpenAI(base_url=f"{base}/v1", api_key="none")
         ask = dict(model=args.model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)
         client.chat.completions.create(**ask)  # warm-up: lazy imports and first-use paths
-        child.send_signal(signal.SIGUSR1)
-        time.sleep(0.5)
-        client.chat.completions.create(**ask)
-        time.sleep(0.5)  # the engine thread's last step ends after the response
-        child.send_signal(signal.SIGUSR2)
-        time.sleep(0.5)
-        layers = by_layer(json.loads(Path(record).read_text()), args.functions)
+        chat = record_calls(child, record, lambda: client.chat.completions.create(**ask))
+        health = record_calls(child, record, lambda: httpx.get(f"{base}/health"))
     finally:
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=60)
-    for name, paths in layers.items():
-        print(f"{name}: {len(paths)}")
+    every_route = set(by_layer(health, args.functions)["HTTP layer"])  # transport and middleware
+    print("one plain chat request (openai SDK, max_tokens 8), HTTP to sampled token; * = also run by GET /health")
+    for name, paths in by_layer(chat, args.functions).items():
+        starred = sum(p in every_route for p in paths)
+        print(f"{name}: {len(paths)}" + (f" ({len(paths) - starred} without the * ones)" if starred else ""))
         for path in paths:
-            print(f"  {path}")
+            print(f"  {path}{' *' if path in every_route else ''}")
 
 
 if __name__ == "__main__":

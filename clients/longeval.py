@@ -3,7 +3,7 @@
     longserve eval passkey --base-url URL --lengths 4k,8k,16k --depths 0.1,0.5,0.9 --trials 3
     longserve eval loss --base-url URL --text FILE --contexts 2k,4k,8k,16k --score-last 1024
 
-passkey: a key hidden at a depth in filler text (DESIGN.md section 6); a trial
+passkey: a key hidden at a depth in filler text (patches/README.md, section 4); a trial
 passes when the key appears in the first 10 generated tokens.
 loss: mean negative log-likelihood of the same final N tokens of a text while
 the context before them grows; scores come from /v1/completions with

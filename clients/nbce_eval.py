@@ -4,7 +4,7 @@
         --scaled-position '{"type": "dynamic", "factor": 2}'
 
 Each trial builds n documents of about --doc-tokens tokens of the passkey
-filler (DESIGN.md section 6); one of them, at random, holds the key sentence
+filler (patches/README.md, section 4); one of them, at random, holds the key sentence
 at a random depth. The question is the passkey introduction and question.
 Methods, each on the same documents:
 

@@ -40,12 +40,12 @@ def install_position(model, spec: PositionSpec) -> list:
     if spec.clipped:
         raise ValueError(f"{spec.type!r} changes the attention step itself; it runs in longserve's native engine only")
     facts = ModelFacts.of(model.config)
-    head_dim, base, trained_len = facts.head_dim, facts.rope_base, facts.trained_len
+    head_dim, rope_base, trained_len = facts.head_dim, facts.rope_base, facts.trained_len
     decoder = model.model
     rotary = decoder.rotary_emb
     handles = []
     if spec.type != "rope":
-        table = rope_table(spec, head_dim, base, trained_len, trained_len)
+        table = rope_table(spec, head_dim, rope_base, trained_len, trained_len)
         rotary.inv_freq = table.inv_freq.to(rotary.inv_freq.device)
         rotary.attention_scaling = table.attention_factor
 
@@ -54,7 +54,7 @@ def install_position(model, spec: PositionSpec) -> list:
         def set_dynamic_table(module, args, kwargs):
             positions = forward_positions(args, kwargs)
             seq_len = int(positions.max()) + 1
-            table = rope_table(spec, head_dim, base, trained_len, seq_len)
+            table = rope_table(spec, head_dim, rope_base, trained_len, seq_len)
             rotary.inv_freq = table.inv_freq.to(rotary.inv_freq.device)
 
         handles.append(decoder.register_forward_pre_hook(set_dynamic_table, with_kwargs=True))

@@ -1,7 +1,7 @@
 """NBCE (naive Bayes-based context extension): one next-token distribution from many contexts.
 
 Row 0 holds the question alone; rows 1..n hold one context each, followed by
-the question (DESIGN.md section 4). Each step (a pure function of the rows'
+the question (patches/README.md, section 2). Each step (a pure function of the rows'
 logits):
 
 1. l_k = log_softmax(logits_k) for every row;

@@ -1,10 +1,10 @@
 """Position scaling for rotary embeddings: pure functions of tensors.
 
-Notation (DESIGN.md section 3): head dim d, pair index m = 0..d/2-1, base b0,
-trained length L, scale factor k >= 1. Plain RoPE rotates pair m of the
+Notation (patches/README.md, section 1): head dim d, pair index m = 0..d/2-1, rope base b0,
+trained length L, scale factor s >= 1 (the `factor` field). Plain RoPE rotates pair m of the
 vector at position n by n * theta_m with theta_m = b0^(-2m/d).
 
-Every table here is a function of (head_dim, base, trained length, spec) and
+Every table here is a function of (head_dim, rope_base, trained length, spec) and
 returns the inverse frequencies theta'_m plus an attention factor that
 multiplies cos and sin (YaRN's mscale; 1 elsewhere). `logn_factors` gives the
 per-position query scale of log-n attention. Nothing here knows about a model,
@@ -33,7 +33,7 @@ class PositionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     type: PositionType = "rope"
-    factor: float = Field(1.0, ge=1.0, le=1024.0, description="k = target length / trained length")
+    factor: float = Field(1.0, ge=1.0, le=1024.0, description="s = target length / trained length")
     b: float = Field(0.625, ge=0.01, le=1.0, description="ntk-mixed exponent; 1 gives ntk, towards 0 linear")
     logn: bool = False
     beta_fast: float = Field(32.0, ge=0.001, le=10_000.0, description="yarn: rotations above which a pair is kept as trained")
@@ -88,56 +88,56 @@ class RopeTable:
     attention_factor: float = 1.0  # multiplies cos and sin
 
 
-def default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+def default_inv_freq(head_dim: int, rope_base: float) -> torch.Tensor:
     """theta_m = b0^(-2m/d)."""
-    return 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    return 1.0 / rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
 
-def linear_inv_freq(head_dim: int, base: float, factor: float) -> torch.Tensor:
-    """Position interpolation: theta_m / k."""
-    return default_inv_freq(head_dim, base) / factor
+def linear_inv_freq(head_dim: int, rope_base: float, factor: float) -> torch.Tensor:
+    """Position interpolation: theta_m / s."""
+    return default_inv_freq(head_dim, rope_base) / factor
 
 
-def ntk_inv_freq(head_dim: int, base: float, factor: float) -> torch.Tensor:
-    """NTK-aware, fixed form: theta_m * k^(-2(m+1)/d)."""
+def ntk_inv_freq(head_dim: int, rope_base: float, factor: float) -> torch.Tensor:
+    """NTK-aware, fixed form: theta_m * s^(-2(m+1)/d)."""
     pair = torch.arange(1, head_dim // 2 + 1, dtype=torch.float32)
-    return default_inv_freq(head_dim, base) * factor ** (-2.0 * pair / head_dim)
+    return default_inv_freq(head_dim, rope_base) * factor ** (-2.0 * pair / head_dim)
 
 
-def ntk_mixed_inv_freq(head_dim: int, base: float, factor: float, b: float) -> torch.Tensor:
-    """Beta-base mixed radix: theta_m * exp(-a (m+1)^b), a = ln k / (d/2)^b."""
+def ntk_mixed_inv_freq(head_dim: int, rope_base: float, factor: float, b: float) -> torch.Tensor:
+    """Beta-base mixed radix: theta_m * exp(-a (m+1)^b), a = ln s / (d/2)^b."""
     pair = torch.arange(1, head_dim // 2 + 1, dtype=torch.float32)
     a = math.log(factor) / (head_dim / 2) ** b
-    return default_inv_freq(head_dim, base) * torch.exp(-a * pair**b)
+    return default_inv_freq(head_dim, rope_base) * torch.exp(-a * pair**b)
 
 
-def ntk_old_inv_freq(head_dim: int, base: float, factor: float) -> torch.Tensor:
-    """Base change: b0' = b0 * k^(d/(d-2))."""
-    return default_inv_freq(head_dim, base * factor ** (head_dim / (head_dim - 2)))
+def ntk_old_inv_freq(head_dim: int, rope_base: float, factor: float) -> torch.Tensor:
+    """Base change: b0' = b0 * s^(d/(d-2))."""
+    return default_inv_freq(head_dim, rope_base * factor ** (head_dim / (head_dim - 2)))
 
 
-def dynamic_inv_freq(head_dim: int, base: float, factor: float, trained_len: int, seq_len: int) -> torch.Tensor:
+def dynamic_inv_freq(head_dim: int, rope_base: float, factor: float, trained_len: int, seq_len: int) -> torch.Tensor:
     """Dynamic NTK: the base change with a scale taken from the sequence's own length.
 
     For seq_len <= L nothing changes; past it the effective scale is
     factor * seq_len / L - (factor - 1), the form transformers uses.
     """
     if seq_len <= trained_len:
-        return default_inv_freq(head_dim, base)
+        return default_inv_freq(head_dim, rope_base)
     scale = factor * seq_len / trained_len - (factor - 1)
-    return default_inv_freq(head_dim, base * scale ** (head_dim / (head_dim - 2)))
+    return default_inv_freq(head_dim, rope_base * scale ** (head_dim / (head_dim - 2)))
 
 
-def yarn_table(head_dim: int, base: float, factor: float, trained_len: int, beta_fast: float, beta_slow: float) -> RopeTable:
+def yarn_table(head_dim: int, rope_base: float, factor: float, trained_len: int, beta_fast: float, beta_slow: float) -> RopeTable:
     """YaRN: pairs that turn many times within L keep their frequency, pairs that
-    turn less than once are interpolated by k, a linear ramp in between; cos and
-    sin are scaled by 0.1 ln k + 1."""
-    extrapolated = default_inv_freq(head_dim, base)
+    turn less than once are interpolated by s, a linear ramp in between; cos and
+    sin are scaled by 0.1 ln s + 1."""
+    extrapolated = default_inv_freq(head_dim, rope_base)
     interpolated = extrapolated / factor
 
     def pair_for_rotations(rotations: float) -> float:
         # the pair index m whose wavelength fits `rotations` times in L
-        return head_dim * math.log(trained_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        return head_dim * math.log(trained_len / (rotations * 2 * math.pi)) / (2 * math.log(rope_base))
 
     low = max(math.floor(pair_for_rotations(beta_fast)), 0)
     high = min(math.ceil(pair_for_rotations(beta_slow)), head_dim - 1)
@@ -149,23 +149,23 @@ def yarn_table(head_dim: int, base: float, factor: float, trained_len: int, beta
     return RopeTable(inv_freq, attention_factor)
 
 
-def rope_table(spec: PositionSpec, head_dim: int, base: float, trained_len: int, seq_len: int | None = None) -> RopeTable:
+def rope_table(spec: PositionSpec, head_dim: int, rope_base: float, trained_len: int, seq_len: int | None = None) -> RopeTable:
     """The table for `spec`; `seq_len` (prompt + max tokens) fixes dynamic's scale."""
-    k = spec.factor
+    factor = spec.factor
     if spec.type in ("rope", *CLIPPED_TYPES):  # clipped types keep the trained frequencies
-        return RopeTable(default_inv_freq(head_dim, base))
+        return RopeTable(default_inv_freq(head_dim, rope_base))
     if spec.type == "linear":
-        return RopeTable(linear_inv_freq(head_dim, base, k))
+        return RopeTable(linear_inv_freq(head_dim, rope_base, factor))
     if spec.type == "ntk":
-        return RopeTable(ntk_inv_freq(head_dim, base, k))
+        return RopeTable(ntk_inv_freq(head_dim, rope_base, factor))
     if spec.type == "ntk-mixed":
-        return RopeTable(ntk_mixed_inv_freq(head_dim, base, k, spec.b))
+        return RopeTable(ntk_mixed_inv_freq(head_dim, rope_base, factor, spec.b))
     if spec.type == "ntk-old":
-        return RopeTable(ntk_old_inv_freq(head_dim, base, k))
+        return RopeTable(ntk_old_inv_freq(head_dim, rope_base, factor))
     if spec.type == "yarn":
-        return yarn_table(head_dim, base, k, trained_len, spec.beta_fast, spec.beta_slow)
+        return yarn_table(head_dim, rope_base, factor, trained_len, spec.beta_fast, spec.beta_slow)
     if spec.type == "dynamic":
-        return RopeTable(dynamic_inv_freq(head_dim, base, k, trained_len, seq_len or trained_len))
+        return RopeTable(dynamic_inv_freq(head_dim, rope_base, factor, trained_len, seq_len or trained_len))
     raise ValueError(f"unknown position type {spec.type!r}; valid: {', '.join(POSITION_TYPES)}")
 
 

@@ -92,7 +92,7 @@ def require_api_key(request: Request) -> None:
 
 
 def stream_responses(path: str) -> dict:
-    """The OpenAPI entry of a stream (stream: true): server-sent events, each one JSON object of this schema."""
+    """The OpenAPI description of a stream (stream: true): server-sent events, each one JSON object of this schema."""
     event = {"$ref": f"#/components/schemas/{STREAM_EVENTS[path].__name__}"}
     return {200: {"content": {"text/event-stream": {"schema": event}},
                   "description": "a JSON object; with stream: true, `data: {event}` lines, then `data: [DONE]`"}}

@@ -109,7 +109,7 @@ def json_object(text: str) -> dict:
 def settings_from_args(args: argparse.Namespace):
     from server.settings import ServerSettings
 
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "func")}
+    given = {name: value for name, value in vars(args).items() if value is not None and name not in ("command", "func")}
     try:
         return ServerSettings(**given)
     except ValidationError as exc:

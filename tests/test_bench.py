@@ -190,7 +190,7 @@ def test_passkey_nbce_and_kgclue_datasets_send_what_they_promise(tmp_path):
             code = bench("--base-url", url, "--dataset", dataset, "--num-prompts", "2", "--output-len", "2", "--seed", "5", *extra)
             assert code == 0, dataset
     passkey, nbce, kgclue = received[0:2], received[2:4], received[4:6]
-    for body in passkey:  # the prompt of DESIGN.md section 6, about --input-len tokens as the server counts them
+    for body in passkey:  # the prompt of patches/README.md, section 4, about --input-len tokens as the server counts them
         assert "The pass key is" in body["prompt"] and body["prompt"].rstrip().endswith("The pass key is")
         assert 250 <= len(body["prompt"].split()) + 1 <= 300
     for body in nbce:  # --nbce-contexts documents of about input-len / n tokens, the key hidden in one of them

@@ -50,7 +50,7 @@ def reference_model(seed: int, spec: PositionSpec, **overrides):
             distance = (at[:, None] - at[None, :]).float()
         else:
             r = (at[:, None] - at[None, :]).float()
-            distance = torch.where(r < window, r, window + (r - window) * leak)  # D[i, j], DESIGN.md section 3
+            distance = torch.where(r < window, r, window + (r - window) * leak)  # D[i, j], patches/README.md, section 1
         angles = distance.unsqueeze(-1) * inv_freq  # [L, L, d/2]
         cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
         turned = query.unsqueeze(3) * cos + rotate_half(query).unsqueeze(3) * sin  # [B, H, L(i), L(j), d]

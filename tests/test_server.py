@@ -165,3 +165,27 @@ def test_non_streaming_disconnect_frees_the_sequence(server):
         httpx.post(f"{server}/v1/completions", json={"prompt": "a", "max_tokens": 250, "ignore_eos": True, "model": "smollm2-135m-instruct"}, timeout=0.5)
     assert wait_until(lambda: metric_value(server, "vllm:request_success_total", finished_reason="abort") == aborted_before + 1, timeout=10)
     assert metric_value(server, "vllm:num_requests_running") == 0
+
+
+def test_plain_responses_have_openai_shape_and_openapi_documents_extensions(server):
+    body = {"model": "smollm2-135m-instruct", "messages": QUESTION, "max_tokens": 4, "temperature": 0}
+    reply = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()
+    assert set(reply) == {"id", "object", "created", "model", "choices", "usage"}
+    assert set(reply["choices"][0]) == {"index", "message", "logprobs", "finish_reason"}
+    assert set(reply["choices"][0]["message"]) == {"role", "content"}
+    with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
+                      json={"model": "smollm2-135m-instruct", "prompt": "Paris is", "max_tokens": 3, "stream": True}) as stream:
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    first = httpx.Response(200, content=events[0]).json()
+    assert set(first) == {"id", "object", "created", "model", "choices"}  # usage only with include_usage
+    assert set(first["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
+
+    schema = httpx.get(f"{server}/openapi.json", timeout=10).json()
+    components = schema["components"]["schemas"]
+    for choice in ("CompletionChoice", "ChatChoice", "ChatStreamChoice"):
+        assert {"nbce_context_ids", "key", "value", "score"} <= set(components[choice]["properties"]), choice
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert chat["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
+    assert chat["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionChunk")
+    assert "ChatCompletionChunk" in components and "ChatDelta" in components

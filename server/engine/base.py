@@ -106,9 +106,8 @@ class SeqDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None  # None while running; "stop", "length", "abort" or "error" at the end
-    prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0  # of prompt_tokens, read from the prefix cache
+    cached_tokens: int = 0  # of its prompt, read from the prefix cache
     error: str | None = None
     error_status: int = 500  # the HTTP status the error maps to: 500 a failed step, 503 a server shutting down
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first delta, when asked for

@@ -46,7 +46,7 @@ def vllm_available() -> bool:
     return True
 
 
-def positions_for_vllm(spec: PositionSpec, head_dim: int, base: float, trained_len: int, max_model_len: int) -> dict:
+def positions_for_vllm(spec: PositionSpec, head_dim: int, rope_base: float, trained_len: int, max_model_len: int) -> dict:
     """hf_overrides that make vLLM compute `spec`; ValueError where vLLM has no such rotary type.
 
     vLLM sizes its cos/sin table by max_position_embeddings, not by the scaled
@@ -60,20 +60,20 @@ def positions_for_vllm(spec: PositionSpec, head_dim: int, base: float, trained_l
         return {}
     length = {"max_position_embeddings": max(trained_len, max_model_len)}
     if spec.type == "linear":
-        return {**length, "rope_parameters": {"rope_type": "linear", "factor": spec.factor, "rope_theta": base}}
+        return {**length, "rope_parameters": {"rope_type": "linear", "factor": spec.factor, "rope_theta": rope_base}}
     if spec.type == "ntk":
-        return {**length, "rope_parameters": {"rope_type": "ntk", "factor": spec.factor, "rope_theta": base}}
+        return {**length, "rope_parameters": {"rope_type": "ntk", "factor": spec.factor, "rope_theta": rope_base}}
     if spec.type == "ntk-mixed":
-        return {**length, "rope_parameters": {"rope_type": "ntk", "factor": spec.factor, "mixed_b": spec.b, "rope_theta": base}}
+        return {**length, "rope_parameters": {"rope_type": "ntk", "factor": spec.factor, "mixed_b": spec.b, "rope_theta": rope_base}}
     if spec.type == "yarn":
-        return {**length, "rope_parameters": {"rope_type": "yarn", "factor": spec.factor, "rope_theta": base,
+        return {**length, "rope_parameters": {"rope_type": "yarn", "factor": spec.factor, "rope_theta": rope_base,
                                               "original_max_position_embeddings": trained_len,
                                               "beta_fast": spec.beta_fast, "beta_slow": spec.beta_slow}}
     if spec.type in ("dynamic", "ntk-old"):  # a base change; dynamic's scale fixed by the served length
         scale = spec.factor
         if spec.type == "dynamic":
             scale = max(1.0, spec.factor * max_model_len / trained_len - (spec.factor - 1))
-        return {**length, "rope_parameters": {"rope_type": "default", "rope_theta": base * scale ** (head_dim / (head_dim - 2))}}
+        return {**length, "rope_parameters": {"rope_type": "default", "rope_theta": rope_base * scale ** (head_dim / (head_dim - 2))}}
     raise ValueError(f"the vLLM engine has no {spec.type!r} positions; use --engine native")
 
 
@@ -127,9 +127,7 @@ class VllmEngine:
                                enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config))
         # as `vllm serve` builds it: the usage context picks vLLM's defaults for an API server (batched tokens, ...)
         self.engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
-        self._in_flight: dict[str, list[str]] = {}  # our request id -> vLLM request ids
-        self._dead_reason: str | None = None
-        self._choices_in_flight = 0
+        self._in_flight: dict[str, list[str]] = {}  # our request id -> its vLLM request ids (choices) not yet ended
         self._last_progress = time.monotonic()  # the last output of any request, or the start of the first in flight
         self._ended: tuple[str, int] | None = None  # fail_all's message and status, for the streams it ends
         self.on_dead = None  # the server's hook (http_server.py): exit 1 so that a supervisor restarts us
@@ -145,23 +143,29 @@ class VllmEngine:
                 "trained_len": self.trained_len, "position": self.position.describe()}
 
     def is_alive(self) -> bool:
-        return self._dead_reason is None and not getattr(self.engine, "errored", False)
+        return not getattr(self.engine, "errored", False)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
         if not self.is_alive():
-            raise EngineDead(self._dead_reason or "the vLLM engine has stopped")
+            raise EngineDead("the vLLM engine has stopped")
         self._refuse_unsupported(request)
         check_fits(request.num_choices, self.max_num_seqs, self.config.max_waiting)
-        running = sum(len(ids) for ids in self._in_flight.values())
+        running = self._num_in_flight()
         if running + request.num_choices > self.max_num_seqs + self.config.max_waiting:
             raise EngineOverloaded(f"the server is full: {running} sequences in vLLM (--max-num-seqs {self.max_num_seqs}, "
                                    f"--max-waiting {self.config.max_waiting}); retry later")
         choices = [(p * request.n + i, prompt) for p, prompt in enumerate(request.prompts) for i in range(request.n)]
+        if not running:
+            self._last_progress = time.monotonic()
         self._in_flight[request.request_id] = [f"{request.request_id}-{index}" for index, _ in choices]
+        self._report_queue()
         return self._stream(request, choices)
 
+    def _num_in_flight(self) -> int:
+        return sum(len(ids) for ids in self._in_flight.values())
+
     def step_age(self) -> float:
-        return time.monotonic() - self._last_progress if self._choices_in_flight else 0.0
+        return time.monotonic() - self._last_progress if self._num_in_flight() else 0.0
 
     def fail_all(self, message: str, status: int = 503) -> None:
         """vLLM ends each aborted request's stream; `_choice` then reports it as this error."""
@@ -259,10 +263,6 @@ class VllmEngine:
         started, previous = time.perf_counter(), None
         completion_tokens, generated = 0, []
         first, finish = True, None
-        if not self._choices_in_flight:
-            self._last_progress = started
-        self._choices_in_flight += 1
-        self._report_queue()
         try:
             async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint), request_id):
                 self._last_progress = time.monotonic()
@@ -285,7 +285,7 @@ class VllmEngine:
                 delta = SeqDelta(
                     index=index, text=piece.text, token_ids=list(piece.token_ids),
                     logprobs=self._logprobs(piece.token_ids, piece.logprobs, params.logprobs) if params.logprobs is not None else None,
-                    finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                    finish_reason=finish, completion_tokens=completion_tokens,
                     cached_tokens=getattr(output, "num_cached_tokens", None) or 0,
                     prompt_logprobs=(self._logprobs(prompt[1:], (output.prompt_logprobs or [None])[1:], params.prompt_logprobs)
                                      if first and params.prompt_logprobs is not None else None),
@@ -299,7 +299,7 @@ class VllmEngine:
             if self._ended is not None:  # fail_all: the server is shutting down
                 finish = "error"
                 yield SeqDelta(index=index, text="", token_ids=[], logprobs=None, finish_reason="error",
-                               prompt_tokens=len(prompt), completion_tokens=completion_tokens, error=self._ended[0],
+                               completion_tokens=completion_tokens, error=self._ended[0],
                                error_status=self._ended[1])
         except asyncio.CancelledError:
             raise
@@ -309,9 +309,11 @@ class VllmEngine:
                 self.on_dead(f"{type(exc).__name__}: {exc}")
             finish = "error"
             yield SeqDelta(index=index, text="", token_ids=[], logprobs=None, finish_reason="error",
-                           prompt_tokens=len(prompt), completion_tokens=completion_tokens, error=f"{type(exc).__name__}: {exc}")
+                           completion_tokens=completion_tokens, error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._choices_in_flight -= 1
+            ids = self._in_flight.get(request.request_id, [])
+            if request_id in ids:
+                ids.remove(request_id)
             self._report_queue()
             if self.metrics:  # a choice cancelled before it finished was aborted (the client left)
                 self.metrics.observe_finished(e2e=time.perf_counter() - started, prompt_tokens=len(prompt),
@@ -320,14 +322,15 @@ class VllmEngine:
     def _report_queue(self) -> None:
         """vLLM schedules out of our sight: up to --max-num-seqs of our choices count as running, the rest as waiting."""
         if self.metrics:
-            running = min(self._choices_in_flight, self.max_num_seqs)
-            self.metrics.set_queue(running=running, waiting=self._choices_in_flight - running)
+            in_flight = self._num_in_flight()
+            running = min(in_flight, self.max_num_seqs)
+            self.metrics.set_queue(running=running, waiting=in_flight - running)
 
     @staticmethod
-    def _logprobs(token_ids, steps, k: int) -> list[TokenLogprob]:
-        """vLLM's per-step {token: Logprob} (the chosen token and the k best) as our records."""
+    def _logprobs(token_ids, steps, top: int) -> list[TokenLogprob]:
+        """vLLM's per-step {token: Logprob} (the chosen token and the `top` best) as our records."""
         records = []
         for token, step in zip(token_ids, steps or []):
-            ranked = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= k)
+            ranked = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank is not None and lp.rank <= top)
             records.append(TokenLogprob(token, step[token].logprob, [(t, logprob) for _, t, logprob in ranked]))
         return records

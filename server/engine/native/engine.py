@@ -162,7 +162,7 @@ class NativeEngine:
             loop.call_soon_threadsafe(queue.put_nowait, delta)
 
         if request.nbce is not None:  # row 0 talks to the client, the others follow silently
-            seqs = [self._new_sequence(request, p, index=0, emit=emit if k == 0 else ignore) for k, p in enumerate(request.prompts)]
+            seqs = [self._new_sequence(request, p, index=0, emit=emit if row == 0 else ignore) for row, p in enumerate(request.prompts)]
             NbceGroup(seqs, request.nbce)
         elif request.beam_search:
             seqs = [self._new_sequence(request, request.prompts[0], index=i, emit=emit) for i in range(request.n)]
@@ -317,8 +317,8 @@ class NativeEngine:
         for chunk, chunk_logits in zip(step.chunks, logits.chunks):
             seq = chunk.seq
             if chunk.every_position:  # scores of the prompt's own tokens 1..P-1, chunk by chunk
-                k = seq.params.prompt_logprobs
-                seq.prompt_logprobs += prompt_logprobs(chunk_logits, seq.prompt_ids[chunk.start + 1 : chunk.end + 1], k)
+                top = seq.params.prompt_logprobs
+                seq.prompt_logprobs += prompt_logprobs(chunk_logits, seq.prompt_ids[chunk.start + 1 : chunk.end + 1], top)
                 chunk_logits = chunk_logits[-1]
             if not chunk.ends_prompt or seq.output_ids or seq.finish_reason is not None:  # mid-prompt, or resumed
                 continue

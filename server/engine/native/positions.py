@@ -92,7 +92,7 @@ class Positions:
     def __init__(self, model, default_spec: PositionSpec, device: torch.device):
         config = model.config
         facts = ModelFacts.of(config)
-        self.head_dim, self.base, self.trained_len = facts.head_dim, facts.rope_base, facts.trained_len
+        self.head_dim, self.rope_base, self.trained_len = facts.head_dim, facts.rope_base, facts.trained_len
         self.default_spec = default_spec
         self.device = device
         rotary = model.model.rotary_emb
@@ -113,7 +113,7 @@ class Positions:
         return SequencePositions(self._tables[spec], spec.logn)
 
     def _build(self, spec: PositionSpec, seq_len: int) -> RopeTable:
-        table = rope_table(spec, self.head_dim, self.base, self.trained_len, seq_len)
+        table = rope_table(spec, self.head_dim, self.rope_base, self.trained_len, seq_len)
         return RopeTable(table.inv_freq.to(self.device), table.attention_factor)
 
     def is_identity(self, spec: PositionSpec, seq_len: int) -> bool:

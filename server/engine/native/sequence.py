@@ -141,7 +141,6 @@ class Sequence:
             token_ids=token_ids,
             logprobs=logprobs,
             finish_reason=self.finish_reason,
-            prompt_tokens=len(self.prompt_ids),
             cached_tokens=self.cached_tokens,
             completion_tokens=len(self.output_ids),
             error=error,
