@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from compare_engines import wait_healthy  # benchmarks/, on the path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = {"HTTP layer": "server/", "engine": "server/engine/", "patches": "patches/", "clients": "clients/"}
 
@@ -49,22 +51,6 @@ def serve_traced(record_to: str, serve_args: list[str]) -> None:
     from server.cli import main
 
     main(["serve", *serve_args])
-
-
-def wait_healthy(base: str, child: subprocess.Popen, timeout: float = 300.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise SystemExit(f"the server exited with {child.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("the server did not become healthy")
 
 
 def by_layer(calls: list[str], functions: bool) -> dict[str, list[str]]:

@@ -25,7 +25,7 @@ from server.extensions import Extension
 from server.extensions.keys import Keys
 from server.extensions.nbce import Nbce
 from server.extensions.position import Position
-from server.protocol import SamplingFields, check_length, random_id
+from server.protocol import SamplingFields, check_length, now, random_id
 from server.responses import PromptTokensDetails, Usage
 
 DISCONNECT_POLL_SECONDS = 0.25
@@ -80,6 +80,7 @@ class ChoiceStream:
     def __init__(self, raw: Request, request: GenerationRequest, extensions: list[Extension]):
         self.raw, self.request, self.extensions = raw, request, extensions
         self.engine = raw.app.state.engine
+        self.created = now()
         self.choices = [Choice(index=i) for i in range(request.num_choices)]
         self.deltas = self.submit()
 
@@ -116,6 +117,10 @@ class ChoiceStream:
             for extension in self.extensions:
                 extension.observe(delta)
             yield choice, delta
+
+    def header(self) -> dict:
+        """The fields every response object and stream event of this request starts with."""
+        return {"id": self.request.request_id, "created": self.created, "model": self.engine.model_name}
 
     def fields(self, index: int, finished: bool) -> dict:
         """The extensions' response fields of choice `index` since the last call."""

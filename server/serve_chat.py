@@ -7,7 +7,7 @@ from fastapi import Request
 from server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
 from server.engine.base import TokenLogprob
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ChatMessage, check_model, now
+from server.protocol import ChatCompletionRequest, ChatMessage, check_model
 from server.responses import (
     ChatChoice,
     ChatCompletionChunk,
@@ -58,13 +58,10 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> C
     check_lengths(prompts, max_tokens, engine.max_model_len, extensions)
     params = body.sampling_params(max_tokens, body.top_logprob_count, len(engine.tokenizer))
     stream = await start(raw, body, "chatcmpl", prompts, params, extensions)
-    created = now()
     if body.stream:
-        return stream.sse(chunks(body, stream, created))
-    choices = await stream.collect()
-    return ChatCompletionResponse(id=stream.request.request_id, object="chat.completion", created=created,
-                                  model=engine.model_name, choices=[choice_body(body, stream, c) for c in choices],
-                                  usage=stream.usage())
+        return stream.sse(chunks(body, stream))
+    choices = [choice_body(body, stream, c) for c in await stream.collect()]
+    return ChatCompletionResponse(object="chat.completion", **stream.header(), choices=choices, usage=stream.usage())
 
 
 def choice_body(body: ChatCompletionRequest, stream: ChoiceStream, choice: Choice) -> ChatChoice:
@@ -73,11 +70,10 @@ def choice_body(body: ChatCompletionRequest, stream: ChoiceStream, choice: Choic
                       logprobs=logprobs, finish_reason=choice.finish_reason, **stream.fields(choice.index, finished=True))
 
 
-async def chunks(body: ChatCompletionRequest, stream: ChoiceStream, created: int):
+async def chunks(body: ChatCompletionRequest, stream: ChoiceStream):
     def chunk(choices: list[ChatStreamChoice]) -> ChatCompletionChunk:
         usage = {"usage": None} if body.include_usage else {}
-        return ChatCompletionChunk(id=stream.request.request_id, object="chat.completion.chunk", created=created,
-                                   model=stream.engine.model_name, choices=choices, **usage)
+        return ChatCompletionChunk(object="chat.completion.chunk", **stream.header(), choices=choices, **usage)
 
     yield chunk([ChatStreamChoice(index=c.index, delta=ChatDelta(role="assistant", content=""), logprobs=None,
                                   finish_reason=None) for c in stream.choices])

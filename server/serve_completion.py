@@ -7,7 +7,7 @@ from fastapi import Request
 from server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
 from server.engine.base import TokenLogprob
 from server.errors import APIError
-from server.protocol import CompletionRequest, check_model, check_token_ids, now
+from server.protocol import CompletionRequest, check_model, check_token_ids
 from server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 
 
@@ -64,13 +64,10 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Completion
     if body.echo and body.logprobs is not None:
         params.prompt_logprobs = body.logprobs
     stream = await start(raw, body, "cmpl", prompts, params, extensions)
-    created = now()
     if body.stream:
-        return stream.sse(chunks(body, stream, created))
-    choices = await stream.collect()
-    return CompletionResponse(id=stream.request.request_id, object="text_completion", created=created,
-                              model=engine.model_name, choices=[choice_body(body, stream, c) for c in choices],
-                              usage=stream.usage())
+        return stream.sse(chunks(body, stream))
+    choices = [choice_body(body, stream, c) for c in await stream.collect()]
+    return CompletionResponse(object="text_completion", **stream.header(), choices=choices, usage=stream.usage())
 
 
 def with_echo(prompt: list[int], prompt_records: list[TokenLogprob], text: str, records: list[TokenLogprob], tokenizer):
@@ -91,7 +88,7 @@ def choice_body(body: CompletionRequest, stream: ChoiceStream, choice: Choice) -
                             **stream.fields(choice.index, finished=True))
 
 
-async def chunks(body: CompletionRequest, stream: ChoiceStream, created: int):
+async def chunks(body: CompletionRequest, stream: ChoiceStream):
     tokenizer = stream.engine.tokenizer
     offsets = [0] * len(stream.choices)
     echoed = [not body.echo] * len(stream.choices)
@@ -111,8 +108,6 @@ async def chunks(body: CompletionRequest, stream: ChoiceStream, created: int):
         offsets[index] += len(text)
         piece = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
                                  **stream.fields(index, finished=delta.finish_reason is not None))
-        yield CompletionResponse(id=stream.request.request_id, object="text_completion", created=created,
-                                 model=stream.engine.model_name, choices=[piece], **usage)
+        yield CompletionResponse(object="text_completion", **stream.header(), choices=[piece], **usage)
     if body.include_usage:
-        yield CompletionResponse(id=stream.request.request_id, object="text_completion", created=created,
-                                 model=stream.engine.model_name, choices=[], usage=stream.usage())
+        yield CompletionResponse(object="text_completion", **stream.header(), choices=[], usage=stream.usage())

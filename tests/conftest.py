@@ -76,6 +76,16 @@ def make_engine(model, tokenizer, name="tiny", **config) -> NativeEngine:
     return NativeEngine(EngineConfig(model_path="", model_name=name, **config), metrics=metrics, model=model, tokenizer=tokenizer)
 
 
+@contextmanager
+def running_engine(model, tokenizer, **config):
+    """make_engine's engine, shut down on leaving."""
+    engine = make_engine(model, tokenizer, **config)
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
 def chat_ids(tokenizer, question: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)

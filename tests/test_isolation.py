@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from server.engine.base import GenerationRequest, SamplingParams
-from tests.conftest import make_engine, running_server, wait_until
+from tests.conftest import make_engine, running_engine, running_server, wait_until
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]
 MAX_TOKENS = 12
@@ -42,9 +42,8 @@ def greedy(request_id: str, prompt: list[int], **params) -> GenerationRequest:
 
 @pytest.fixture()
 def engine(tiny_llama, tokenizer):
-    engine = make_engine(tiny_llama, tokenizer, max_num_seqs=4, max_model_len=128)
-    yield engine
-    engine.shutdown()
+    with running_engine(tiny_llama, tokenizer, max_num_seqs=4, max_model_len=128) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

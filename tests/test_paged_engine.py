@@ -9,7 +9,7 @@ import pytest
 
 from patches.rope import PositionSpec
 from server.engine.base import GenerationRequest, SamplingParams
-from tests.conftest import make_engine, tiny_model, wait_until
+from tests.conftest import make_engine, running_engine, tiny_model, wait_until
 from tests.test_engine import hf_greedy
 
 
@@ -113,16 +113,14 @@ def test_a_burst_four_times_the_pool_completes_by_waiting_and_preemption(model, 
 
 @pytest.fixture(scope="module")
 def cached_engine(model, tokenizer):
-    engine = make_engine(model, tokenizer, max_num_seqs=4, max_model_len=2048)
-    yield engine
-    engine.shutdown()
+    with running_engine(model, tokenizer, max_num_seqs=4, max_model_len=2048) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
 def uncached_engine(model, tokenizer):
-    engine = make_engine(model, tokenizer, max_num_seqs=4, max_model_len=2048, enable_prefix_caching=False)
-    yield engine
-    engine.shutdown()
+    with running_engine(model, tokenizer, max_num_seqs=4, max_model_len=2048, enable_prefix_caching=False) as engine:
+        yield engine
 
 
 def test_a_cached_run_gives_the_same_tokens_and_logprobs_as_an_uncached_one(cached_engine, uncached_engine, tokenizer):

@@ -32,7 +32,7 @@ from server.engine.native.beam_group import BeamGroup
 from server.engine.native.block_manager import BlockManager
 from server.engine.native.constraint import KeyState, mask_to_keys
 from server.engine.native.isolation import by_request, is_fatal
-from server.engine.native.kv_cache import BLOCK_SIZE, KvPool, bytes_per_token, default_budget_bytes
+from server.engine.native.kv_cache import sized_pool
 from server.engine.config import EngineConfig
 from server.engine.native.loading import eos_ids, load_model, pick_device, pick_dtype
 from server.engine.native.model_runner import ModelRunner, StepLogits
@@ -82,7 +82,8 @@ class NativeEngine:
         self.observe = SequenceMetrics(metrics)
 
         self.positions = Positions(model, self.position, self.device)
-        self.pool = self._kv_pool(config)
+        self.pool = sized_pool(self.facts, self.dtype, self.device, config.kv_cache_memory, self.max_model_len,
+                               near_keys=self.position.clipped)
         self.blocks = BlockManager(self.pool, prefix_caching=config.enable_prefix_caching)
         self.observe.watch(self.blocks)
         self.runner = ModelRunner(model, self.pool, self.positions)
@@ -103,25 +104,6 @@ class NativeEngine:
         self._cpu_threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
         self._thread.start()
-
-    def _kv_pool(self, config: EngineConfig) -> KvPool:
-        """The block pool, sized by --kv-cache-memory (or half the memory available); says how many tokens fit."""
-        facts = self.facts
-        planes = 3 if self.position.clipped else 2
-        token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, self.dtype, planes)
-        budget = int(config.kv_cache_memory * 2**30) if config.kv_cache_memory else default_budget_bytes(self.device)
-        num_blocks = budget // (token_bytes * BLOCK_SIZE)
-        if num_blocks * BLOCK_SIZE < self.max_model_len:
-            raise ValueError(
-                f"--kv-cache-memory {budget / 2**30:.2f} GiB holds {num_blocks * BLOCK_SIZE} tokens, fewer than one sequence "
-                f"of --max-model-len {self.max_model_len}; raise --kv-cache-memory or lower --max-model-len"
-            )
-        pool = KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, num_blocks, self.dtype,
-                      self.device, near_keys=self.position.clipped)
-        log.info("KV cache: %.2f GiB, %d blocks of %d: %d tokens fit (%.1f sequences of --max-model-len %d)",
-                 pool.bytes_allocated() / 2**30, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / self.max_model_len,
-                 self.max_model_len)
-        return pool
 
     # ---- the asyncio side -------------------------------------------------
 

@@ -22,6 +22,8 @@ import logging
 
 import torch
 
+from patches.model_facts import ModelFacts
+
 log = logging.getLogger("longserve.engine")
 
 BLOCK_SIZE = 16
@@ -108,6 +110,24 @@ class KvPool:
         for planes in (self.keys, self.values, self.near_keys):
             for plane in planes:
                 plane[dst] = plane[src]
+
+
+def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memory_gib: float | None, max_model_len: int,
+               near_keys: bool) -> KvPool:
+    """The block pool, sized by --kv-cache-memory (or default_budget_bytes); says how many tokens fit."""
+    token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype, 3 if near_keys else 2)
+    budget = int(memory_gib * 2**30) if memory_gib else default_budget_bytes(device)
+    num_blocks = budget // (token_bytes * BLOCK_SIZE)
+    if num_blocks * BLOCK_SIZE < max_model_len:
+        raise ValueError(
+            f"--kv-cache-memory {budget / 2**30:.2f} GiB holds {num_blocks * BLOCK_SIZE} tokens, fewer than one sequence "
+            f"of --max-model-len {max_model_len}; raise --kv-cache-memory or lower --max-model-len"
+        )
+    pool = KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, num_blocks, dtype, device, near_keys=near_keys)
+    log.info("KV cache: %.2f GiB, %d blocks of %d: %d tokens fit (%.1f sequences of --max-model-len %d)",
+             pool.bytes_allocated() / 2**30, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / max_model_len,
+             max_model_len)
+    return pool
 
 
 def slot_index(block_table: list[int], length: int, device: torch.device) -> torch.Tensor | slice:
