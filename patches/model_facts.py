@@ -15,6 +15,7 @@ class ModelFacts:
     num_layers: int
     num_heads: int  # query heads
     num_kv_heads: int
+    vocab_size: int  # rows of the output layer (may exceed the tokenizer's count)
 
     @classmethod
     def of(cls, config) -> "ModelFacts":
@@ -27,4 +28,5 @@ class ModelFacts:
             num_layers=config.num_hidden_layers,
             num_heads=num_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            vocab_size=config.vocab_size,
         )

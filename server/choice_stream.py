@@ -25,6 +25,8 @@ from server.extensions import Extension
 from server.extensions.keys import Keys
 from server.extensions.nbce import Nbce
 from server.extensions.position import Position
+from server.extensions.structured import Structured
+from server.extensions.tools import Tools
 from server.protocol import SamplingFields, check_length, now, random_id
 from server.responses import PromptTokensDetails, Usage
 
@@ -41,6 +43,10 @@ def extensions_of(body: SamplingFields, state) -> list[Extension]:
         used.append(Nbce(body, state))
     if body.constraint is not None:
         used.append(Keys(body, state))
+    if body.structured_outputs is not None or getattr(body, "formatted", False):
+        used.append(Structured(body, state))
+    if getattr(body, "tools", None):
+        used.append(Tools(body, state))
     return used
 
 

@@ -78,6 +78,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--max-trie-bytes", type=int, help=f"memory of all knowledge bases together (default {default('max_trie_bytes')})")
     add("--max-upload-bytes", type=int,
         help=f"largest JSON-lines upload to PUT /v1/tries/NAME (default {default('max_upload_bytes')})")
+    add("--grammar-cache-bytes", type=int,
+        help=f"memory for compiled structured-output grammars, reused by their text (default {default('grammar_cache_bytes')})")
     add("--log-level", choices=["debug", "info", "warning", "error"], help=f"default {default('log_level')}")
     add("--log-prompts", action="store_true", default=None, help="write prompt text to the log (off: only ids and counts)")
     add("--shutdown-timeout", type=float,

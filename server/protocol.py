@@ -24,6 +24,7 @@ from patches.nbce import NbceParams
 from patches.rope import PositionSpec
 from server.engine.base import GenerationRequest, SamplingParams
 from server.errors import APIError
+from server.protocol_structured import MAX_TOOLS, NamedToolChoice, ResponseFormat, StrictModel, StructuredOutputs, Tool
 from server.valid_text import check_text
 
 MAX_STOP_STRINGS = 16
@@ -40,10 +41,6 @@ TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RequestBody(StrictModel):
@@ -104,6 +101,8 @@ class SamplingFields(RequestBody):
     # longserve extension: the answer must be a key of a knowledge base
     constraint: Constraint | None = None
     use_beam_search: bool = False  # vLLM's name; here with a constraint: n = the beam width
+    # vLLM's structured outputs: the text must match a JSON schema, regex, choice or grammar
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -172,6 +171,8 @@ class SamplingFields(RequestBody):
             raise ValueError("n > 1 is not supported with contexts; send n = 1")
         if self.contexts is not None and self.constraint is not None:
             raise ValueError("contexts and constraint cannot be combined; send one of them")
+        if self.structured_outputs is not None and (self.contexts is not None or self.constraint is not None):
+            raise ValueError("structured_outputs cannot be combined with contexts or constraint; send one of them")
         if self.use_beam_search and self.constraint is None:
             raise ValueError("use_beam_search works with a constraint here: add constraint {\"trie\": NAME} or {\"choices\": [...]}")
         return self
@@ -206,6 +207,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -225,18 +228,32 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def check_chat(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported")
+        if self.formatted and self.structured_outputs is not None:
+            raise ValueError("response_format and structured_outputs both shape the output; send one of them")
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice needs tools: list the functions the model may call")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not one of the tools")
+        forced = self.tools and self.tool_choice not in (None, "none", "auto")
+        if forced and (self.formatted or self.structured_outputs is not None):
+            raise ValueError("a required or named tool_choice shapes the output itself; leave out response_format and structured_outputs")
+        if (self.tools or self.formatted) and (self.contexts is not None or self.constraint is not None):
+            raise ValueError("tools and response_format cannot be combined with contexts or constraint; send one of them")
         return self
+
+    @property
+    def formatted(self) -> bool:
+        """response_format asks for JSON."""
+        return self.response_format is not None and self.response_format.type != "text"
 
     @property
     def token_limit(self) -> int | None:

@@ -73,9 +73,28 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str | None = Field(None, description="streams: in a call's first piece only")
+    arguments: str = Field(description="JSON text, valid under the tool's parameters when tool_choice forced the call")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the message is tool calls only")
+    tool_calls: list[ToolCall] | None = Field(None, description="tools: the calls the model made")
 
 
 class ChatChoice(ExtensionChoiceFields):
@@ -97,6 +116,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(None, description="the first chunk of each choice only")
     content: str | None = Field(None, description="left out of a chunk that brings no text")
+    tool_calls: list[ToolCallDelta] | None = Field(None, description="tools: the calls, once the choice ends")
 
 
 class ChatStreamChoice(ExtensionChoiceFields):

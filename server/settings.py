@@ -43,6 +43,7 @@ class ServerSettings(BaseSettings):
     max_key_chars: int = Field(512, ge=1)
     max_trie_bytes: int = Field(4 * 2**30, ge=2**20)
     max_upload_bytes: int = Field(2**30, ge=1024)
+    grammar_cache_bytes: int = Field(256 * 2**20, ge=2**20, le=2**40)  # compiled structured-output grammars, by their text
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False  # prompt text in the log; off by default: prompts are the users' data
     # reliability (server/drain.py, server/http_server.py)

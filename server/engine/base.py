@@ -68,6 +68,18 @@ class KeyConstraint:
     end_token: int
 
 
+@dataclass(frozen=True)
+class GrammarSpec:
+    """Structured output: the text must match this grammar (server/extensions/structured.py).
+
+    `kind` is vLLM's field name: json (value: a JSON schema), regex, choice (a
+    list of strings), grammar (EBNF), or json_object (any JSON object)."""
+
+    kind: str
+    value: Any
+    compiled: Any = None  # xgrammar's CompiledGrammar, for the native engine; vLLM compiles its own
+
+
 @dataclass
 class GenerationRequest:
     """`n` choices for each prompt; choice index = prompt index * n + i.
@@ -84,6 +96,7 @@ class GenerationRequest:
     nbce: Any = None  # a patches.nbce.NbceParams: decode one answer over the rows
     constraint: KeyConstraint | None = None  # the output must be one of its keys
     beam_search: bool = False  # with a constraint: the n best distinct keys, best first
+    grammar: GrammarSpec | None = None  # structured output: the text must match it
 
     @property
     def num_choices(self) -> int:
@@ -136,6 +149,7 @@ class Engine(Protocol):
     max_model_len: int
     max_num_seqs: int
     trained_len: int
+    vocab_size: int
     tokenizer: Any
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:

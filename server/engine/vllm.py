@@ -32,7 +32,7 @@ from typing import AsyncIterator
 from patches.model_facts import ModelFacts
 from patches.rope import PositionSpec
 from server.engine.config import EngineConfig
-from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, KeyConstraint, SamplingParams, SeqDelta,
+from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, GrammarSpec, KeyConstraint, SamplingParams, SeqDelta,
                                 TokenLogprob, Unsupported, check_fits, choice_deltas)
 
 log = logging.getLogger("longserve.vllm")
@@ -80,6 +80,15 @@ def positions_for_vllm(spec: PositionSpec, head_dim: int, rope_base: float, trai
 CPU_KV_CACHE_GIB = 2  # vLLM's CPU KV-cache space (VLLM_CPU_KVCACHE_SPACE) when --kv-cache-memory is not given
 
 
+def structured_outputs(grammar: GrammarSpec):
+    """vLLM's own structured outputs for the same spec (vLLM compiles it with xgrammar in its engine process)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if grammar.kind == "json_object":
+        return StructuredOutputsParams(json={"type": "object"})  # as the native engine compiles it: compact
+    return StructuredOutputsParams(**{grammar.kind: grammar.value})
+
+
 def torch_has_cuda() -> bool:
     import torch
 
@@ -109,6 +118,7 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         facts = ModelFacts.of(AutoConfig.from_pretrained(config.model_path))
         self.trained_len = facts.trained_len
+        self.vocab_size = facts.vocab_size
         self.position = config.position
         self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
         overrides = positions_for_vllm(self.position, facts.head_dim, facts.rope_base, self.trained_len, self.max_model_len)
@@ -124,7 +134,9 @@ class VllmEngine:
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                hf_overrides=overrides, enforce_eager=True, disable_log_stats=True,
                                logits_processors=[KeyLogitsProcessor], max_num_batched_tokens=config.max_num_batched_tokens,
-                               enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config))
+                               enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config),
+                               # compact JSON, as the native engine writes it: no whitespace runs to sample into
+                               structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         # as `vllm serve` builds it: the usage context picks vLLM's defaults for an API server (batched tokens, ...)
         self.engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         self._in_flight: dict[str, list[str]] = {}  # our request id -> its vLLM request ids (choices) not yet ended
@@ -206,7 +218,8 @@ class VllmEngine:
         if os.path.exists(path):
             os.unlink(path)
 
-    def _sampling_params(self, params: SamplingParams, index: int, constraint: KeyConstraint | None = None):
+    def _sampling_params(self, params: SamplingParams, index: int, constraint: KeyConstraint | None = None,
+                         grammar: GrammarSpec | None = None):
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -223,6 +236,7 @@ class VllmEngine:
             logit_bias=params.logit_bias or None, output_kind=RequestOutputKind.DELTA,
             extra_args=None if constraint is None else {TRIE_ARG: self._trie_file(constraint.trie),
                                                         END_TOKEN_ARG: constraint.end_token},
+            structured_outputs=None if grammar is None else structured_outputs(grammar),
         )
 
     async def _stream(self, request: GenerationRequest, choices: list[tuple[int, list[int]]]) -> AsyncIterator[SeqDelta]:
@@ -264,7 +278,7 @@ class VllmEngine:
         completion_tokens, generated = 0, []
         first, finish = True, None
         try:
-            async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint), request_id):
+            async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint, request.grammar), request_id):
                 self._last_progress = time.monotonic()
                 if self._ended is not None:
                     break

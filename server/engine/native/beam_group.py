@@ -64,17 +64,17 @@ class BeamGroup(RowGroup):
         for index, row in enumerate(self.rows):
             if index < len(answers):
                 hypothesis, reason = answers[index]
-                row.output_ids, row.key_state, row.score = hypothesis.tokens, hypothesis.state, hypothesis.score
+                row.output_ids, row.constraint, row.score = hypothesis.tokens, hypothesis.state, hypothesis.score
                 row.text = tokenizer.decode(hypothesis.tokens, skip_special_tokens=True)
             else:
                 row.output_ids, row.text, reason = [], "", "length"
-                row.key_state = KeyState(self.leader.key_state.constraint)
+                row.constraint = KeyState(self.leader.constraint.constraint)
             row.finish(reason)
 
     def step(self, logits: torch.Tensor, first: bool = False) -> list[int]:
         """Advance with logits [rows, vocab]; returns, per row, the row whose cache it continues."""
         logprobs = logits.float().log_softmax(dim=-1)
-        parents = [Hypothesis([], 0.0, KeyState(self.leader.key_state.constraint))] if first else self.live
+        parents = [Hypothesis([], 0.0, KeyState(self.leader.constraint.constraint))] if first else self.live
         candidates = []  # (score, parent row, token)
         for row, parent in enumerate(parents):
             if parent is None:
@@ -90,7 +90,7 @@ class BeamGroup(RowGroup):
             if len(live) == self.width:
                 break
             parent = parents[row]
-            state = KeyState(parent.state.constraint, parent.state.node)
+            state = parent.state.fork()
             hypothesis = Hypothesis(parent.tokens + [token], score, state)
             if state.advance(token):
                 if state.entry not in {h.state.entry for h in self.finished}:

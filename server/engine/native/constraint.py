@@ -1,21 +1,44 @@
-"""Generation constrained to the keys of a token trie (patches/trie.py), per sequence.
+"""Generation held to a constraint, per sequence: one interface, two kinds, one batched mask.
 
-Before each sampling step a constrained row keeps only the tokens that
-continue some key from its current node; where a key may end, the model's
-end token (EOS) stands for the end-of-key edge. After the step the row walks
-on. A key is complete when the end token is taken, or when the walk reaches a
-node from which nothing but the end of the key follows: the sequence then
-stops with that key's entry. A sequence cut by max_tokens has no entry.
+A constraint (the `SequenceConstraint` protocol) says which tokens may come next, as
+bits of a bitmask row; takes each token (`advance`, True when the output is
+complete and the sequence stops); and copies itself for a beam (`fork`).
+
+- KeyState: the keys of a token trie (patches/trie.py). Where a key may end,
+  the model's end token (EOS) stands for the end-of-key edge. A key is
+  complete when the end token is taken, or when the walk reaches a node from
+  which nothing but the end of the key follows; the sequence then stops with
+  that key's entry. A sequence cut by max_tokens has no entry.
+- GrammarState: an xgrammar matcher over a compiled grammar (JSON schema,
+  regex, choices, EBNF; server/extensions/structured.py compiles them). It
+  is complete when the grammar has ended and the end token was taken.
+
+`mask_logits` fills one bitmask for the whole batch, a row per constrained
+sequence, and applies it in one tensor op (xgrammar's kernel).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from patches.trie import END, TokenTrie
 from server.engine.base import KeyConstraint
+
+
+class SequenceConstraint(Protocol):
+    entry: int | None  # keys: the finished key's entry; None otherwise
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Set row `row` of `bitmask` (int32 [rows, ceil(vocab / 32)], bit t = token t) to the allowed tokens."""
+
+    def advance(self, token: int) -> bool:
+        """Take `token`; True when the output is complete."""
+
+    def fork(self) -> "SequenceConstraint": ...
 
 
 @dataclass
@@ -27,8 +50,13 @@ class KeyState:
     def allowed_tokens(self) -> torch.Tensor:
         return torch.from_numpy(self.constraint.trie.allowed_tokens(self.node, self.constraint.end_token)).long()
 
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        allowed = self.constraint.trie.allowed_tokens(self.node, self.constraint.end_token)
+        bits = np.zeros(bitmask.shape[1] * 32, dtype=bool)
+        bits[allowed] = True
+        bitmask[row] = torch.from_numpy(np.packbits(bits, bitorder="little").view(np.int32))
+
     def advance(self, token: int) -> bool:
-        """Take `token`; True when the key is complete."""
         trie = self.constraint.trie
         if token == self.constraint.end_token and trie.entry_at(self.node) is not None:
             self.entry = trie.entry_at(self.node)
@@ -43,12 +71,37 @@ class KeyState:
             return True
         return False
 
+    def fork(self) -> "KeyState":
+        return KeyState(self.constraint, self.node, self.entry)
 
-def mask_to_keys(logits: torch.Tensor, states: list[KeyState | None]) -> torch.Tensor:
-    """-inf on every token a row's key state does not allow; rows without a state are left alone."""
-    masks = torch.zeros_like(logits)
-    for row, state in enumerate(states):
-        if state is not None:
-            masks[row] = float("-inf")
-            masks[row, state.allowed_tokens().to(logits.device)] = 0.0
-    return logits + masks
+
+class GrammarState:
+    entry = None
+
+    def __init__(self, compiled=None, matcher=None):
+        import xgrammar
+
+        self.matcher = matcher if matcher is not None else xgrammar.GrammarMatcher(compiled)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def advance(self, token: int) -> bool:
+        if not self.matcher.accept_token(token):  # the mask makes this unreachable
+            raise RuntimeError(f"token {token} does not continue the grammar")
+        return self.matcher.is_terminated()
+
+    def fork(self) -> "GrammarState":
+        return GrammarState(matcher=self.matcher.fork())
+
+
+def mask_logits(logits: torch.Tensor, constraints: list[SequenceConstraint | None]) -> torch.Tensor:
+    """`logits` [rows, vocab] with -inf, in place, on each token a row's constraint does not allow."""
+    import xgrammar
+
+    rows = [row for row, constraint in enumerate(constraints) if constraint is not None]
+    bitmask = xgrammar.allocate_token_bitmask(len(constraints), logits.shape[-1])
+    for row in rows:
+        constraints[row].fill_bitmask(bitmask, row)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    return logits

@@ -30,7 +30,7 @@ from patches.model_facts import ModelFacts
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
 from server.engine.native.block_manager import BlockManager
-from server.engine.native.constraint import KeyState, mask_to_keys
+from server.engine.native.constraint import GrammarState, KeyState, mask_logits
 from server.engine.native.isolation import by_request, is_fatal
 from server.engine.native.kv_cache import sized_pool
 from server.engine.config import EngineConfig
@@ -67,6 +67,7 @@ class NativeEngine:
         model_config = model.config
         self.facts = ModelFacts.of(model_config)
         self.trained_len = self.facts.trained_len
+        self.vocab_size = self.facts.vocab_size
         self.position = config.position
         if self.position.clipped:  # report the window in use, not "default"
             self.position = self.position.model_copy(update={"window": self.position.window_for(self.trained_len)})
@@ -175,10 +176,19 @@ class NativeEngine:
             tokenizer_backend=self.tokenizer.backend_tokenizer,
             eos_token_ids=self.eos_token_ids,
             generator=generator,
-            key_state=KeyState(request.constraint) if request.constraint is not None else None,
+            constraint=self._constraint_of(request),
             positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
             log_id=REQUEST_ID.get(),
         )
+
+    @staticmethod
+    def _constraint_of(request: GenerationRequest):
+        """A sequence's own constraint state: the keys of a trie, or a grammar's matcher."""
+        if request.constraint is not None:
+            return KeyState(request.constraint)
+        if request.grammar is not None:
+            return GrammarState(request.grammar.compiled)
+        return None
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -336,8 +346,8 @@ class NativeEngine:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]):
         """A token (and its logprob record) for each of `seqs` from rows of `logits`, within their keys if constrained."""
-        if any(seq.key_state is not None for seq in seqs):
-            logits = mask_to_keys(logits, [seq.key_state for seq in seqs])
+        if any(seq.constraint is not None for seq in seqs):
+            logits = mask_logits(logits, [seq.constraint for seq in seqs])
         return sample(logits, seqs, self.generator)
 
     def _sample_and_take(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -349,8 +359,8 @@ class NativeEngine:
             return
         previous = seq.last_token_time
         seq.append(token, record)
-        if seq.key_state is not None and seq.key_state.advance(token):
-            seq.finish_reason = "stop"  # a whole key: the answer, even on the last allowed token
+        if seq.constraint is not None and seq.constraint.advance(token):
+            seq.finish_reason = "stop"  # a whole key, or the grammar's end: the answer, even on the last allowed token
         self.observe.token(seq, previous)
         if seq.finish_reason is not None:
             self.retire([seq], seq.finish_reason)

@@ -54,7 +54,7 @@ class Sequence:
     last_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     group: Any = None  # an nbce_group.NbceGroup when this is one row of an NBCE request
-    key_state: Any = None  # a constraint.KeyState when the output must be a key of a trie
+    constraint: Any = None  # a constraint.SequenceConstraint: the output must be a trie's key, or match a grammar
     score: float | None = None  # beam search: the cumulative log-probability of the output
     context_ids: list[int] = field(default_factory=list)  # NBCE, row 0: the context each output token came from
     log_id: str = "-"  # the HTTP request's id (X-Request-Id), for the engine thread's log lines
@@ -147,6 +147,6 @@ class Sequence:
             error_status=error_status,
             prompt_logprobs=self.prompt_logprobs if first and self.params.prompt_logprobs is not None else None,
             context_ids=context_ids,
-            entry=self.key_state.entry if self.key_state is not None and done else None,
+            entry=self.constraint.entry if self.constraint is not None and done else None,
             score=self.score if done else None,
         )

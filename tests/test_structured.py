@@ -1,0 +1,213 @@
+"""Structured outputs and tool calls: the real server, the bundled model, the openai SDK, both engines."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import pytest
+
+from tests.conftest import openai_client
+
+MODEL = "smollm2-135m-instruct"
+SAMPLES = 50  # per schema, at temperature 1
+PER_REQUEST = 10
+SCHEMAS = {
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"type": "string", "enum": ["admin", "user", "guest"]},
+        },
+        "required": ["name", "age", "role"],
+        "additionalProperties": False,
+    },
+    "order": {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["new", "paid", "shipped"]},
+            "items": {
+                "type": "array", "minItems": 1, "maxItems": 3,
+                "items": {"type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
+                                                            "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+                          "required": ["sku", "qty"], "additionalProperties": False},
+            },
+        },
+        "required": ["status", "items"],
+        "additionalProperties": False,
+    },
+    "profile": {
+        "type": "object",
+        "properties": {
+            "user": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 99999},
+                                                      "tags": {"type": "array", "maxItems": 2,
+                                                               "items": {"enum": ["red", "green", "blue"]}}},
+                     "required": ["id", "tags"], "additionalProperties": False},
+            "active": {"type": "boolean"},
+        },
+        "required": ["user", "active"],
+        "additionalProperties": False,
+    },
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now in a time zone",
+                                          "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
+                                                         "required": ["zone"], "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module", params=["native", "vllm"])
+def server(request):
+    return request.getfixturevalue("bundled_server" if request.param == "native" else "vllm_server")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server)
+
+
+def sampled(client, count: int, **request) -> list:
+    """`count` choices at temperature 1, from requests of PER_REQUEST choices sent together."""
+    request = {"model": MODEL, "max_tokens": 120, **request}
+
+    def one(_):
+        return client.chat.completions.create(temperature=1, n=PER_REQUEST, **request).choices
+
+    with ThreadPoolExecutor(count // PER_REQUEST) as pool:
+        return [choice for choices in pool.map(one, range(count // PER_REQUEST)) for choice in choices]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_sample_under_a_json_schema_validates(client, name):
+    schema = SCHEMAS[name]
+    choices = sampled(client, SAMPLES, messages=[{"role": "user", "content": f"Write a {name} as JSON."}],
+                      response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema}})
+    assert len(choices) == SAMPLES
+    for choice in choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_structured_outputs_json_regex_choice_and_grammar(client):
+    schema = SCHEMAS["person"]
+    reply = client.completions.create(model=MODEL, prompt="A person:", max_tokens=80, temperature=1, n=4,
+                                      extra_body={"structured_outputs": {"json": schema}})
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.text), schema)
+    phone = client.completions.create(model=MODEL, prompt="Call me at", max_tokens=20, temperature=1, n=8,
+                                      extra_body={"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}})
+    assert all(re.fullmatch("[0-9]{3}-[0-9]{4}", choice.text) for choice in phone.choices)
+    picked = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Pick a colour."}], n=8,
+                                            temperature=1, max_tokens=10, extra_body={"structured_outputs": {"choice": ["red", "green"]}})
+    assert {choice.message.content for choice in picked.choices} <= {"red", "green"}
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Yes or no?"}], n=4,
+                                            temperature=1, max_tokens=10,
+                                            extra_body={"structured_outputs": {"grammar": 'root ::= "yes" | "no" | "maybe"'}})
+    assert {choice.message.content for choice in answer.choices} <= {"yes", "no", "maybe"}
+
+
+def test_json_object_outputs_parse_streamed_and_not(client):
+    """Any JSON object has no bound on its length: a sampled one may be cut by max_tokens (finish_reason "length",
+    as with OpenAI and vLLM); every one that ends by itself parses."""
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object about cats."}], max_tokens=300,
+               response_format={"type": "json_object"})
+    finished = [choice for choice in sampled(client, 20, **ask) if choice.finish_reason == "stop"]
+    assert len(finished) >= 10
+    for choice in finished:
+        assert isinstance(json.loads(choice.message.content), dict)
+    greedy = {**ask, "messages": [{"role": "user", "content": "Describe a cat as a JSON object with its name and age."}]}
+    chunks = list(client.chat.completions.create(**greedy, temperature=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_calls_validate_streamed_and_not(client, tool_choice):
+    ask = dict(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER, CLOCK], tool_choice=tool_choice, max_tokens=100)
+    # sampled: one call each (parallel calls have no bound on their number, so a sample could run past max_tokens)
+    for choice in client.chat.completions.create(**ask, temperature=1, n=8, parallel_tool_calls=False).choices:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            assert call.id.startswith("call_") and call.type == "function"
+            tool = next(t for t in (WEATHER, CLOCK) if t["function"]["name"] == call.function.name)
+            jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+        if isinstance(tool_choice, dict):
+            assert [call.function.name for call in choice.message.tool_calls] == ["get_weather"]
+    chunks = list(client.chat.completions.create(**ask, temperature=0, stream=True))
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert calls and chunks[-1].choices[0].finish_reason == "tool_calls"
+    plain = client.chat.completions.create(**ask, temperature=0).choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in calls] == [(c.function.name, c.function.arguments) for c in plain]
+
+
+def test_auto_parses_calls_from_free_text_and_leaves_plain_answers_alone(client):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    needs = [{"role": "user", "content": "Repeat exactly this text and nothing else:\n" + call}]
+    reply = client.chat.completions.create(model=MODEL, messages=needs, tools=[WEATHER], temperature=0, max_tokens=60)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == \
+        [("get_weather", {"city": "Paris", "unit": "celsius"})]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=needs, tools=[WEATHER], temperature=0, max_tokens=60, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""  # the call's text never streams
+    assert [c.function.name for ch in chunks if ch.choices for c in ch.choices[0].delta.tool_calls or []] == ["get_weather"]
+
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 2?"}], tools=[WEATHER],
+                                           temperature=0, max_tokens=20)
+    assert plain.choices[0].finish_reason in ("stop", "length") and plain.choices[0].message.tool_calls is None
+    assert "4" in plain.choices[0].message.content
+
+
+def test_a_tool_result_round_trips_into_a_final_answer(client):
+    arguments = json.dumps({"city": "Paris", "unit": "celsius"})
+    messages = ASK_WEATHER + [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "sunny"}'},
+    ]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=40)
+    choice = reply.choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+    assert "21" in choice.message.content  # the result reached the model
+
+
+BAD = [
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format.json_schema.schema", "objekt"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type", "json_object"),
+    ("/v1/completions", {"structured_outputs": {"regex": "(ab"}}, "structured_outputs.regex", "parenthesis"),
+    ("/v1/completions", {"structured_outputs": {"grammar": 'root ::= "a" |'}}, "structured_outputs.grammar", "element"),
+    ("/v1/completions", {"structured_outputs": {"json": "{not json"}}, "structured_outputs.json", "not JSON"),
+    ("/v1/completions", {"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+    ("/v1/completions", {"structured_outputs": {"regex": "a"}, "constraint": {"choices": ["b"]}}, None, "cannot be combined"),
+    ("/v1/chat/completions", {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, None, "one of them"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, None, "needs tools"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None, "'nope'"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name", "pattern"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, None, "leave out"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+                              "tool_choice": "required"}, "tools", "objekt"),
+]
+
+
+@pytest.mark.parametrize("path,fields,param,words", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_structured_requests_get_a_400_naming_the_field(server, path, fields, param, words):
+    body = {"model": MODEL, "max_tokens": 5, **fields}
+    body.update({"messages": ASK_WEATHER} if path.endswith("chat/completions") else {"prompt": "Hi"})
+    reply = httpx.post(f"{server}{path}", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"], error
+    if param is not None:
+        assert error["param"] == param, error
+    assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200
