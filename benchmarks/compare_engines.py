@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 
+from structured import SCHEMA  # benchmarks/, on the path when run as a script
+
 SERVERS = ("bare-vllm", "longserve-vllm", "longserve-native")
 
 
@@ -65,10 +67,12 @@ def run_load(url: str, kind: str, tokenizer: str, concurrency: int, args, result
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
+    # --structured: every request held to structured.py's medium schema, which ends the output (so no --ignore-eos)
+    shape = ["--extra-body", json.dumps({"structured_outputs": {"json": SCHEMA}})] if args.structured else ["--ignore-eos"]
     bench_args = parser.parse_args([
         "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", args.model, "--tokenizer", tokenizer,
         "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-        "--num-prompts", str(args.num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0",
+        "--num-prompts", str(args.num_prompts), "--max-concurrency", str(concurrency), *shape, "--temperature", "0",
         "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{kind}-c{concurrency}.json",
     ])
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument("--structured", action="store_true",
+                        help="hold every output to benchmarks/structured.py's JSON schema (structured_outputs.json)")
     parser.add_argument("--out", default="results/compare-engines")
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,23 @@ SCHEMA = {
 WALKS = 20
 
 
+def walk_cost(new_matcher, fill, take, stopped, vocab: int, bitmask: torch.Tensor) -> float:
+    """Mean seconds to fill one bitmask row and take one token, along WALKS walks of random allowed tokens."""
+    rng, steps, spent = random.Random(0), 0, 0.0
+    for _ in range(WALKS):
+        matcher = new_matcher()
+        while not stopped(matcher):
+            started = time.perf_counter()
+            fill(matcher, bitmask)
+            spent += time.perf_counter() - started
+            token = rng.choice(allowed_ids(bitmask[0], vocab))
+            started = time.perf_counter()
+            take(matcher, token)
+            spent += time.perf_counter() - started
+            steps += 1
+    return spent / steps
+
+
 def xgrammar_cost(tokenizer, vocab: int) -> tuple[float, float]:
     import xgrammar
 
@@ -55,20 +72,10 @@ def xgrammar_cost(tokenizer, vocab: int) -> tuple[float, float]:
     started = time.perf_counter()
     grammar = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
     compiled = time.perf_counter() - started
-    bitmask = xgrammar.allocate_token_bitmask(1, vocab)
-    rng, steps, spent = random.Random(0), 0, 0.0
-    for _ in range(WALKS):
-        matcher = xgrammar.GrammarMatcher(grammar)
-        while not matcher.is_terminated():
-            started = time.perf_counter()
-            matcher.fill_next_token_bitmask(bitmask, 0)
-            spent += time.perf_counter() - started
-            token = rng.choice(allowed_ids(bitmask[0], vocab))
-            started = time.perf_counter()
-            matcher.accept_token(token)
-            spent += time.perf_counter() - started
-            steps += 1
-    return compiled, spent / steps
+    per_token = walk_cost(lambda: xgrammar.GrammarMatcher(grammar), lambda m, b: m.fill_next_token_bitmask(b, 0),
+                          lambda m, t: m.accept_token(t), lambda m: m.is_terminated(), vocab,
+                          xgrammar.allocate_token_bitmask(1, vocab))
+    return compiled, per_token
 
 
 def llguidance_cost(tokenizer, vocab: int) -> tuple[float, float]:
@@ -79,22 +86,13 @@ def llguidance_cost(tokenizer, vocab: int) -> tuple[float, float]:
     lltokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
     started = time.perf_counter()
     grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA), defaults={"whitespace_flexible": False})
-    matcher = llguidance.LLMatcher(lltokenizer, grammar)
+    llguidance.LLMatcher(lltokenizer, grammar)
     compiled = time.perf_counter() - started
-    bitmask = llguidance.torch.allocate_token_bitmask(1, vocab)
-    rng, steps, spent = random.Random(0), 0, 0.0
-    for _ in range(WALKS):
-        matcher = llguidance.LLMatcher(lltokenizer, grammar)
-        while not matcher.is_stopped():
-            started = time.perf_counter()
-            llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
-            spent += time.perf_counter() - started
-            token = rng.choice(allowed_ids(bitmask[0], vocab))
-            started = time.perf_counter()
-            matcher.consume_token(token)
-            spent += time.perf_counter() - started
-            steps += 1
-    return compiled, spent / steps
+    per_token = walk_cost(lambda: llguidance.LLMatcher(lltokenizer, grammar),
+                          lambda m, b: llguidance.torch.fill_next_token_bitmask(m, b, 0),
+                          lambda m, t: m.consume_token(t), lambda m: m.is_stopped(), vocab,
+                          llguidance.torch.allocate_token_bitmask(1, vocab))
+    return compiled, per_token
 
 
 def allowed_ids(row: torch.Tensor, vocab: int) -> list[int]:

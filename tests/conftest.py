@@ -177,6 +177,18 @@ def vllm_server(bundled_path):
         yield url
 
 
+@pytest.fixture(scope="module", params=["native", "vllm"])
+def server(request):
+    """The bundled model behind either engine: a test that takes `server` (or `client`) runs against both
+    (the vLLM one skips where vllm is not installed)."""
+    return request.getfixturevalue("bundled_server" if request.param == "native" else "vllm_server")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server)
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tiny_llama, tokenizer):
     engine = make_engine(tiny_llama, tokenizer, name="tiny", max_num_seqs=2, max_waiting=1, max_model_len=256)

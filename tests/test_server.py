@@ -8,20 +8,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import metric_value, openai_client, wait_until
+from tests.conftest import metric_value, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module", params=["native", "vllm"])
-def server(request):
-    """The same tests against both engines (the vLLM ones skip where vllm is not installed)."""
-    return request.getfixturevalue("bundled_server" if request.param == "native" else "vllm_server")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai_client(server)
 
 
 def test_chat_answers_and_reports_usage(client):

@@ -10,7 +10,6 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.conftest import openai_client
 
 MODEL = "smollm2-135m-instruct"
 SAMPLES = 50  # per schema, at temperature 1
@@ -62,16 +61,6 @@ CLOCK = {"type": "function", "function": {"name": "get_time", "description": "Th
                                           "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
                                                          "required": ["zone"], "additionalProperties": False}}}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module", params=["native", "vllm"])
-def server(request):
-    return request.getfixturevalue("bundled_server" if request.param == "native" else "vllm_server")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai_client(server)
 
 
 def sampled(client, count: int, **request) -> list:
