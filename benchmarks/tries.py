@@ -64,7 +64,7 @@ def step_cost_ms(base, vocab: int, walks: int = 200, seed: int = 0) -> tuple[flo
             mask_logits(logits, [state])
             elapsed += time.perf_counter() - started
             steps += 1
-            allowed = state.allowed_tokens().tolist()
+            allowed = state.allowed_tokens(logits.shape[-1]).tolist()
             if state.advance(int(rng.choice(allowed))):
                 break
     return at_root, elapsed / steps * 1000

@@ -22,6 +22,7 @@ from sse_starlette import EventSourceResponse
 from server.engine.base import EngineDead, EngineOverloaded, GenerationRequest, NeverFits, SeqDelta, TokenLogprob, Unsupported
 from server.errors import APIError, error_body
 from server.extensions import Extension
+from server.extensions.beam import Beam
 from server.extensions.keys import Keys
 from server.extensions.nbce import Nbce
 from server.extensions.position import Position
@@ -47,6 +48,8 @@ def extensions_of(body: SamplingFields, state) -> list[Extension]:
         used.append(Structured(body, state))
     if getattr(body, "tools", None):
         used.append(Tools(body, state))
+    if body.use_beam_search:  # last: it checks what the adapters above set
+        used.append(Beam(body, state))
     return used
 
 

@@ -100,7 +100,7 @@ class SamplingFields(RequestBody):
     nbce: NbceParams | None = None
     # longserve extension: the answer must be a key of a knowledge base
     constraint: Constraint | None = None
-    use_beam_search: bool = False  # vLLM's name; here with a constraint: n = the beam width
+    use_beam_search: bool = False  # vLLM's name; here with a constraint or a grammar: n = the beam width
     # vLLM's structured outputs: the text must match a JSON schema, regex, choice or grammar
     structured_outputs: StructuredOutputs | None = None
 
@@ -173,8 +173,6 @@ class SamplingFields(RequestBody):
             raise ValueError("contexts and constraint cannot be combined; send one of them")
         if self.structured_outputs is not None and (self.contexts is not None or self.constraint is not None):
             raise ValueError("structured_outputs cannot be combined with contexts or constraint; send one of them")
-        if self.use_beam_search and self.constraint is None:
-            raise ValueError("use_beam_search works with a constraint here: add constraint {\"trie\": NAME} or {\"choices\": [...]}")
         return self
 
     @field_validator("contexts")

@@ -169,6 +169,63 @@ def test_a_tool_result_round_trips_into_a_final_answer(client):
     assert "21" in choice.message.content  # the result reached the model
 
 
+def test_beam_search_under_a_grammar_gives_the_best_distinct_valid_answers(server, client):
+    """Native: n distinct answers that hold to the grammar, best first; vLLM has no beam search behind its API."""
+    engine = httpx.get(f"{server}/v1/models").json()["data"][0]["engine"]
+    schema = SCHEMAS["person"]
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Write a person as JSON."}], max_tokens=60, n=3,
+               response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+               extra_body={"use_beam_search": True})
+    if engine == "vllm":
+        body = {name: value for name, value in ask.items() if name != "extra_body"} | ask["extra_body"]
+        reply = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 400 and "--engine native" in reply.json()["error"]["message"]
+        return
+    for stream in (False, True):
+        reply = client.chat.completions.create(**ask, stream=stream)
+        if stream:
+            chunks = [chunk.choices[0] for chunk in reply if chunk.choices]
+            texts = {i: "".join(c.delta.content or "" for c in chunks if c.index == i) for i in range(3)}
+            scores = [next(c.model_extra["score"] for c in chunks if c.index == i and c.finish_reason) for i in range(3)]
+        else:
+            texts = {c.index: c.message.content for c in reply.choices}
+            scores = [c.model_extra["score"] for c in sorted(reply.choices, key=lambda c: c.index)]
+            assert all(c.finish_reason == "stop" for c in reply.choices)
+        assert len(set(texts.values())) == 3
+        for text in texts.values():
+            jsonschema.validate(json.loads(text), schema)
+        assert scores == sorted(scores, reverse=True) and scores[0] < 0
+    alone = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "n": 2, "use_beam_search": True})
+    assert alone.status_code == 400 and alone.json()["error"]["param"] == "use_beam_search"
+
+
+def test_beam_scores_under_a_grammar_are_the_models_log_probabilities(tokenizer):
+    """A tiny model, a one-letter regex: each answer is one letter token and a stop token, so the exact score of
+    every answer is two log-probabilities of one forward pass; the beam must return the best three, with them."""
+    import torch
+    import xgrammar
+
+    from tests.conftest import make_engine, openai_client, running_server, tiny_model
+
+    letters = "abcde"
+    prompt_ids = tokenizer.encode("Letter:")
+    stops = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=49152).stop_token_ids
+    model = tiny_model("llama", seed=5)
+    reference = {}
+    for letter in letters:
+        (token,) = tokenizer.encode(letter, add_special_tokens=False)
+        with torch.no_grad():
+            logprobs = model(torch.tensor([prompt_ids + [token]])).logits[0].float().log_softmax(-1)
+        reference[letter] = float(logprobs[-2, token]) + max(float(logprobs[-1, stop]) for stop in stops)
+    best = sorted(letters, key=lambda letter: -reference[letter])[:3]
+    with running_server(make_engine(tiny_model("llama", seed=5), tokenizer, max_model_len=128)) as url:
+        reply = openai_client(url).completions.create(model="tiny", prompt="Letter:", max_tokens=4, n=3, extra_body={
+            "structured_outputs": {"regex": f"[{letters}]"}, "use_beam_search": True})
+    found = sorted(reply.choices, key=lambda choice: choice.index)
+    assert [choice.text for choice in found] == best
+    assert [choice.model_extra["score"] for choice in found] == pytest.approx([reference[letter] for letter in best], abs=1e-3)
+
+
 BAD = [
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
      "response_format.json_schema.schema", "objekt"),

@@ -1,5 +1,5 @@
-"""Answers restricted to the keys of a knowledge base: `constraint` and `use_beam_search` in; `key`, `value`
-and `score` out.
+"""Answers restricted to the keys of a knowledge base: `constraint` in; `key` and `value` out (with
+`use_beam_search`, server/extensions/beam.py, the n best distinct keys).
 
 A registered trie comes from the app's KnowledgeStore (server/knowledge.py,
 /v1/tries); inline choices are built into a trie for this request only.
@@ -18,10 +18,9 @@ from server.knowledge import EntryError, build
 class Keys(Extension):
     def __init__(self, body, state):
         self.constraint = body.constraint
-        self.beam_width: int | None = body.n if body.use_beam_search else None
+        self.beam_width: int | None = body.n if body.use_beam_search else None  # distinct keys asked for
         self.base = None  # the KnowledgeBase that answers, once prepared
         self.entries: dict[int, int] = {}  # choice index -> its finished key's entry
-        self.scores: dict[int, float] = {}  # beam search: choice index -> the key's score
 
     async def prepare(self, request, state) -> None:
         """Find or build the trie; inline choices are tokenized and built in a worker thread (about 0.2 s for
@@ -39,30 +38,21 @@ class Keys(Extension):
         width = self.beam_width
         if width is not None and width > self.base.num_keys:
             raise APIError(400, f"a beam of n = {width} asks for more distinct keys than the {self.base.num_keys} there are; lower n", "n")
-        if width is not None and width > engine.max_num_seqs:
-            raise APIError(400, f"a beam of n = {width} does not fit --max-num-seqs {engine.max_num_seqs}; lower n", "n")
         end_token = engine.tokenizer.eos_token_id
         if end_token is None:
             raise APIError(400, "this model has no end-of-sequence token to end a key with", "constraint")
         request.constraint = KeyConstraint(self.base.trie, end_token)
-        request.beam_search = width is not None
 
     def observe(self, delta) -> None:
         if delta.entry is not None:
             self.entries[delta.index] = delta.entry
-        if delta.score is not None:
-            self.scores[delta.index] = delta.score
 
     def fields(self, index: int, finished: bool) -> dict:
-        """Once the choice is finished: its key and the stored value (null when no whole key came out), and with
-        beam search its score (cumulative log-probability)."""
+        """Once the choice is finished: its key and the stored value (null when no whole key came out)."""
         if not finished:
             return {}
         entry = self.entries.get(index)
-        fields = {"key": None, "value": None} if entry is None else {"key": self.base.key(entry), "value": self.base.value(entry)}
-        if index in self.scores:
-            fields["score"] = self.scores[index]
-        return fields
+        return {"key": None, "value": None} if entry is None else {"key": self.base.key(entry), "value": self.base.value(entry)}
 
 
 def find_base(store, name: str):

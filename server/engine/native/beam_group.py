@@ -1,12 +1,14 @@
-"""Beam search over the keys of a trie: the n best distinct keys, best first, with their scores.
+"""Beam search under a constraint: the n best distinct answers, best first, with their scores.
 
-A request with use_beam_search and a constraint becomes n sequences (n = the
-beam width) with one prompt. Only the first is prefilled; the others share its
-blocks (copy on write). Each step every live beam proposes its best allowed next tokens,
-scored by the model's own log-probabilities (the sum over the key's tokens,
-end-of-key step included); the n best continuations become the next beams,
-and the rows' block tables follow their parents. A continuation that completes a key
-leaves the beam as a finished hypothesis. The search stops when n keys are
+A request with use_beam_search and a constraint (a trie's keys, or a grammar:
+constraint.py) becomes n sequences (n = the beam width) with one prompt. Only
+the first is prefilled; the others share its blocks (copy on write). Each step
+every live beam proposes its best allowed next tokens, scored by the model's
+own log-probabilities (the sum over the answer's tokens, end step included);
+the n best continuations become the next beams, and the rows' block tables
+follow their parents. A continuation that completes an answer leaves the beam
+as a finished hypothesis; answers are distinct keys for a trie, distinct
+texts for a grammar. The search stops when n answers are
 finished and no live beam can still beat the worst of them (scores only
 fall), when nothing is live, or at max_tokens; beams cut there are reported
 with finish_reason "length" and no key.
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.native.constraint import KeyState
+from server.engine.native.constraint import SequenceConstraint
 from server.engine.native.row_group import RowGroup
 from server.engine.native.sequence import Sequence
 
@@ -27,7 +29,12 @@ from server.engine.native.sequence import Sequence
 class Hypothesis:
     tokens: list[int]
     score: float
-    state: KeyState
+    state: SequenceConstraint
+
+    def answer(self, tokenizer):
+        """What makes two finished hypotheses the same answer: the key's entry, or else the text (a grammar
+        allows every tokenization of a text; one answer of each)."""
+        return self.state.entry if self.state.entry is not None else tokenizer.decode(self.tokens, skip_special_tokens=True)
 
 
 @dataclass(eq=False)
@@ -43,7 +50,7 @@ class BeamGroup(RowGroup):
 
     def advance(self, logits: torch.Tensor, engine, first: bool = False) -> None:
         """One search step; every row's blocks and tokens then follow the beam it now holds."""
-        sources = self.step(logits, first)
+        sources = self.step(logits, engine.tokenizer, first)
         moves = [(row, self.rows[src]) for row, src in zip(self.rows, sources) if first or row is not self.rows[src]]
         if moves:
             engine.fork([row for row, _ in moves], [source for _, source in moves])
@@ -66,20 +73,20 @@ class BeamGroup(RowGroup):
                 hypothesis, reason = answers[index]
                 row.output_ids, row.constraint, row.score = hypothesis.tokens, hypothesis.state, hypothesis.score
                 row.text = tokenizer.decode(hypothesis.tokens, skip_special_tokens=True)
-            else:
+            else:  # its own constraint never advanced: no key
                 row.output_ids, row.text, reason = [], "", "length"
-                row.constraint = KeyState(self.leader.constraint.constraint)
             row.finish(reason)
 
-    def step(self, logits: torch.Tensor, first: bool = False) -> list[int]:
+    def step(self, logits: torch.Tensor, tokenizer, first: bool = False) -> list[int]:
         """Advance with logits [rows, vocab]; returns, per row, the row whose cache it continues."""
         logprobs = logits.float().log_softmax(dim=-1)
-        parents = [Hypothesis([], 0.0, KeyState(self.leader.constraint.constraint))] if first else self.live
+        # rows keep their own constraints unadvanced until finish(): the leader's is the search's start
+        parents = [Hypothesis([], 0.0, self.leader.constraint.fork())] if first else self.live
         candidates = []  # (score, parent row, token)
         for row, parent in enumerate(parents):
             if parent is None:
                 continue
-            allowed = parent.state.allowed_tokens().to(logprobs.device)
+            allowed = parent.state.allowed_tokens(logprobs.shape[-1]).to(logprobs.device)
             scores = logprobs[row, allowed]
             best = scores.topk(min(self.width, len(allowed)))
             for value, index in zip(best.values.tolist(), best.indices.tolist()):
@@ -93,7 +100,7 @@ class BeamGroup(RowGroup):
             state = parent.state.fork()
             hypothesis = Hypothesis(parent.tokens + [token], score, state)
             if state.advance(token):
-                if state.entry not in {h.state.entry for h in self.finished}:
+                if hypothesis.answer(tokenizer) not in {h.answer(tokenizer) for h in self.finished}:
                     self.finished.append(hypothesis)
             else:
                 live.append(hypothesis)

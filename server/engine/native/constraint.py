@@ -1,7 +1,7 @@
 """Generation held to a constraint, per sequence: one interface, two kinds, one batched mask.
 
 A constraint (the `SequenceConstraint` protocol) says which tokens may come next, as
-bits of a bitmask row; takes each token (`advance`, True when the output is
+bits of a bitmask row (or as token ids, for beam search); takes each token (`advance`, True when the output is
 complete and the sequence stops); and copies itself for a beam (`fork`).
 
 - KeyState: the keys of a token trie (patches/trie.py). Where a key may end,
@@ -35,6 +35,9 @@ class SequenceConstraint(Protocol):
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Set row `row` of `bitmask` (int32 [rows, ceil(vocab / 32)], bit t = token t) to the allowed tokens."""
 
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
+        """The allowed tokens' ids (int64), for beam search."""
+
     def advance(self, token: int) -> bool:
         """Take `token`; True when the output is complete."""
 
@@ -47,7 +50,7 @@ class KeyState:
     node: int = TokenTrie.ROOT
     entry: int | None = None  # set once a key is complete
 
-    def allowed_tokens(self) -> torch.Tensor:
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
         return torch.from_numpy(self.constraint.trie.allowed_tokens(self.node, self.constraint.end_token)).long()
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
@@ -85,6 +88,14 @@ class GrammarState:
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
+        import xgrammar
+
+        bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        self.fill_bitmask(bitmask, 0)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size]
+        return torch.from_numpy(np.flatnonzero(bits))
 
     def advance(self, token: int) -> bool:
         if not self.matcher.accept_token(token):  # the mask makes this unreachable
