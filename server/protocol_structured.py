@@ -21,18 +21,22 @@ class StrictModel(BaseModel):
 
 
 class StructuredOutputs(StrictModel):
-    """vLLM's `structured_outputs`: exactly one of json (a JSON schema), regex, choice or grammar (EBNF)."""
+    """vLLM's `structured_outputs`: exactly one of json (a JSON schema), regex, choice, grammar (EBNF) or
+    structural_tag (xgrammar's structural tag, as JSON text)."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema, as an object or its text")
     regex: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
     choice: list[str] | None = Field(None, min_length=1, max_length=MAX_STRUCTURED_CHOICES)
     grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS, description="EBNF, as xgrammar reads it")
+    structural_tag: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS,
+                                       description="xgrammar's structural tag as JSON text: {\"type\": \"structural_tag\", "
+                                                   "\"format\": ...}, or the older {\"structures\": [...], \"triggers\": [...]}")
 
     @model_validator(mode="after")
     def exactly_one(self):
-        given = [name for name in ("json_", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given = [name for name in ("json_", "regex", "choice", "grammar", "structural_tag") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice or grammar")
+            raise ValueError("give exactly one of json, regex, choice, grammar or structural_tag")
         return self
 
     @property

@@ -103,6 +103,20 @@ def test_structured_outputs_json_regex_choice_and_grammar(client):
     assert {choice.message.content for choice in answer.choices} <= {"yes", "no", "maybe"}
 
 
+def test_a_structural_tag_holds_the_tagged_part_to_its_schema(client):
+    """Greedy: a structural tag's JSON allows any whitespace (xgrammar has no switch for it there), which a
+    sampled small model can run on in until max_tokens."""
+    schema = SCHEMAS["person"]
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<person>", "end": "</person>",
+                                                "content": {"type": "json_schema", "json_schema": schema}}}
+    reply = client.completions.create(model=MODEL, prompt='A person as JSON: {"name": "Ann", "age": 30, "role": "user"}\nAnother:',
+                                      max_tokens=80, temperature=0, extra_body={"structured_outputs": {"structural_tag": json.dumps(tag)}})
+    for choice in reply.choices:
+        inside = re.fullmatch("<person>(.*)</person>", choice.text, re.DOTALL)
+        assert inside and choice.finish_reason == "stop", choice.text
+        jsonschema.validate(json.loads(inside.group(1)), schema)
+
+
 def test_json_object_outputs_parse_streamed_and_not(client):
     """Any JSON object has no bound on its length: a sampled one may be cut by max_tokens (finish_reason "length",
     as with OpenAI and vLLM); every one that ends by itself parses."""
@@ -235,6 +249,11 @@ BAD = [
     ("/v1/completions", {"structured_outputs": {"grammar": 'root ::= "a" |'}}, "structured_outputs.grammar", "element"),
     ("/v1/completions", {"structured_outputs": {"json": "{not json"}}, "structured_outputs.json", "not JSON"),
     ("/v1/completions", {"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+    ("/v1/completions", {"structured_outputs": {"structural_tag": "{not json"}}, "structured_outputs.structural_tag", "property name"),
+    ("/v1/completions", {"structured_outputs": {"structural_tag": '{"type": "structural_tag", "format": {"type": "nope"}}'}},
+     "structured_outputs.structural_tag", "nope"),
+    ("/v1/completions", {"structured_outputs": {"structural_tag": '{"structures": [{"begin": "<f>"}], "triggers": ["<f>"]}'}},
+     "structured_outputs.structural_tag", "begin, schema and end"),
     ("/v1/completions", {"structured_outputs": {"regex": "a"}, "constraint": {"choices": ["b"]}}, None, "cannot be combined"),
     ("/v1/chat/completions", {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, None, "one of them"),
     ("/v1/chat/completions", {"tool_choice": "required"}, None, "needs tools"),

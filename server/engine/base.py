@@ -73,7 +73,8 @@ class GrammarSpec:
     """Structured output: the text must match this grammar (server/extensions/structured.py).
 
     `kind` is vLLM's field name: json (value: a JSON schema), regex, choice (a
-    list of strings), grammar (EBNF), or json_object (any JSON object)."""
+    list of strings), grammar (EBNF), structural_tag (xgrammar's, as JSON text), or json_object (any JSON
+    object)."""
 
     kind: str
     value: Any

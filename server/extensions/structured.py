@@ -1,4 +1,4 @@
-"""Structured outputs: `structured_outputs` (vLLM's fields: json, regex, choice, grammar) and chat's
+"""Structured outputs: `structured_outputs` (vLLM's fields: json, regex, choice, grammar, structural_tag) and chat's
 `response_format` in; the output is held to the grammar they name. No response fields.
 
 Grammars compile with xgrammar, as vLLM does by default, in a worker thread:
@@ -20,7 +20,8 @@ from server.engine.base import GrammarSpec
 from server.errors import APIError
 from server.extensions import Extension
 
-XGRAMMAR_LOCATION = re.compile(r"^\[[^\]]*\] \S+:\d+: ")  # "[06:30:32] /project/cpp/x.cc:83: " before its message
+# what xgrammar writes before its message: "[06:30:32] /project/cpp/x.cc:83: " and "Check failed: (...) is false: "
+XGRAMMAR_PREAMBLE = re.compile(r"^\[[^\]]*\] \S+:\d+: (Check failed: .*? is false: )?")
 _compilers: dict[int, object] = {}
 _compilers_lock = threading.Lock()
 
@@ -46,7 +47,24 @@ def compile_spec(compiler, spec: GrammarSpec):
         return compiler.compile_regex(spec.value)
     if spec.kind == "choice":
         return compiler.compile_regex("|".join(re.escape(choice) for choice in spec.value))
+    if spec.kind == "structural_tag":
+        return compile_structural_tag(compiler, spec.value)
     return compiler.compile_grammar(spec.value)
+
+
+def compile_structural_tag(compiler, text: str):
+    """The current format goes to xgrammar as it is; the older one (structures and triggers) is read as vLLM
+    reads it."""
+    import xgrammar
+
+    tag = json.loads(text)
+    if not (isinstance(tag, dict) and "structures" in tag):
+        return compiler.compile_structural_tag(text)
+    try:
+        items = [xgrammar.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"]) for s in tag["structures"]]
+        return compiler.compile_structural_tag(items, tag["triggers"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"each of structures needs begin, schema and end, and triggers is a list of strings ({exc!r})") from None
 
 
 async def compiled(spec: GrammarSpec, state, param: str) -> GrammarSpec:
@@ -56,7 +74,7 @@ async def compiled(spec: GrammarSpec, state, param: str) -> GrammarSpec:
     try:
         grammar = await asyncio.to_thread(compile_spec, compiler, spec)
     except (RuntimeError, ValueError) as exc:
-        reason = XGRAMMAR_LOCATION.sub("", str(exc).strip())
+        reason = XGRAMMAR_PREAMBLE.sub("", str(exc).strip())
         raise APIError(400, f"{param}: {reason}", param) from None
     return GrammarSpec(spec.kind, spec.value, grammar)
 
@@ -65,7 +83,7 @@ def spec_of(body) -> tuple[GrammarSpec, str] | None:
     """The grammar `body` asks for and the field that asked, or None."""
     given = body.structured_outputs
     if given is not None:
-        kind = next(name for name in ("json", "regex", "choice", "grammar") if getattr(given, name) is not None)
+        kind = next(name for name in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(given, name) is not None)
         value = getattr(given, kind)
         if kind == "json" and isinstance(value, str):
             try:
