@@ -19,7 +19,7 @@ from server import __version__
 from server.drain import Drain, DrainGate
 from server.errors import APIError, error_response, install_error_handlers
 from server.engine.metrics import Metrics
-from server.knowledge import KnowledgeStore, Limits
+from server.knowledge import KnowledgeStore, Limits, keep_in_sync
 from server.protocol import DetokenizeRequest, TokenizeRequest, check_model, check_token_ids
 from server.request_ids import RequestIds
 from server.responses import STREAM_EVENTS, ChatCompletionResponse, CompletionResponse
@@ -122,7 +122,11 @@ def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None,
 
     @asynccontextmanager
     async def lifespan(_app):
+        period = settings.trie_sync_seconds  # replicas that share --data-dir see each other's tries
+        syncing = asyncio.create_task(keep_in_sync(app.state.knowledge, period)) if period else None
         yield
+        if syncing is not None:
+            syncing.cancel()
         if on_shutdown is not None:
             on_shutdown()
 

@@ -68,6 +68,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="GiB of KV-cache blocks (default: half the memory available on CPU, 90%% of free GPU memory)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
         help="reuse the KV cache of prompt blocks seen before (default on; --no-enable-prefix-caching to turn off)")
+    add("--tensor-parallel-size", type=int, help="vLLM engine: GPUs (or CPU sockets) one model is split over (default 1)")
+    add("--pipeline-parallel-size", type=int, help="vLLM engine: pipeline stages, across nodes with Ray (default 1)")
+    add("--data-parallel-size", type=int, help="vLLM engine: model replicas in one server (default 1)")
+    add("--distributed-executor-backend", choices=["mp", "ray"], help="vLLM engine: its workers' runtime (default: vLLM picks)")
+    add("--gpu-memory-utilization", type=float,
+        help=f"vLLM engine on CUDA: the share of GPU memory it may take (default {default('gpu_memory_utilization')})")
     add("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or LONGSERVE_API_KEY)")
     add("--max-body-bytes", type=int, help=f"largest request body (default {default('max_body_bytes')})")
     add("--max-contexts", type=int,
@@ -78,6 +84,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--max-trie-bytes", type=int, help=f"memory of all knowledge bases together (default {default('max_trie_bytes')})")
     add("--max-upload-bytes", type=int,
         help=f"largest JSON-lines upload to PUT /v1/tries/NAME (default {default('max_upload_bytes')})")
+    add("--trie-sync-seconds", type=float,
+        help=f"how often to take in tries other replicas wrote to --data-dir; 0: never (default {default('trie_sync_seconds')})")
     add("--grammar-cache-bytes", type=int,
         help=f"memory for compiled structured-output grammars, reused by their text (default {default('grammar_cache_bytes')})")
     add("--log-level", choices=["debug", "info", "warning", "error"], help=f"default {default('log_level')}")
@@ -141,8 +149,12 @@ def pick_engine(settings) -> str:
     return "vllm"
 
 
+VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend")
+
+
 def build_engine(settings, path: str, metrics):
     from server.engine.config import EngineConfig
+    from server.settings import ServerSettings
 
     config = EngineConfig.from_settings(settings, path)
     if pick_engine(settings) == "vllm":
@@ -153,6 +165,11 @@ def build_engine(settings, path: str, metrics):
             logging.getLogger("longserve").info("%s apply to the native engine only",
                                                 " and ".join("--" + name.replace("_", "-") for name in native_only))
         return VllmEngine(config, metrics=metrics)
+    vllm_only = [name for name in VLLM_ONLY if getattr(settings, name) != ServerSettings.model_fields[name].default]
+    if vllm_only:
+        flags = " and ".join("--" + name.replace("_", "-") for name in vllm_only)
+        fail(f"{flags} {'needs' if len(vllm_only) == 1 else 'need'} --engine vllm (vLLM's distributed runtime); "
+             "the native engine runs on one device")
     from server.engine.native.engine import NativeEngine
 
     return NativeEngine(config, metrics=metrics)

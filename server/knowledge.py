@@ -13,15 +13,24 @@ failed upload leaves the previous version whole. The file carries a SHA-256
 of its arrays. At start-up every base in the directory loads; a file that
 does not read back whole or whose checksum differs is refused with a log line
 and never served, and `*.partial` files that a killed save left are removed.
+
+Replicas may share the directory (a ReadWriteMany volume): `sync` takes in
+what the others wrote. A file whose name, size, inode or mtime changed loads
+again, and a base whose file is gone leaves. The server calls it every
+--trie-sync-seconds. Polling is deliberate: inotify (and so watchfiles) does
+not see what another NFS client writes, and a stat per base each second
+costs nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -34,6 +43,7 @@ from patches.trie import RepeatedKey, TokenTrie
 from server.valid_text import INVALID_TEXT, first_invalid_text
 
 log = logging.getLogger("longserve.knowledge")
+PARTIAL_MAX_AGE = 600.0  # seconds: another host's *.partial older than this is a killed save's, not one in flight
 ARRAYS = ("offsets", "labels", "end_nodes", "end_entries", "key_blob", "key_offsets", "value_blob", "value_offsets", "meta")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -147,18 +157,53 @@ class KnowledgeStore:
         self.directory = directory
         self.limits = limits
         self.bases: dict[str, KnowledgeBase] = {}
+        self._seen: dict[str, tuple] = {}  # name -> the signature of the file its base (or its refusal) came from
         self._lock = threading.Lock()
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
             for path in sorted(directory.glob("*.partial")):  # a save killed before its rename
-                path.unlink(missing_ok=True)
-                log.warning("removed %s, left by a save that did not finish; the previous version of that base is kept", path)
-            for path in sorted(directory.glob("*.npz")):
-                try:
-                    self.bases[path.stem] = self._load(path)
-                except Exception as exc:  # noqa: BLE001 - any unreadable file is refused the same way
+                if killed_save(path):
+                    path.unlink(missing_ok=True)
+                    log.warning("removed %s, left by a save that did not finish; the previous version of that base is kept", path)
+            self.sync()
+
+    def sync(self) -> list[str]:
+        """Take in the directory as it is now: bases whose file is new or changed load, those whose file is gone
+        leave. Returns the names that changed. Loading happens outside the lock: requests go on meanwhile."""
+        if self.directory is None:
+            return []
+        on_disk = {path.stem: sig for path in self.directory.glob("*.npz") if (sig := signature(path)) is not None}
+        changed = []
+        with self._lock:
+            for name in [name for name in self._seen if name not in on_disk]:
+                del self._seen[name]
+                if self.bases.pop(name, None) is not None:
+                    changed.append(name)
+            stale = [name for name, sig in on_disk.items() if self._seen.get(name) != sig]
+        for name in stale:
+            path = self.directory / f"{name}.npz"
+            try:
+                base = self._load(path)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is refused the same way
+                if signature(path) == on_disk[name]:  # not replaced while we read it: refuse this version once
                     log.error("not serving the trie %r: %s cannot be read whole (%s: %s); upload it again",
-                              path.stem, path, type(exc).__name__, exc)
+                              name, path, type(exc).__name__, exc)
+                    with self._lock:
+                        self._seen[name] = on_disk[name]
+                        self.bases.pop(name, None)
+                continue
+            if signature(path) != on_disk[name]:  # replaced while we read it: the next sync takes the new one
+                continue
+            with self._lock:
+                others = sum(b.nbytes for n, b in self.bases.items() if n != name)
+                if others + base.nbytes > self.limits.max_total_bytes:
+                    log.error("not serving the trie %r: with the others it is over --max-trie-bytes %d",
+                              name, self.limits.max_total_bytes)
+                    continue
+                self.bases[name] = base
+                self._seen[name] = on_disk[name]
+                changed.append(name)
+        return changed
 
     @staticmethod
     def check_name(name: str) -> None:
@@ -175,7 +220,7 @@ class KnowledgeStore:
                     f"{self.limits.max_total_bytes} bytes (--max-trie-bytes); delete a base or raise the limit"
                 )
             if self.directory is not None:
-                self._save(base)
+                self._seen[base.name] = self._save(base)
             self.bases[base.name] = base
 
     def delete(self, name: str) -> bool:
@@ -184,9 +229,11 @@ class KnowledgeStore:
                 return False
             if self.directory is not None:
                 (self.directory / f"{name}.npz").unlink(missing_ok=True)
+                self._seen.pop(name, None)
             return True
 
-    def _save(self, base: KnowledgeBase) -> None:
+    def _save(self, base: KnowledgeBase) -> tuple:
+        """Write `base` whole under its name; returns the file's signature."""
         meta = {"lead": base.lead, "tokens": base.num_tokens, "build_seconds": base.build_seconds}
         arrays = dict(
             offsets=base.trie.offsets, labels=base.trie.labels, end_nodes=base.trie.end_nodes, end_entries=base.trie.end_entries,
@@ -194,7 +241,7 @@ class KnowledgeStore:
             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
         )
         checksum = np.frombuffer(checksum_of(arrays).encode(), dtype=np.uint8)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".partial")
+        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=f"{socket.gethostname()}~{os.getpid()}~", suffix=".partial")
         try:
             with os.fdopen(handle, "wb") as file:
                 np.savez(file, **arrays, sha256=checksum)
@@ -206,6 +253,7 @@ class KnowledgeStore:
                 os.fsync(directory)  # and so is the rename
             finally:
                 os.close(directory)
+            return signature(self.directory / f"{base.name}.npz")
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
@@ -221,6 +269,41 @@ class KnowledgeStore:
         trie = TokenTrie(arrays["offsets"], arrays["labels"], arrays["end_nodes"], arrays["end_entries"])
         return KnowledgeBase(path.stem, meta["lead"], trie, arrays["key_blob"], arrays["key_offsets"], arrays["value_blob"],
                              arrays["value_offsets"], meta["tokens"], meta["build_seconds"])
+
+
+async def keep_in_sync(store: KnowledgeStore, period: float) -> None:
+    """`store.sync()` every `period` seconds, in a worker thread, until cancelled."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            changed = await asyncio.to_thread(store.sync)
+        except Exception:  # noqa: BLE001 - a failed scan (a volume gone for a moment) must not end the syncing
+            log.exception("could not read %s; trying again in %.1f s", store.directory, period)
+            continue
+        if changed:
+            log.info("tries changed on disk: %s", ", ".join(sorted(changed)))
+
+
+def killed_save(path: Path) -> bool:
+    """Whether the *.partial file `path` is left by a save that will never finish. Its name starts with the
+    writer's host and pid: this host's file is stale unless a process other than this one (which is starting
+    and saves nothing yet) still runs under that pid; another replica's file is stale once it is old."""
+    host, pid, *_ = path.name.split("~") + ["", ""]  # "~" is in no host name
+    if host == socket.gethostname() and pid.isdigit():
+        return int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()
+    try:
+        return time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE
+    except FileNotFoundError:
+        return False
+
+
+def signature(path: Path) -> tuple | None:
+    """What changes when a file is replaced or rewritten; None once it is gone."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def checksum_of(arrays: dict[str, np.ndarray]) -> str:

@@ -35,6 +35,12 @@ class ServerSettings(BaseSettings):
     max_num_batched_tokens: int = Field(2048, ge=16, le=2**20)
     kv_cache_memory: float | None = Field(None, gt=0.0, le=4096.0)  # GiB; None: half the memory available (CPU)
     enable_prefix_caching: bool = True
+    # vLLM engine only: its own distributed runtime (multiprocessing or Ray), as `vllm serve` takes these
+    tensor_parallel_size: int = Field(1, ge=1, le=1024)
+    pipeline_parallel_size: int = Field(1, ge=1, le=1024)
+    data_parallel_size: int = Field(1, ge=1, le=1024)
+    distributed_executor_backend: Literal["mp", "ray"] | None = None  # None: vLLM picks (mp on one node)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)  # CUDA: the share of GPU memory vLLM may take
     api_key: str | None = None
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_contexts: int = Field(64, ge=1, le=4096)
@@ -43,6 +49,7 @@ class ServerSettings(BaseSettings):
     max_key_chars: int = Field(512, ge=1)
     max_trie_bytes: int = Field(4 * 2**30, ge=2**20)
     max_upload_bytes: int = Field(2**30, ge=1024)
+    trie_sync_seconds: float = Field(1.0, ge=0.0, le=3600.0)  # how often --data-dir is read for other replicas' changes; 0: never
     grammar_cache_bytes: int = Field(256 * 2**20, ge=2**20, le=2**40)  # compiled structured-output grammars, by their text
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False  # prompt text in the log; off by default: prompts are the users' data

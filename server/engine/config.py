@@ -25,7 +25,20 @@ class EngineConfig:
     max_num_batched_tokens: int = default("max_num_batched_tokens")  # tokens in one step, decodes and prefill chunks
     kv_cache_memory: float | None = default("kv_cache_memory")  # GiB of KV-cache blocks; None: the engine's own share
     enable_prefix_caching: bool = default("enable_prefix_caching")
+    # vLLM only (the native engine refuses other values at start-up: server/cli.py)
+    tensor_parallel_size: int = default("tensor_parallel_size")
+    pipeline_parallel_size: int = default("pipeline_parallel_size")
+    data_parallel_size: int = default("data_parallel_size")
+    distributed_executor_backend: str | None = default("distributed_executor_backend")
+    gpu_memory_utilization: float = default("gpu_memory_utilization")
     position: PositionSpec = field(default_factory=PositionSpec)
+
+    @property
+    def distributed(self) -> dict:
+        """vLLM's engine arguments for its distributed runtime."""
+        return {"tensor_parallel_size": self.tensor_parallel_size, "pipeline_parallel_size": self.pipeline_parallel_size,
+                "data_parallel_size": self.data_parallel_size, "distributed_executor_backend": self.distributed_executor_backend,
+                "gpu_memory_utilization": self.gpu_memory_utilization}
 
     @classmethod
     def from_settings(cls, settings: ServerSettings, model_path: str) -> "EngineConfig":

@@ -89,6 +89,18 @@ def structured_outputs(grammar: GrammarSpec):
     return StructuredOutputsParams(**{grammar.kind: grammar.value})
 
 
+def cpu_thread_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: this process's CPUs in `ranks` contiguous shares.
+    vLLM binds one worker per NUMA node by itself, and refuses more workers than nodes (a one-node machine
+    could not run --tensor-parallel-size 2 without this)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        raise ValueError(f"{ranks} CPU workers (tensor x pipeline x data parallel size) need a CPU each; "
+                         f"this process may use {len(cpus)}: lower the sizes")
+    share = len(cpus) // ranks
+    return "|".join(",".join(str(cpu) for cpu in cpus[rank * share:(rank + 1) * share]) for rank in range(ranks))
+
+
 def torch_has_cuda() -> bool:
     import torch
 
@@ -125,6 +137,9 @@ class VllmEngine:
         if config.kv_cache_memory and not torch_has_cuda():  # vLLM on CPU reads its space from the environment, in GiB
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.kv_cache_memory)))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+        ranks = config.tensor_parallel_size * config.pipeline_parallel_size * config.data_parallel_size
+        if ranks > 1 and not torch_has_cuda():
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(ranks))
         # vLLM's engine process inherits the environment as it is now: this switches log-n on or off there.
         if self.position.logn:
             os.environ[LOGN_ENV] = str(self.trained_len)
@@ -134,7 +149,7 @@ class VllmEngine:
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                hf_overrides=overrides, enforce_eager=True, disable_log_stats=True,
                                logits_processors=[KeyLogitsProcessor], max_num_batched_tokens=config.max_num_batched_tokens,
-                               enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config),
+                               enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config), **config.distributed,
                                # compact JSON, as the native engine writes it: no whitespace runs to sample into
                                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         # as `vllm serve` builds it: the usage context picks vLLM's defaults for an API server (batched tokens, ...)
