@@ -37,7 +37,8 @@ def greedy_outputs(model_dir: Path, tensor_parallel: int, tmp_path: Path) -> lis
     log = open(tmp_path / f"tp{tensor_parallel}.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny", "--engine", "vllm",
-         "--dtype", "float32", "--port", str(port), "--max-num-seqs", "4", "--tensor-parallel-size", str(tensor_parallel)],
+         "--dtype", "float32", "--port", str(port), "--max-num-seqs", "4", "--tensor-parallel-size", str(tensor_parallel),
+         "--data-dir", str(tmp_path / "data")],
         env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:

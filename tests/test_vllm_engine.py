@@ -114,6 +114,22 @@ def test_trie_constrained_answers_are_keys_and_equal_the_native_engine(vllm_serv
     assert all(c.text.strip() in choices and c.model_extra["key"] == c.text.strip() for c in sampled.choices)
 
 
+def test_a_trie_travels_inline_or_as_a_file_with_the_same_answers(vllm_server, monkeypatch):
+    """Small tries ride inside the request (to workers on any node); a large one is a file on the shared
+    --data-dir. The large case is forced by lowering the inline limit: the server runs in this process."""
+    import patches.vllm_trie
+
+    client = openai_client(vllm_server)
+    choices = ["red", "green", "blue", "dark red"]
+    answers = []
+    for inline_limit in (1 << 20, 0):
+        monkeypatch.setattr(patches.vllm_trie, "INLINE_TRIE_BYTES", inline_limit)
+        reply = client.completions.create(model=MODEL, prompt="My favourite colour is", max_tokens=8, temperature=0, n=2,
+                                          extra_body={"constraint": {"choices": choices, "lead": " "}})
+        answers.append([(c.text, c.model_extra["key"]) for c in reply.choices])
+    assert answers[0] == answers[1] and all(key in choices for _, key in answers[0])
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory, tokenizer):
     """A random-weight Llama trained (nominally) to 256 positions, saved where vLLM can load it."""

@@ -32,6 +32,7 @@ class EngineConfig:
     distributed_executor_backend: str | None = default("distributed_executor_backend")
     gpu_memory_utilization: float = default("gpu_memory_utilization")
     position: PositionSpec = field(default_factory=PositionSpec)
+    data_dir: str | None = None  # the volume replicas share; vLLM: where large tries go for workers on other nodes
 
     @property
     def distributed(self) -> dict:
@@ -42,5 +43,5 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: ServerSettings, model_path: str) -> "EngineConfig":
-        given = {f.name: getattr(settings, f.name) for f in fields(cls) if f.name not in ("model_path", "model_name")}
-        return cls(model_path=model_path, model_name=settings.model_name, **given)
+        given = {f.name: getattr(settings, f.name) for f in fields(cls) if f.name not in ("model_path", "model_name", "data_dir")}
+        return cls(model_path=model_path, model_name=settings.model_name, data_dir=str(settings.data_dir), **given)

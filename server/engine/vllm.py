@@ -9,8 +9,10 @@ requests and results between the two worlds, and nothing more:
   rotary type (positions_for_vllm); log-n is patches/vllm_plugin.py, switched
   on through the environment vLLM's processes inherit; ReRoPE is refused at
   start-up, naming the native engine;
-- a trie constraint is patches/vllm_trie.py, a vLLM logits processor that
-  finds the trie in a file this engine writes (one per trie, while it lives);
+- a trie constraint is patches/vllm_trie.py, a vLLM logits processor; a
+  small trie travels inside the request, a large one as a file this engine
+  writes under --data-dir (one per trie, while it lives), which workers on
+  other nodes see through the shared volume;
 - what vLLM cannot do here (NBCE rows, beam search over keys, a per-request
   position) is refused per request with a 400 that names the native engine.
 
@@ -158,8 +160,11 @@ class VllmEngine:
         self._last_progress = time.monotonic()  # the last output of any request, or the start of the first in flight
         self._ended: tuple[str, int] | None = None  # fail_all's message and status, for the streams it ends
         self.on_dead = None  # the server's hook (http_server.py): exit 1 so that a supervisor restarts us
-        self._trie_dir = tempfile.TemporaryDirectory(prefix="longserve-tries-")
-        self._trie_files: dict[int, str] = {}  # id(trie) -> its file, while the trie lives
+        shared = None if config.data_dir is None else os.path.join(config.data_dir, "vllm-tries")
+        if shared is not None:
+            os.makedirs(shared, exist_ok=True)
+        self._trie_dir = tempfile.TemporaryDirectory(prefix="longserve-tries-", dir=shared)
+        self._trie_files: dict[int, str | bytes] = {}  # id(trie) -> its bytes or its file, while the trie lives
 
     # ---- Engine interface ---------------------------------------------------
 
@@ -218,27 +223,32 @@ class VllmEngine:
             if present:
                 raise Unsupported(f"{what} needs the native engine; this server runs vLLM (start it with --engine native)")
 
-    def _trie_file(self, trie) -> str:
-        """The file that holds `trie` for vLLM's logits processor: written once, removed when the trie goes."""
-        key = id(trie)
-        if key not in self._trie_files:
-            path = os.path.join(self._trie_dir.name, f"{uuid.uuid4().hex}.npz")
-            trie.save(path)
-            self._trie_files[key] = path
-            weakref.finalize(trie, self._forget_trie, key, path)
-        return self._trie_files[key]
+    def _trie_args(self, constraint: KeyConstraint) -> dict:
+        """extra_args for vLLM's logits processor: the trie's bytes or its file, made once and dropped (the file
+        removed) when the trie goes."""
+        from patches.vllm_trie import INLINE_TRIE_BYTES, trie_args, trie_bytes
 
-    def _forget_trie(self, key: int, path: str) -> None:
-        self._trie_files.pop(key, None)
-        if os.path.exists(path):
-            os.unlink(path)
+        trie, key = constraint.trie, id(constraint.trie)
+        if key not in self._trie_files:
+            if trie.nbytes <= INLINE_TRIE_BYTES:
+                self._trie_files[key] = trie_bytes(trie)
+            else:
+                path = os.path.join(self._trie_dir.name, f"{uuid.uuid4().hex}.npz")
+                trie.save(path)
+                self._trie_files[key] = path
+            weakref.finalize(trie, self._forget_trie, key)
+        held = self._trie_files[key]
+        return trie_args(trie, constraint.end_token, held if isinstance(held, bytes) else None, held if isinstance(held, str) else None)
+
+    def _forget_trie(self, key: int) -> None:
+        held = self._trie_files.pop(key, None)
+        if isinstance(held, str) and os.path.exists(held):
+            os.unlink(held)
 
     def _sampling_params(self, params: SamplingParams, index: int, constraint: KeyConstraint | None = None,
                          grammar: GrammarSpec | None = None):
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
-
-        from patches.vllm_trie import END_TOKEN_ARG, TRIE_ARG
 
         return VllmSamplingParams(
             n=1, max_tokens=max(params.max_tokens, 1), temperature=params.temperature, top_p=params.top_p,
@@ -249,8 +259,7 @@ class VllmEngine:
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
             logit_bias=params.logit_bias or None, output_kind=RequestOutputKind.DELTA,
-            extra_args=None if constraint is None else {TRIE_ARG: self._trie_file(constraint.trie),
-                                                        END_TOKEN_ARG: constraint.end_token},
+            extra_args=None if constraint is None else self._trie_args(constraint),
             structured_outputs=None if grammar is None else structured_outputs(grammar),
         )
 
