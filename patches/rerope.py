@@ -1,12 +1,16 @@
-"""ReRoPE and Leaky ReRoPE: attention over clipped relative positions, pure functions of tensors.
+"""ReRoPE, Leaky ReRoPE and Self-Extend: attention over clipped relative positions, pure functions of tensors.
 
 Query i and key j are r = i - j apart. ReRoPE lets attention see min(r, w);
 Leaky ReRoPE sees r inside the window and w + (r - w) * leak past it
-(leak = 1/k; leak = 0 is ReRoPE). Every score takes one of two forms:
+(leak = 1/k; leak = 0 is ReRoPE). Self-Extend (LongLM) sees r inside the
+window and floor(i/G) - floor(j/G) + w - floor(w/G) past it: positions
+grouped by floor division. Every score takes one of two forms:
 
 - near (r < w): the usual rotary score (R_i q) . (R_j k);
-- far (r >= w): (R_{p(i)} q) . (R_{j*leak} k) with p(i) = i*leak + w*(1 - leak),
-  whose angle difference is exactly the clipped distance.
+- far (r >= w): (R_{p(i)} q) . (R_{f(j)} k) with f(j) = j*leak and
+  p(i) = i*leak + w*(1 - leak), whose angle difference is exactly the
+  clipped distance; for Self-Extend f(j) = floor(j/G) and
+  p(i) = floor(i/G) + w - floor(w/G).
 
 Both key forms depend on j alone, so the cache keeps both: the far key
 R_{j*leak} k (for ReRoPE the key before rotation) and the near key R_j k.
@@ -33,14 +37,24 @@ import torch
 EXPLICIT_QUERY_ROWS = 256  # query rows per block on the explicit path: bounds its score memory
 
 
-def far_query_positions(positions: torch.Tensor, window, leak) -> torch.Tensor:
-    """p(i) = i*leak + w*(1 - leak): where a query stands for its far scores."""
-    return positions * leak + window * (1.0 - leak)
+def far_query_positions(positions: torch.Tensor, window, leak, group=None) -> torch.Tensor:
+    """p(i) = i*leak + w*(1 - leak): where a query stands for its far scores; where `group` (G, per row; 0:
+    none) is set, Self-Extend's floor(i/G) + w - floor(w/G), in integers (i * (1/G) may round below i/G)."""
+    far = positions * leak + window * (1.0 - leak)
+    if group is None:
+        return far
+    size = group.clamp(min=1)
+    grouped = torch.div(positions, size, rounding_mode="floor") + window - torch.div(window, size, rounding_mode="floor")
+    return torch.where(group > 0, grouped.to(far.dtype), far)
 
 
-def far_key_positions(positions: torch.Tensor, leak) -> torch.Tensor:
-    """j*leak: where a cached key stands (0 for ReRoPE: the key before rotation)."""
-    return positions * leak
+def far_key_positions(positions: torch.Tensor, leak, group=None) -> torch.Tensor:
+    """j*leak: where a cached key stands (0 for ReRoPE: the key before rotation); Self-Extend's floor(j/G)."""
+    far = positions * leak
+    if group is None:
+        return far
+    grouped = torch.div(positions, group.clamp(min=1), rounding_mode="floor")
+    return torch.where(group > 0, grouped.to(far.dtype), far)
 
 
 @dataclass

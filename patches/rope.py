@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PositionType = Literal["rope", "linear", "ntk", "ntk-old", "ntk-mixed", "yarn", "dynamic", "rerope", "leaky-rerope"]
+PositionType = Literal["rope", "linear", "ntk", "ntk-old", "ntk-mixed", "yarn", "dynamic", "rerope", "leaky-rerope", "self-extend"]
 POSITION_TYPES: tuple[str, ...] = PositionType.__args__
-CLIPPED_TYPES = ("rerope", "leaky-rerope")  # patches/rerope.py: relative distances clipped at a window
+CLIPPED_TYPES = ("rerope", "leaky-rerope", "self-extend")  # patches/rerope.py: a near and a far form, split at a window
 MAX_WINDOW = 2**24  # tokens: past any context served, and exact in float32 position arithmetic
 
 
@@ -40,6 +40,7 @@ class PositionSpec(BaseModel):
     beta_slow: float = Field(1.0, ge=0.001, le=10_000.0, description="yarn: rotations below which a pair is interpolated")
     window: int | None = Field(None, ge=1, le=MAX_WINDOW, description="rerope: distances past it read as the window (default L/4)")
     k: float = Field(16.0, ge=1.0, le=1e6, description="leaky-rerope: past the window, distance grows with slope 1/k")
+    group: int = Field(4, ge=1, le=1024, description="self-extend: past the window, positions are grouped by floor division by G")
 
     @model_validator(mode="after")
     def check(self):
@@ -62,8 +63,12 @@ class PositionSpec(BaseModel):
         return self.window or trained_len // 4
 
     def leak(self) -> float:
-        """Slope of the distance past the window: 0 for rerope, 1/k for leaky-rerope."""
-        return 1.0 / self.k if self.type == "leaky-rerope" else 0.0
+        """Slope of the distance past the window: 0 for rerope, 1/k for leaky-rerope, 1/G for self-extend."""
+        return {"leaky-rerope": 1.0 / self.k, "self-extend": 1.0 / self.group}.get(self.type, 0.0)
+
+    def group_size(self) -> int:
+        """Self-extend's G (its far positions are floor(i / G), exact integers); 0 for the other types."""
+        return self.group if self.type == "self-extend" else 0
 
     def describe(self) -> dict:
         """The fields that matter for this type, for /v1/models and reports."""
@@ -79,6 +84,8 @@ class PositionSpec(BaseModel):
             keep.add("window")
         if self.type == "leaky-rerope":
             keep.add("k")
+        if self.type == "self-extend":
+            keep.add("group")
         return self.model_dump(include=keep)
 
 

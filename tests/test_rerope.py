@@ -51,6 +51,10 @@ def reference_model(seed: int, spec: PositionSpec, **overrides):
         else:
             r = (at[:, None] - at[None, :]).float()
             distance = torch.where(r < window, r, window + (r - window) * leak)  # D[i, j], patches/README.md, section 1
+            if spec.type == "self-extend":  # LongLM: exact inside the neighbour window, grouped positions past it
+                group = spec.group
+                grouped = (at[:, None] // group - at[None, :] // group + window - window // group).float()
+                distance = torch.where(r < window, r, grouped)
         angles = distance.unsqueeze(-1) * inv_freq  # [L, L, d/2]
         cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
         turned = query.unsqueeze(3) * cos + rotate_half(query).unsqueeze(3) * sin  # [B, H, L(i), L(j), d]
@@ -120,6 +124,8 @@ SPECS = [
     pytest.param(PositionSpec(type="rerope", window=40), 16, id="rerope-w40-chunk16"),
     pytest.param(PositionSpec(type="leaky-rerope", window=12, k=4), 16, id="leaky-w12-k4"),
     pytest.param(PositionSpec(type="leaky-rerope", window=20, k=2, logn=True), 64, id="leaky-w20-k2-logn"),
+    pytest.param(PositionSpec(type="self-extend", window=12, group=3), 16, id="self-extend-w12-g3"),
+    pytest.param(PositionSpec(type="self-extend", window=20, group=5, logn=True), 24, id="self-extend-w20-g5-logn"),
 ]
 
 

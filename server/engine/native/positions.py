@@ -73,17 +73,18 @@ class Encoding:
 class SequencePositions:
     table: RopeTable
     logn: bool
-    window: int | None = None  # set for rerope and leaky-rerope
+    window: int | None = None  # set for rerope, leaky-rerope and self-extend
     leak: float = 0.0
+    group: int = 0  # self-extend's G; 0 for the others
 
     @property
     def cache_key(self) -> tuple:
         """What decides a cached key besides its token and position (the prefix cache's hash covers it):
-        the exact rotary frequencies and factor (so `dynamic`'s effective scale too), log-n, window, leak."""
+        the exact rotary frequencies and factor (so `dynamic`'s effective scale too), log-n, window, leak, group."""
         key = self.__dict__.get("_cache_key")
         if key is None:
             inv_freq = tuple(self.table.inv_freq.flatten().tolist())
-            key = (inv_freq, float(self.table.attention_factor), self.logn, self.window, self.leak)
+            key = (inv_freq, float(self.table.attention_factor), self.logn, self.window, self.leak, self.group)
             object.__setattr__(self, "_cache_key", key)
         return key
 
@@ -103,7 +104,7 @@ class Positions:
     def for_sequence(self, spec: PositionSpec | None, seq_len: int) -> SequencePositions:
         spec = spec or self.default_spec
         if spec.clipped:
-            return SequencePositions(self.model_table, spec.logn, spec.window_for(self.trained_len), spec.leak())
+            return SequencePositions(self.model_table, spec.logn, spec.window_for(self.trained_len), spec.leak(), spec.group_size())
         if self.is_identity(spec, seq_len):
             return SequencePositions(self.model_table, spec.logn)
         if spec.type == "dynamic":  # one table per length: cheap to build, not worth keeping
@@ -131,9 +132,10 @@ class Positions:
             clipped = torch.tensor([row.window is not None for row in rows], device=positions.device)
             window = torch.tensor([row.window or 1 for row in rows], device=positions.device)  # unclipped rows: any valid window
             leak = torch.tensor([row.leak for row in rows], device=positions.device)
-            key_at = torch.where(clipped.unsqueeze(1), far_key_positions(positions, leak.unsqueeze(1)), positions)
+            group = torch.tensor([row.group for row in rows], device=positions.device).unsqueeze(1) if any(row.group for row in rows) else None
+            key_at = torch.where(clipped.unsqueeze(1), far_key_positions(positions, leak.unsqueeze(1), group), positions)
             key = self._rotation(inv_freq, key_at, factor, dtype)
-            far_at = far_query_positions(positions, window.unsqueeze(1), leak.unsqueeze(1))
+            far_at = far_query_positions(positions, window.unsqueeze(1), leak.unsqueeze(1), group)
             far_query = self._rotation(inv_freq, far_at, factor, dtype)
             clipping = Clipping(clipped, window, far_query)
         query_scale = None
