@@ -16,11 +16,13 @@ class ModelFacts:
     num_heads: int  # query heads
     num_kv_heads: int
     vocab_size: int  # rows of the output layer (may exceed the tokenizer's count)
+    rope_type: str = "default"  # the model's own rotary scaling (llama3, yarn, ...); "default": none
 
     @classmethod
     def of(cls, config) -> "ModelFacts":
         num_heads = config.num_attention_heads
         rope_parameters = getattr(config, "rope_parameters", None) or {}  # transformers >= 5; older: rope_theta
+        own_scaling = rope_parameters.get("rope_type") or (getattr(config, "rope_scaling", None) or {}).get("rope_type")
         return cls(
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
             rope_base=float(rope_parameters.get("rope_theta", getattr(config, "rope_theta", DEFAULT_ROPE_BASE))),
@@ -29,4 +31,5 @@ class ModelFacts:
             num_heads=num_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
             vocab_size=config.vocab_size,
+            rope_type=own_scaling or "default",
         )

@@ -89,6 +89,20 @@ class PositionSpec(BaseModel):
         return self.model_dump(include=keep)
 
 
+def check_composes(spec: PositionSpec, own_rope_type: str) -> None:
+    """How our types compose with a model's own rotary scaling (Llama 3.x's llama3, a config's yarn...).
+    `rope` is the model's own table, its scaling included; the clipped types rotate with that table too,
+    only by other distances, so both are defined. The other types rebuild the table from the base, which
+    would drop the model's own scaling without saying so: refused."""
+    if own_rope_type in ("default", None) or spec.type == "rope" or spec.clipped:
+        return
+    raise ValueError(
+        f"this model scales its own rotary positions (rope_type {own_rope_type!r}); position type {spec.type!r} "
+        f"rebuilds the table from the base and would drop that scaling: use 'rope' (the model's own table) "
+        f"or one of {', '.join(CLIPPED_TYPES)}, which keep it"
+    )
+
+
 @dataclass(frozen=True)
 class RopeTable:
     inv_freq: torch.Tensor  # [d/2] float32

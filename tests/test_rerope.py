@@ -28,11 +28,12 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def reference_model(seed: int, spec: PositionSpec, **overrides):
-    """A tiny Llama whose attention is the naive clipped-distance formula for `spec`."""
+def reference_model(seed: int, spec: PositionSpec, family: str = "llama", **overrides):
+    """A tiny model (Llama unless `family` says) whose attention is the naive clipped-distance formula for `spec`,
+    rotating with the model's own frequencies (a Llama 3 config's scaling included)."""
     from transformers import AttentionInterface
 
-    model = tiny_model("llama", seed=seed, max_position_embeddings=TRAINED, **overrides)
+    model = tiny_model(family, seed=seed, max_position_embeddings=TRAINED, **overrides)
     inv_freq = model.model.rotary_emb.inv_freq.float()
     window = spec.window_for(TRAINED)
     leak = 1.0 / spec.k if spec.type == "leaky-rerope" else 0.0
@@ -71,9 +72,9 @@ def reference_model(seed: int, spec: PositionSpec, **overrides):
     return model
 
 
-def reference_logits(seed: int, spec: PositionSpec, ids: list[int]) -> torch.Tensor:
+def reference_logits(seed: int, spec: PositionSpec, ids: list[int], family: str = "llama", **overrides) -> torch.Tensor:
     with torch.no_grad():
-        return reference_model(seed, spec)(torch.tensor([ids])).logits[0]
+        return reference_model(seed, spec, family, **overrides)(torch.tensor([ids])).logits[0]
 
 
 class Driver:
@@ -104,8 +105,9 @@ class Driver:
         return list(out)
 
 
-def engine_for(seed: int, tokenizer, **config):
-    engine = make_engine(tiny_model("llama", seed=seed, max_position_embeddings=TRAINED), tokenizer, max_model_len=512, **config)
+def engine_for(seed: int, tokenizer, family: str = "llama", overrides: dict | None = None, **config):
+    model = tiny_model(family, seed=seed, max_position_embeddings=TRAINED, **(overrides or {}))
+    engine = make_engine(model, tokenizer, max_model_len=512, **config)
     engine.shutdown()  # the runner is driven directly
     return engine
 

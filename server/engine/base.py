@@ -159,6 +159,9 @@ class Engine(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def check_position(self, spec) -> None:
+        """Raise ValueError (why, in words) if a request may not use PositionSpec `spec` on this model."""
+
     def is_alive(self) -> bool: ...
 
     def step_age(self) -> float:

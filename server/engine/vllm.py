@@ -32,7 +32,7 @@ import weakref
 from typing import AsyncIterator
 
 from patches.model_facts import ModelFacts
-from patches.rope import PositionSpec
+from patches.rope import PositionSpec, check_composes
 from server.engine.config import EngineConfig
 from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, GrammarSpec, KeyConstraint, SamplingParams, SeqDelta,
                                 TokenLogprob, Unsupported, check_fits, choice_deltas)
@@ -135,6 +135,8 @@ class VllmEngine:
         self.vocab_size = facts.vocab_size
         self.position = config.position
         self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
+        self.rope_type = facts.rope_type
+        check_composes(self.position, self.rope_type)
         overrides = positions_for_vllm(self.position, facts.head_dim, facts.rope_base, self.trained_len, self.max_model_len)
         if config.kv_cache_memory and not torch_has_cuda():  # vLLM on CPU reads its space from the environment, in GiB
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.kv_cache_memory)))
@@ -204,6 +206,9 @@ class VllmEngine:
         self._ended = (message, status)
         for request_id in list(self._in_flight):
             self.abort(request_id)
+
+    def check_position(self, spec) -> None:
+        check_composes(spec, self.rope_type)  # a per-request position is then refused anyway (native only)
 
     def abort(self, request_id: str) -> None:
         ids = self._in_flight.pop(request_id, [])

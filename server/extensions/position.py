@@ -6,6 +6,7 @@ the vLLM engine refuses what its server-wide setting cannot give).
 
 from __future__ import annotations
 
+from server.errors import APIError
 from server.extensions import Extension
 
 
@@ -14,4 +15,8 @@ class Position(Extension):
         self.spec = body.position
 
     async def prepare(self, request, state) -> None:
+        try:
+            state.engine.check_position(self.spec)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "position") from None
         request.position = self.spec

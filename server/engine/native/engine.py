@@ -27,6 +27,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from patches.model_facts import ModelFacts
+from patches.rope import check_composes
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
 from server.engine.native.block_manager import BlockManager
@@ -72,6 +73,7 @@ class NativeEngine:
         if self.position.clipped:  # report the window in use, not "default"
             self.position = self.position.model_copy(update={"window": self.position.window_for(self.trained_len)})
         self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
+        check_composes(self.position, self.facts.rope_type)
         self.eos_token_ids = eos_ids(model, tokenizer)
         sliding = getattr(model_config, "sliding_window", None) if getattr(model_config, "use_sliding_window", True) else None
         if sliding and self.max_model_len > sliding:
@@ -189,6 +191,9 @@ class NativeEngine:
         if request.grammar is not None:
             return GrammarState(request.grammar.compiled)
         return None
+
+    def check_position(self, spec) -> None:
+        check_composes(spec, self.facts.rope_type)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

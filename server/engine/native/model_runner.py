@@ -3,7 +3,9 @@
 We reuse the loaded model's embeddings, norms, projections and MLPs, and write
 the attention step ourselves, because the cache layout (kv_cache.py) and the
 place where positions enter attention are what the long-context patches
-change. Supported families share one layer shape: Llama, Qwen2, Mistral.
+change. Supported families share one layer shape: Llama (3.x included, with
+its own rope scaling in the model's table), Qwen2, Mistral, and Qwen3, whose
+per-head RMSNorm of q and k runs before the rotation.
 
 One entry point, run(decode, chunks): a whole step in one forward pass. The
 decoding rows each add one token, whatever their lengths (a length mask per
@@ -27,7 +29,7 @@ from server.engine.native.positions import Positions
 from server.engine.native.scheduler import Chunk
 from server.engine.native.sequence import Sequence
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
 
 
 @dataclass
@@ -89,6 +91,9 @@ class ModelRunner:
         # Fewer, larger matmuls: q/k/v as one projection, gate/up as another.
         self.qkv = [fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.decoder.layers]
         self.gate_up = [fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.decoder.layers]
+        # Qwen3: RMSNorm over each head's q and k, before the rotation; None for the other families
+        self.qk_norms = [(l.self_attn.q_norm, l.self_attn.k_norm) if hasattr(l.self_attn, "q_norm") else None
+                         for l in self.decoder.layers]
 
     @torch.inference_mode()
     def run(self, decode: list[Sequence], chunks: list[Chunk]) -> StepLogits:
@@ -156,8 +161,11 @@ class ModelRunner:
         for index, layer in enumerate(self.decoder.layers):
             x = layer.input_layernorm(hidden)
             q, k, v = F.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = q.view(batch, tokens, self.num_heads, self.head_dim)
+            k = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
+            if self.qk_norms[index] is not None:
+                q, k = self.qk_norms[index][0](q), self.qk_norms[index][1](k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
             out = attend_segments(segments, index, q, k, v)
             out = out.transpose(1, 2).reshape(batch, tokens, q_size)

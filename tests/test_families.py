@@ -1,0 +1,86 @@
+"""Model families beyond Llama 2's shape: Qwen3 (per-head q/k RMSNorm) and Llama 3.x (its own `llama3` rope
+scaling), against transformers in float32: greedy generate alone and batched, plain and ntk-mixed, and ReRoPE
+and Self-Extend against the naive reference; and the position types a model's own scaling refuses."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from patches.model_facts import ModelFacts
+from patches.rope import PositionSpec, rope_table
+from tests.conftest import make_engine, running_server, tiny_model
+from tests.test_engine import PROMPTS, engine_greedy, hf_greedy
+from tests.test_rerope import Driver, assert_logits_close, engine_for, prompt, reference_logits
+
+LLAMA3 = {"rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 128}}
+FAMILIES = {"qwen3": ("qwen3", {}), "llama3": ("llama", LLAMA3)}
+
+
+def with_table(model, spec: PositionSpec, seq_len: int):
+    """`model` rotating with our table for `spec`: the reference for a scaled type."""
+    facts = ModelFacts.of(model.config)
+    table = rope_table(spec, facts.head_dim, facts.rope_base, facts.trained_len, seq_len)
+    model.model.rotary_emb.inv_freq = table.inv_freq
+    model.model.rotary_emb.attention_scaling = table.attention_factor
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_greedy_matches_generate_alone_and_batched(name, tokenizer):
+    family, overrides = FAMILIES[name]
+    model = tiny_model(family, seed=3, **overrides)
+    engine = make_engine(model, tokenizer, max_num_seqs=4, prefill_chunk=16)
+    try:
+        prompts = [tokenizer.encode(p) * k for p, k in zip(PROMPTS, (1, 3, 6, 2, 4))]  # up to ~100 tokens
+        expected = [hf_greedy(model, ids, 20, eos=False) for ids in prompts]
+        assert asyncio.run(engine_greedy(engine, prompts[:1], 20, ignore_eos=True)) == expected[:1]
+        assert asyncio.run(engine_greedy(engine, prompts, 20, ignore_eos=True, stagger=0.02)) == expected
+    finally:
+        engine.shutdown()
+
+
+def test_qwen3_with_ntk_mixed_matches_generate_with_the_same_table(tokenizer):
+    spec = PositionSpec(type="ntk-mixed", factor=2.0)
+    model = tiny_model("qwen3", seed=4, max_position_embeddings=64)
+    engine = make_engine(model, tokenizer, max_num_seqs=4, prefill_chunk=16, position=spec)
+    try:
+        prompts = [tokenizer.encode(p) * k for p, k in zip(PROMPTS, (4, 2, 3))]  # past the 64 trained positions
+        reference = with_table(tiny_model("qwen3", seed=4, max_position_embeddings=64), spec, 128)
+        expected = [hf_greedy(reference, ids, 16, eos=False) for ids in prompts]
+        assert asyncio.run(engine_greedy(engine, prompts, 16, ignore_eos=True, stagger=0.02)) == expected
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("spec", [PositionSpec(type="rerope", window=16, logn=True), PositionSpec(type="self-extend", window=12, group=3)],
+                         ids=["rerope", "self-extend"])
+def test_clipped_types_match_the_naive_reference(name, spec, tokenizer):
+    family, overrides = FAMILIES[name]
+    if name == "llama3":  # the trained length here is 64: the scaling's own original length must be below it
+        overrides = {"rope_scaling": {**LLAMA3["rope_scaling"], "original_max_position_embeddings": 16}}
+    driver = Driver(engine_for(13, tokenizer, family, overrides, position=spec))
+    seq, prefill = driver.start(prompt(tokenizer, 80, "q"), spec, chunk=24)
+    steps = [driver.step([seq])[0] for _ in range(6)]
+    expected = reference_logits(13, spec, seq.all_ids[: len(seq.prompt_ids) + len(steps)], family, **overrides)
+    assert_logits_close(torch.stack(prefill + steps), expected)
+
+
+def test_a_models_own_rope_scaling_refuses_the_types_that_would_drop_it(tokenizer):
+    model = tiny_model("llama", seed=5, **LLAMA3)
+    assert ModelFacts.of(model.config).rope_type == "llama3"
+    with pytest.raises(ValueError, match="scales its own rotary positions"):
+        make_engine(model, tokenizer, position=PositionSpec(type="ntk-mixed", factor=2.0))
+    engine = make_engine(model, tokenizer, max_model_len=256)
+    with running_server(engine) as url:
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+        refused = httpx.post(f"{url}/v1/completions", json={**body, "position": {"type": "yarn", "factor": 2}})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "position"
+        assert "rope_type 'llama3'" in refused.json()["error"]["message"]
+        for allowed in ({"type": "rope"}, {"type": "rerope", "window": 64}):
+            assert httpx.post(f"{url}/v1/completions", json={**body, "position": allowed}).status_code == 200
