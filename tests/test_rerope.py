@@ -222,3 +222,30 @@ def test_bundled_model_answers_with_a_window_shorter_than_the_prompt(bundled_mod
         assert "Paris" in greedy_text(engine, ids)
     finally:
         engine.shutdown()
+
+
+def test_a_clipped_request_on_a_plain_server_adds_near_keys_and_the_pool_stays_usable(tokenizer, monkeypatch):
+    """The near-key plane is added inside the forward pass; blocks zeroed after it (here: every new block) must
+    not hit an inference-mode tensor. This once stopped the engine on the next request that needed fresh blocks."""
+    import asyncio
+
+    from server.engine.base import GenerationRequest, SamplingParams
+    from server.engine.native.kv_cache import KvPool
+    from tests.test_engine import hf_greedy
+
+    monkeypatch.setattr(KvPool, "ZERO_RUN", 1)
+    model = tiny_model("llama", seed=17, max_position_embeddings=TRAINED)
+    engine = make_engine(model, tokenizer, max_model_len=512)
+
+    async def greedy(ids, position=None):
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        return [t async for d in engine.generate(GenerationRequest(f"r{len(ids)}", [ids], params, position=position)) for t in d.token_ids]
+
+    try:
+        asyncio.run(greedy(prompt(tokenizer, 40, "x"), PositionSpec(type="rerope", window=16)))
+        assert engine.pool.with_near_keys
+        ids = prompt(tokenizer, 200, "y")  # fresh blocks, zeroed one by one
+        assert asyncio.run(greedy(ids)) == hf_greedy(model, ids, 8, eos=False)
+        assert engine.is_alive()
+    finally:
+        engine.shutdown()

@@ -78,7 +78,8 @@ class KvPool:
         if self.ready:
             log.warning("a ReRoPE request: the KV cache adds its near-key plane, %.2f GiB more; start the server with a "
                         "clipped --position to count it in --kv-cache-memory", self.bytes_allocated() / 2 / 2**30)
-        self.near_keys = self._planes()
+        with torch.inference_mode(False):  # called inside the forward pass: plain tensors, which prepare() zeroes later
+            self.near_keys = self._planes()
         for plane in self.near_keys:
             plane[: self.ready * BLOCK_SIZE].zero_()
         self.with_near_keys = True
