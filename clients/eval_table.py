@@ -17,12 +17,14 @@ from pathlib import Path
 
 from clients.longeval_tables import loss_table, passkey_table, plot_loss, plot_passkey
 from clients.nbce_eval import nbce_table, plot_nbce
+from clients.ruler import plot_ruler, ruler_table
 
-AXES = {"passkey": ("lengths", "depths"), "loss": ("contexts",), "nbce": ("docs",)}  # the lists each kind's table runs over
+AXES = {"passkey": ("lengths", "depths"), "loss": ("contexts",), "nbce": ("docs",), "ruler": ("lengths", "tasks")}  # the lists each kind's table runs over
 CELL_FIELDS = {
     "passkey": ("method", "length", "depth", "trial"),
     "loss": ("method", "context"),
     "nbce": ("method", "n", "trial"),
+    "ruler": ("method", "length", "task", "sample"),
 }
 
 
@@ -48,13 +50,14 @@ def merge_results(results: list[dict]) -> dict:
 
 def table_for(result: dict) -> tuple[str, object]:
     """The table text and the plot function for a result of any kind."""
-    tables = {"passkey": (passkey_table, plot_passkey), "loss": (loss_table, plot_loss), "nbce": (nbce_table, plot_nbce)}
+    tables = {"passkey": (passkey_table, plot_passkey), "loss": (loss_table, plot_loss), "nbce": (nbce_table, plot_nbce),
+              "ruler": (ruler_table, plot_ruler)}
     table, plot = tables[result["kind"]]
     return table(result), plot
 
 
 def add_table_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", type=Path, help="JSON files written by longserve eval passkey|loss|nbce")
+    parser.add_argument("files", nargs="+", type=Path, help="JSON files written by longserve eval passkey|loss|nbce|ruler")
     parser.add_argument("--plot", type=Path, help="also draw the merged result into this PNG")
 
 
@@ -66,7 +69,7 @@ def run_table(args: argparse.Namespace) -> None:
         except (OSError, json.JSONDecodeError) as exc:
             raise SystemExit(f"cannot read {path}: {exc}; give JSON files written by longserve eval") from exc
         if results[-1].get("kind") not in AXES:
-            raise SystemExit(f"{path} is not a longserve eval result (no kind passkey, loss or nbce)")
+            raise SystemExit(f"{path} is not a longserve eval result (no kind passkey, loss, nbce or ruler)")
     merged = merge_results(results)
     table, plot = table_for(merged)
     if args.plot and merged["records"]:

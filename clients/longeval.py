@@ -2,6 +2,7 @@
 
     longserve eval passkey --base-url URL --lengths 4k,8k,16k --depths 0.1,0.5,0.9 --trials 3
     longserve eval loss --base-url URL --text FILE --contexts 2k,4k,8k,16k --score-last 1024
+    longserve eval ruler --base-url URL --lengths 4k,8k,16k --samples 10 (clients/ruler.py)
 
 passkey: a key hidden at a depth in filler text (patches/README.md, section 4); a trial
 passes when the key appears in the first 10 generated tokens.
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from clients.eval_table import add_table_args, run_table, table_for
 from clients.prompts import ANSWER_TOKENS, length_label, parse_lengths, passkey_prompt, position_label
+from clients.ruler_tasks import TASKS
 from clients.server_client import Server
 
 METHODS = ("nbce", "concat", "concat-scaled", "truncate")  # clients/nbce_eval.py
@@ -136,7 +138,8 @@ def score_prompt(server: Server, window: list[int], position: dict | None, answe
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True)
     helps = {"passkey": "passkey retrieval by length and depth", "loss": "loss of a text's last tokens as context grows",
-             "nbce": "passkey in one of n documents: NBCE, one long prompt, truncation"}
+             "nbce": "passkey in one of n documents: NBCE, one long prompt, truncation",
+             "ruler": "RULER's synthetic tasks (needles, variable tracking, word extraction) by length"}
     for kind, text in helps.items():
         sub = kinds.add_parser(kind, help=text)
         sub.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL")
@@ -146,7 +149,13 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("--positions", type=json.loads, help="JSON list of position settings to compare (longserve only)")
         sub.add_argument("--out", type=Path, default=Path("results"), help="directory for the JSON and PNG (default results/)")
         sub.add_argument("--name", help="file name stem (default: the kind and a timestamp)")
-        if kind == "passkey":
+        if kind == "ruler":
+            sub.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k"))
+            sub.add_argument("--tasks", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=list(TASKS),
+                             help=f"comma-separated subset of {','.join(TASKS)}")
+            sub.add_argument("--samples", type=int, default=10, help="samples per task and length")
+            sub.add_argument("--seed", type=int, default=0)
+        elif kind == "passkey":
             sub.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k"))
             sub.add_argument("--depths", type=lambda t: [float(x) for x in t.split(",")], default=[0.1, 0.5, 0.9])
             sub.add_argument("--trials", type=int, default=3)
@@ -184,12 +193,20 @@ def run_eval(args: argparse.Namespace) -> None:
             raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         if not 0 <= args.first_trial < args.trials:
             raise SystemExit(f"--first-trial {args.first_trial} is out of range; trials are numbered 0 to {args.trials - 1}")
+    if args.kind == "ruler":
+        unknown = sorted(set(args.tasks) - set(TASKS))
+        if unknown or args.samples < 1:
+            raise SystemExit(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}" if unknown else "--samples must be at least 1")
     server = Server.connect(args.base_url, args.model, args.api_key)
     if args.kind == "nbce":
         from clients.nbce_eval import run_nbce
 
         result = run_nbce(server, args.docs, args.trials, methods, args.doc_tokens, args.truncate, args.scaled_position, args.seed,
                           args.first_trial)
+    elif args.kind == "ruler":
+        from clients.ruler import run_ruler
+
+        result = run_ruler(server, args.lengths, args.tasks, args.samples, positions, args.seed)
     elif args.kind == "passkey":
         result = run_passkey(server, args.lengths, args.depths, args.trials, positions, args.seed)
     else:

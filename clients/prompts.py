@@ -43,6 +43,8 @@ def position_label(position: dict | None) -> str:
         parts.append(f"w{position['window']}")
     if position.get("type") == "leaky-rerope" and "k" in position:
         parts.append(f"k{position['k']:g}")
+    if position.get("type") == "self-extend" and "group" in position:
+        parts.append(f"g{position['group']}")
     if position.get("logn"):
         parts.append("+logn")
     return " ".join(parts)

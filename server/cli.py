@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch-model", help="convert the bundled model into the cache (idempotent)")
     fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     fetch.set_defaults(func=run_fetch_model)
-    evaluate = commands.add_parser("eval", help="long-context evaluation against a running server (passkey, loss, nbce)")
+    evaluate = commands.add_parser("eval", help="long-context evaluation against a running server (passkey, loss, nbce, ruler)")
     from clients.longeval import add_eval_args, run_eval
 
     add_eval_args(evaluate)
