@@ -179,8 +179,8 @@ class KnowledgeStore:
                 del self._seen[name]
                 if self.bases.pop(name, None) is not None:
                     changed.append(name)
-            stale = [name for name, sig in on_disk.items() if self._seen.get(name) != sig]
-        for name in stale:
+            stale = {name: self._seen.get(name) for name, sig in on_disk.items() if self._seen.get(name) != sig}
+        for name, before in stale.items():
             path = self.directory / f"{name}.npz"
             try:
                 base = self._load(path)
@@ -195,6 +195,8 @@ class KnowledgeStore:
             if signature(path) != on_disk[name]:  # replaced while we read it: the next sync takes the new one
                 continue
             with self._lock:
+                if self._seen.get(name) != before:  # this server put or deleted it meanwhile: that stands
+                    continue
                 others = sum(b.nbytes for n, b in self.bases.items() if n != name)
                 if others + base.nbytes > self.limits.max_total_bytes:
                     log.error("not serving the trie %r: with the others it is over --max-trie-bytes %d",
