@@ -84,3 +84,11 @@ def test_a_models_own_rope_scaling_refuses_the_types_that_would_drop_it(tokenize
         assert "rope_type 'llama3'" in refused.json()["error"]["message"]
         for allowed in ({"type": "rope"}, {"type": "rerope", "window": 64}):
             assert httpx.post(f"{url}/v1/completions", json={**body, "position": allowed}).status_code == 200
+
+
+def test_what_the_engine_cannot_serve_exactly_is_refused_in_one_line(tokenizer):
+    with pytest.raises(ValueError, match="sliding-window attention \\(32 tokens\\).*--max-model-len 32 or less"):
+        make_engine(tiny_model("mistral", seed=6, sliding_window=32), tokenizer, max_model_len=256)
+    with pytest.raises(ValueError, match="caps its logits \\(final_logit_softcapping\\)"):
+        make_engine(tiny_model("llama", seed=6, final_logit_softcapping=30.0), tokenizer, max_model_len=256)
+    make_engine(tiny_model("mistral", seed=6, sliding_window=32), tokenizer, max_model_len=32).shutdown()  # within the window

@@ -78,6 +78,9 @@ class ModelRunner:
             raise ValueError(
                 f"the native engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models; this one is {config.model_type!r}"
             )
+        capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None)]
+        if capped:
+            raise ValueError(f"this model caps its logits ({', '.join(capped)}), which the native engine does not implement")
         self.model = model
         self.decoder = model.model
         self.pool = pool
