@@ -77,7 +77,7 @@ def test_a_rerope_server_reports_its_window_and_takes_clipped_settings_per_reque
     body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}
     with running_server(engine) as url:
         entry = httpx.get(f"{url}/v1/models").json()["data"][0]
-        assert entry["position"] == {"type": "rerope", "window": 32, "logn": True}  # default window L/4
+        assert entry["position"] == {"type": "rerope", "window": 64, "logn": True}  # default window L/2
         assert entry["max_model_len"] == 512
 
         def scores(extra: dict) -> list:
@@ -86,7 +86,7 @@ def test_a_rerope_server_reports_its_window_and_takes_clipped_settings_per_reque
             return reply.json()["choices"][0]["logprobs"]["token_logprobs"]
 
         server_default = scores({})
-        assert scores({"position": {"type": "rerope", "window": 32, "logn": True}}) == server_default
+        assert scores({"position": {"type": "rerope", "window": 64, "logn": True}}) == server_default
         assert scores({"position": {"type": "leaky-rerope", "window": 64, "k": 8}}) != server_default
         assert scores({"position": {"type": "rope"}}) != server_default
         for bad, param in (({"type": "rerope", "window": 0}, "position.window"),
