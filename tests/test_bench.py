@@ -26,9 +26,13 @@ from clients.bench import main as bench_main
 from tests.conftest import free_port, serving
 
 TTFT, ITL = 0.4, 0.1
+# The timing test's first token: every measured TTFT also holds the loopback delivery (client to server and back),
+# 20-27 ms with both of a 2-core machine's cores busy elsewhere (reproduced with two `while 1: pass` loops), which is
+# 5 % of 0.4 s; at 1 s it stays well inside the same 5 % tolerance
+TIMED_TTFT = 1.0
 
 
-def scripted_app(received: list[dict]):
+def scripted_app(received: list[dict], ttft: float = TTFT):
     app = FastAPI()
 
     @app.get("/v1/models")
@@ -53,7 +57,7 @@ def scripted_app(received: list[dict]):
 
         async def events():
             for i in range(tokens):
-                await asyncio.sleep(max(0.0, started + TTFT + i * ITL - time.perf_counter()))
+                await asyncio.sleep(max(0.0, started + ttft + i * ITL - time.perf_counter()))
                 if text == "cut" and i == 2:
                     raise RuntimeError("scripted cut")  # uvicorn drops the connection mid-stream
                 piece = {"delta": {"content": " tok"}} if chat else {"text": " tok"}
@@ -76,9 +80,9 @@ def scripted_app(received: list[dict]):
 
 
 @contextmanager
-def scripted_server():
+def scripted_server(ttft: float = TTFT):
     received: list[dict] = []
-    with serving(scripted_app(received)) as url:
+    with serving(scripted_app(received, ttft)) as url:
         yield f"{url}/v1", received
 
 
@@ -93,20 +97,21 @@ def bench(*args: str) -> int:
 def test_timings_and_throughput_come_out_as_scripted(tmp_path):
     prompts, concurrency, output_len = 8, 4, 8
     result_file = tmp_path / "result.json"
-    with scripted_server() as (url, received):
+    with scripted_server(TIMED_TTFT) as (url, received):
         # one warm-up request pays this process's first-request costs (lazy imports on both sides of the loopback),
         # which a cold CI machine once added to the first wave (+0.27 s of TTFT): they are not part of the timetable
         code = bench("--base-url", url, "--dataset", "random", "--input-len", "20", "--output-len", str(output_len),
-                     "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--slo", "ttft=500,tpot=150",
+                     "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--slo", "ttft=1100,tpot=150",
                      "--warmup", "1", "--result-file", str(result_file), "--save-detailed", "--plot", str(tmp_path / "plots"))
     assert code == 0
     warm_up, received = received[0], received[1:]
     assert warm_up["prompt"] not in {body["prompt"] for body in received}
     result = json.loads(result_file.read_text())
-    request_seconds = TTFT + (output_len - 1) * ITL
+    request_seconds = TIMED_TTFT + (output_len - 1) * ITL
     waves = prompts // concurrency
     assert result["completed"] == prompts and result["failed"] == 0 and result["errors_by_kind"] == {}
-    assert result["median_ttft_ms"] == pytest.approx(TTFT * 1000, rel=0.05)
+    assert result["median_ttft_ms"] == pytest.approx(TIMED_TTFT * 1000, rel=0.05)
+    assert min(result["ttfts"]) >= TIMED_TTFT  # no first token is counted before the server sent it
     assert result["median_itl_ms"] == pytest.approx(ITL * 1000, rel=0.05)
     assert result["mean_tpot_ms"] == pytest.approx(ITL * 1000, rel=0.05)
     assert result["median_e2el_ms"] == pytest.approx(request_seconds * 1000, rel=0.05)
