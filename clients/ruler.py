@@ -97,13 +97,14 @@ def effective_length(by_length: dict, lengths: list[int], threshold: float = THR
 
 def ruler_table(result: dict) -> str:
     table, lengths = scores(result), result["lengths"]
-    lines = [f"{'method':<24}{'task':<18}" + "".join(f"{length_label(n):>8}" for n in lengths)]
+    width = max([len("method"), *map(len, table)]) + 2  # a method's name never runs into the task
+    lines = [f"{'method':<{width}}{'task':<18}" + "".join(f"{length_label(n):>8}" for n in lengths)]
     for method, by_length in table.items():
         for task in [*result["tasks"], "average"]:
             cells = [f"{by_length[n][task]:.1f}" if task in by_length.get(n, {}) else "-" for n in lengths]
-            lines.append(f"{method:<24}{task:<18}" + "".join(f"{cell:>8}" for cell in cells))
+            lines.append(f"{method:<{width}}{task:<18}" + "".join(f"{cell:>8}" for cell in cells))
         found = effective_length(by_length, lengths, result["threshold"])
-        lines.append(f"{method:<24}{'effective length':<18}{length_label(found) if found else 'none':>8}"
+        lines.append(f"{method:<{width}}{'effective length':<18}{length_label(found) if found else 'none':>8}"
                      f"   (every average >= {result['threshold']})")
     return "\n".join(lines)
 

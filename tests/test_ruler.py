@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from clients.ruler import effective_length
+from clients.ruler import effective_length, ruler_table
 from clients.ruler_tasks import NEEDLE, TASKS, make, score
 from server.cli import main
 from tests.conftest import make_engine, running_server, tiny_model
@@ -55,6 +55,15 @@ def test_score_and_effective_length():
     by_length = {4096: {"average": 95.0}, 8192: {"average": 86.0}, 16384: {"average": 60.0}, 32768: {"average": 90.0}}
     assert effective_length(by_length, [4096, 8192, 16384, 32768]) == 8192  # a later recovery does not count
     assert effective_length({4096: {"average": 80.0}}, [4096]) is None
+
+
+def test_the_table_keeps_long_method_names_apart_from_the_task():
+    method = "ntk-mixed x2 b0.625 +logn w4096 leaky"  # longer than the column's default width
+    records = [{"method": method, "length": 4096, "task": task, "score": 50.0} for task in ("vt", "cwe")]
+    table = ruler_table({"records": records, "lengths": [4096], "tasks": ["vt", "cwe"], "threshold": 85.6})
+    rows = [line.split() for line in table.splitlines()[1:]]
+    assert [row[len(method.split())] for row in rows] == ["vt", "cwe", "average", "effective"]
+    assert [row[-1] for row in rows[:3]] == ["50.0", "50.0", "50.0"]
 
 
 def test_the_command_fits_every_prompt_to_its_length_and_writes_table_json_and_png(tokenizer, tmp_path, capsys):
