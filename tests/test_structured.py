@@ -276,3 +276,19 @@ def test_bad_structured_requests_get_a_400_naming_the_field(server, path, fields
     if param is not None:
         assert error["param"] == param, error
     assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_a_beam_keeps_one_entry_per_text_with_its_best_tokenization():
+    """A grammar allows every tokenization of a text: whichever finishes first, the entry keeps the best score."""
+    from types import SimpleNamespace
+
+    from server.engine.native.beam_group import BeamGroup, Hypothesis
+
+    pieces = {1: "a", 2: "b", 3: "ab", 4: "c"}
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids))
+    grammar_state = SimpleNamespace(entry=None)  # a grammar's state has no key entry: answers are texts
+    group = BeamGroup.__new__(BeamGroup)  # only the finished list matters here
+    group.finished = []
+    for tokens, score in (([1, 2], -3.0), ([4], -2.0), ([3], -1.0), ([1, 2], -0.5), ([3], -4.0)):
+        group.keep_finished(Hypothesis(tokens, score, grammar_state), tokenizer)
+    assert [(tokenizer.decode(h.tokens, True), h.tokens, h.score) for h in group.finished] == [("ab", [1, 2], -0.5), ("c", [4], -2.0)]

@@ -247,4 +247,10 @@ def test_beam_search_returns_the_best_distinct_keys_with_their_scores(tokenizer,
         assert too_wide.status_code == 400 and too_wide.json()["error"]["param"] == "n"
         no_constraint = httpx.post(f"{url}/v1/completions", json={"prompt": "A", "n": 2, "use_beam_search": True})
         assert no_constraint.status_code == 400 and "constraint" in no_constraint.json()["error"]["message"]
+        two_prompts = httpx.post(f"{url}/v1/completions", json={"prompt": ["A", "B"], "n": 2, "use_beam_search": True,
+                                                                "constraint": {"choices": choices}}, timeout=30)
+        assert two_prompts.status_code == 400 and two_prompts.json()["error"]["param"] == "prompt"  # it hung before
+        with_contexts = httpx.post(f"{url}/v1/completions", json={"prompt": "A", "n": 2, "use_beam_search": True, "contexts": ["x", "y"],
+                                                                  "constraint": {"choices": choices}}, timeout=30)
+        assert with_contexts.status_code == 400 and "contexts" in with_contexts.json()["error"]["message"]
         assert wait_until(lambda: engine.scheduler.num_running == 0 and engine.blocks.in_use == 0)

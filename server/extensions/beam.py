@@ -22,6 +22,11 @@ class Beam(Extension):
         if request.constraint is None and request.grammar is None:
             raise APIError(400, "use_beam_search needs a constraint or a grammar here: add constraint {\"trie\": NAME} "
                            "or {\"choices\": [...]}, structured_outputs, or a json response_format", "use_beam_search")
+        if request.nbce is not None:
+            raise APIError(400, "use_beam_search does not combine with contexts (NBCE decodes one answer): drop one of them",
+                           "use_beam_search")
+        if len(request.prompts) != 1:  # one beam group answers one prompt
+            raise APIError(400, f"use_beam_search takes one prompt, got {len(request.prompts)}: send one request per prompt", "prompt")
         if self.width > state.engine.max_num_seqs:
             raise APIError(400, f"a beam of n = {self.width} does not fit --max-num-seqs {state.engine.max_num_seqs}; lower n", "n")
         request.beam_search = True

@@ -100,8 +100,7 @@ class BeamGroup(RowGroup):
             state = parent.state.fork()
             hypothesis = Hypothesis(parent.tokens + [token], score, state)
             if state.advance(token):
-                if hypothesis.answer(tokenizer) not in {h.answer(tokenizer) for h in self.finished}:
-                    self.finished.append(hypothesis)
+                self.keep_finished(hypothesis, tokenizer)
             else:
                 live.append(hypothesis)
                 sources.append(row)
@@ -109,6 +108,15 @@ class BeamGroup(RowGroup):
         del self.finished[self.width :]
         self.live = live + [None] * (len(self.rows) - len(live))
         return sources + [sources[0] if sources else 0] * (len(self.rows) - len(sources))
+
+    def keep_finished(self, hypothesis: Hypothesis, tokenizer) -> None:
+        """One entry per answer: another tokenization of the same text keeps the better score."""
+        answer = hypothesis.answer(tokenizer)
+        same = next((i for i, h in enumerate(self.finished) if h.answer(tokenizer) == answer), None)
+        if same is None:
+            self.finished.append(hypothesis)
+        elif hypothesis.score > self.finished[same].score:
+            self.finished[same] = hypothesis
 
     def done(self) -> bool:
         live_scores = [h.score for h in self.live if h is not None]
