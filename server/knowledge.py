@@ -176,9 +176,12 @@ class KnowledgeStore:
         changed = []
         with self._lock:
             for name in [name for name in self._seen if name not in on_disk]:
-                del self._seen[name]
+                if signature(self.directory / f"{name}.npz") is not None:  # put by this server since the listing
+                    continue
+                self._seen.pop(name, None)  # (a refusal may be forgotten already)
                 if self.bases.pop(name, None) is not None:
                     changed.append(name)
+                    self._forget_refusals()
             stale = {name: self._seen.get(name) for name, sig in on_disk.items() if self._seen.get(name) != sig}
         for name, before in stale.items():
             path = self.directory / f"{name}.npz"
@@ -199,8 +202,10 @@ class KnowledgeStore:
                     continue
                 others = sum(b.nbytes for n, b in self.bases.items() if n != name)
                 if others + base.nbytes > self.limits.max_total_bytes:
-                    log.error("not serving the trie %r: with the others it is over --max-trie-bytes %d",
-                              name, self.limits.max_total_bytes)
+                    log.error("not serving the trie %r: with the others it is over --max-trie-bytes %d; "
+                              "it is tried again when a base here is deleted", name, self.limits.max_total_bytes)
+                    self._seen[name] = on_disk[name]  # refused: not read again every sync
+                    self.bases.pop(name, None)
                     continue
                 self.bases[name] = base
                 self._seen[name] = on_disk[name]
@@ -232,7 +237,14 @@ class KnowledgeStore:
             if self.directory is not None:
                 (self.directory / f"{name}.npz").unlink(missing_ok=True)
                 self._seen.pop(name, None)
+                self._forget_refusals()
             return True
+
+    def _forget_refusals(self) -> None:
+        """Room was freed: files refused before (over the limit, or unreadable) are read again at the next sync.
+        Called under the lock."""
+        for name in [name for name in self._seen if name not in self.bases]:
+            del self._seen[name]
 
     def _save(self, base: KnowledgeBase) -> tuple:
         """Write `base` whole under its name; returns the file's signature."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
 from server.knowledge import KnowledgeStore, Limits, build
 from tests.conftest import make_engine, running_server, tiny_model, wait_until
@@ -50,3 +51,41 @@ def test_sync_never_loads_a_partial_file_and_keeps_another_replicas_young_one(to
     assert reader.sync() == [] and "broken" not in reader.bases
     writer.delete("capitals")
     assert reader.sync() == ["capitals"] and reader.bases == {}
+
+
+def test_a_sync_keeps_what_this_server_put_after_its_listing(tokenizer, tmp_path, monkeypatch):
+    import pathlib
+
+    store = KnowledgeStore(tmp_path, LIMITS)
+    store.put(build("capitals", FIRST, tokenizer, "", LIMITS))
+    store.delete("capitals")
+    listing = pathlib.Path.glob
+
+    def put_after_listing(self, pattern):  # the upload lands between the sync's listing and its lock
+        found = list(listing(self, pattern))
+        if pattern == "*.npz":
+            monkeypatch.setattr(pathlib.Path, "glob", listing)
+            store.put(build("capitals", SECOND, tokenizer, "", LIMITS))
+        return iter(found)
+
+    monkeypatch.setattr(pathlib.Path, "glob", put_after_listing)
+    store.sync()
+    assert sorted(store.bases) == ["capitals"] and store.bases["capitals"].trie.num_keys == 1
+    assert store.sync() == [] and sorted(store.bases) == ["capitals"]
+
+
+def test_a_trie_over_the_limit_is_refused_once_and_tried_again_when_room_is_freed(tokenizer, tmp_path, monkeypatch):
+    writer = KnowledgeStore(tmp_path, LIMITS)
+    big, small = build("big", FIRST, tokenizer, "", LIMITS), build("small", SECOND, tokenizer, "", LIMITS)
+    writer.put(small)
+    writer.put(big)
+    tight = Limits(LIMITS.max_keys, LIMITS.max_key_chars, big.nbytes + small.nbytes - 1)  # room for one of them
+    reader = KnowledgeStore(tmp_path, tight)
+    assert len(reader.bases) == 1
+    refused = ({"big", "small"} - set(reader.bases)).pop()
+    loads = []
+    monkeypatch.setattr(reader, "_load", lambda path: loads.append(path) or pytest.fail("read again"))
+    assert reader.sync() == [] and loads == []  # the refused file is not read every second
+    monkeypatch.undo()
+    reader.delete(next(iter(reader.bases)))
+    assert reader.sync() == [refused] and sorted(reader.bases) == [refused]
