@@ -45,7 +45,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--host", help=f"address to bind (default {default('host')})")
     add("--port", type=int, help=f"port (default {default('port')})")
     add("--engine", choices=["native", "vllm", "auto"],
-        help=f"native (every feature), vllm (throughput; no NBCE, beam search over keys or ReRoPE), "
+        help=f"native (every feature), vllm (throughput; no NBCE, beam search, per-request position or ReRoPE/Self-Extend), "
         f"auto (vllm when installed and the position setting allows it); default {default('engine')}")
     add("--device", choices=["auto", "cpu", "cuda"], help=f"native engine (default {default('device')})")
     add("--dtype", choices=["auto", "float32", "bfloat16"],

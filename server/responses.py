@@ -20,7 +20,7 @@ class ExtensionChoiceFields(BaseModel):
     nbce_context_ids: list[int] | None = Field(None, description="NBCE (contexts): the context, 0-based, each token came from")
     key: str | None = Field(None, description="constraint: the knowledge-base key written, once complete (null if none)")
     value: Any = Field(None, description="constraint: the value stored with that key")
-    score: float | None = Field(None, description="constraint with use_beam_search: the key's cumulative log-probability")
+    score: float | None = Field(None, description="use_beam_search (under a constraint or a grammar): the answer's cumulative log-probability")
 
 
 class PromptTokensDetails(BaseModel):
