@@ -8,6 +8,8 @@ the logits processor, and the 400 for what only the native engine does.
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 
@@ -121,13 +123,20 @@ def test_a_trie_travels_inline_or_as_a_file_with_the_same_answers(vllm_server, m
 
     client = openai_client(vllm_server)
     choices = ["red", "green", "blue", "dark red"]
-    answers = []
+    answers, sent, make_args = [], [], patches.vllm_trie.trie_args
+
+    def recorded(trie, end_token, inline, path):  # what each vLLM request carries: bytes, or a file there now
+        sent.append(("inline" if inline is not None else "file", inline is None and os.path.isfile(path)))
+        return make_args(trie, end_token, inline, path)
+
+    monkeypatch.setattr(patches.vllm_trie, "trie_args", recorded)
     for inline_limit in (1 << 20, 0):
         monkeypatch.setattr(patches.vllm_trie, "INLINE_TRIE_BYTES", inline_limit)
         reply = client.completions.create(model=MODEL, prompt="My favourite colour is", max_tokens=8, temperature=0, n=2,
                                           extra_body={"constraint": {"choices": choices, "lead": " "}})
         answers.append([(c.text, c.model_extra["key"]) for c in reply.choices])
     assert answers[0] == answers[1] and all(key in choices for _, key in answers[0])
+    assert sent == [("inline", False)] * 2 + [("file", True)] * 2  # n = 2: two vLLM requests each time
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 import weakref
@@ -167,6 +168,7 @@ class VllmEngine:
             os.makedirs(shared, exist_ok=True)
         self._trie_dir = tempfile.TemporaryDirectory(prefix="longserve-tries-", dir=shared)
         self._trie_files: dict[int, str | bytes] = {}  # id(trie) -> its bytes or its file, while the trie lives
+        self._trie_lock = threading.Lock()
 
     # ---- Engine interface ---------------------------------------------------
 
@@ -228,13 +230,15 @@ class VllmEngine:
             if present:
                 raise Unsupported(f"{what} needs the native engine; this server runs vLLM (start it with --engine native)")
 
-    def _trie_args(self, constraint: KeyConstraint) -> dict:
-        """extra_args for vLLM's logits processor: the trie's bytes or its file, made once and dropped (the file
-        removed) when the trie goes."""
-        from patches.vllm_trie import INLINE_TRIE_BYTES, trie_args, trie_bytes
+    def _hold_trie(self, trie) -> None:
+        """The trie's bytes (up to 1 MiB) or its file under --data-dir, made once per trie and dropped (the file
+        removed) when the trie goes. In a worker thread: a large trie's write must not stall the event loop."""
+        from patches.vllm_trie import INLINE_TRIE_BYTES, trie_bytes
 
-        trie, key = constraint.trie, id(constraint.trie)
-        if key not in self._trie_files:
+        with self._trie_lock:
+            key = id(trie)
+            if key in self._trie_files:
+                return
             if trie.nbytes <= INLINE_TRIE_BYTES:
                 self._trie_files[key] = trie_bytes(trie)
             else:
@@ -242,8 +246,14 @@ class VllmEngine:
                 trie.save(path)
                 self._trie_files[key] = path
             weakref.finalize(trie, self._forget_trie, key)
-        held = self._trie_files[key]
-        return trie_args(trie, constraint.end_token, held if isinstance(held, bytes) else None, held if isinstance(held, str) else None)
+
+    def _trie_args(self, constraint: KeyConstraint) -> dict:
+        """extra_args for vLLM's logits processor (the trie held by _hold_trie first)."""
+        from patches.vllm_trie import trie_args
+
+        held = self._trie_files[id(constraint.trie)]
+        return trie_args(constraint.trie, constraint.end_token, held if isinstance(held, bytes) else None,
+                         held if isinstance(held, str) else None)
 
     def _forget_trie(self, key: int) -> None:
         held = self._trie_files.pop(key, None)
@@ -307,6 +317,8 @@ class VllmEngine:
         completion_tokens, generated = 0, []
         first, finish = True, None
         try:
+            if request.constraint is not None:
+                await asyncio.to_thread(self._hold_trie, request.constraint.trie)
             async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint, request.grammar), request_id):
                 self._last_progress = time.monotonic()
                 if self._ended is not None:
