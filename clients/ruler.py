@@ -57,7 +57,7 @@ def run_ruler(server: Server, lengths: list[int], tasks: list[str], samples: int
                             reply = server.complete(sample.prompt, position, max_tokens=ANSWER_TOKENS[task])
                             answer, error = reply["choices"][0]["text"], None
                             value = score(answer, sample.references)
-                        except (RuntimeError, httpx.HTTPError) as exc:
+                        except (RuntimeError, ValueError, httpx.HTTPError) as exc:  # one failed sample, not the run
                             sample, prompt_tokens, answer, error, value = None, None, "", str(exc), 0.0
                         records.append({
                             "method": position_label(position), "position": position, "length": length, "task": task,

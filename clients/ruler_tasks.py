@@ -127,6 +127,7 @@ def variable_tracking(rng: random.Random, chars: int, hops: int = 4) -> Sample:
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}\n"] + [f"VAR {names[i]} = VAR {names[i - 1]}\n" for i in range(1, hops + 1)]
     lines = filler("noise", chars)
+    lines += [""] * (len(chain) - len(lines) - 1)  # a length too short for one line between two assignments
     places = sorted(rng.sample(range(len(lines) + 1), len(chain)))  # in order: each assignment after the one it reads
     for offset, (place, line) in enumerate(zip(places, chain)):
         lines.insert(place + offset, line)
@@ -157,6 +158,9 @@ def frequent_words(rng: random.Random, chars: int, alpha: float = 2.0, top: int 
     weights = [1.0 / (rank + 1) ** alpha for rank in range(len(coded))]
     drawn = rng.choices(coded, weights=weights, k=max(50, chars // 7))  # about 7 characters a word
     counts = Counter(drawn)
+    if len(counts) <= top:  # a short text drew too few distinct words to rank top + 1: add the missing ones
+        drawn += [word for word in coded if word not in counts][: top + 1 - len(counts)]
+        counts = Counter(drawn)
     while counts.most_common(top + 1)[-1][1] == counts.most_common(top)[-1][1]:  # a tie would make the answer ambiguous
         drawn.append(counts.most_common(top)[-1][0])  # one more of the last of the top: no longer tied
         counts = Counter(drawn)
