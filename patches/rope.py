@@ -73,6 +73,18 @@ class PositionSpec(BaseModel):
         """Self-extend's G (its far positions are floor(i / G), exact integers); 0 for the other types."""
         return self.group if self.type == "self-extend" else 0
 
+    def past_reach(self, trained_len: int, max_len: int) -> str | None:
+        """Self-extend keeps a distance d inside the trained length L only while its grouped form, about
+        d / G + w - w / G, is under L: up to (L - w) G + w. What to change when `max_len` goes past; else None."""
+        if self.type != "self-extend":
+            return None
+        window = self.window_for(trained_len)
+        reach = (trained_len - window) * self.group + window
+        if max_len <= reach:
+            return None
+        return (f"self-extend with window {window} and group {self.group} keeps positions inside the trained {trained_len} "
+                f"up to {reach} tokens, and --max-model-len {max_len} goes past: raise group or lower --max-model-len")
+
     def describe(self) -> dict:
         """The fields that matter for this type, for /v1/models and reports."""
         keep = {"type", "logn"}

@@ -249,3 +249,12 @@ def test_a_clipped_request_on_a_plain_server_adds_near_keys_and_the_pool_stays_u
         assert engine.is_alive()
     finally:
         engine.shutdown()
+
+
+def test_self_extend_says_where_its_grouped_positions_leave_the_trained_length():
+    spec = PositionSpec(type="self-extend", window=16, group=4)  # trained 64: (64 - 16) * 4 + 16 = 208 tokens
+    grouped = lambda d: d // 4 + 16 - 16 // 4  # noqa: E731 - the far form's distance, as in the naive matrix above
+    assert grouped(207) < 64 <= grouped(208 + 3)
+    assert spec.past_reach(64, 208) is None
+    assert "208 tokens" in spec.past_reach(64, 209) and "raise group" in spec.past_reach(64, 209)
+    assert PositionSpec(type="rerope", window=16).past_reach(64, 10_000) is None

@@ -74,6 +74,8 @@ class NativeEngine:
             self.position = self.position.model_copy(update={"window": self.position.window_for(self.trained_len)})
         self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
         check_composes(self.position, self.facts.rope_type)
+        if warning := self.position.past_reach(self.trained_len, self.max_model_len):
+            log.warning(warning)
         self.eos_token_ids = eos_ids(model, tokenizer)
         sliding = getattr(model_config, "sliding_window", None) if getattr(model_config, "use_sliding_window", True) else None
         if sliding and self.max_model_len > sliding:
@@ -188,9 +190,7 @@ class NativeEngine:
         """A sequence's own constraint state: the keys of a trie, or a grammar's matcher."""
         if request.constraint is not None:
             return KeyState(request.constraint)
-        if request.grammar is not None:
-            return GrammarState(request.grammar.compiled)
-        return None
+        return GrammarState(request.grammar.compiled) if request.grammar is not None else None
 
     def check_position(self, spec) -> None:
         check_composes(spec, self.facts.rope_type)
