@@ -181,7 +181,8 @@ class KnowledgeStore:
                 self._seen.pop(name, None)  # (a refusal may be forgotten already)
                 if self.bases.pop(name, None) is not None:
                     changed.append(name)
-                    self._forget_refusals()
+            if changed:  # room was freed
+                self._forget_refusals()
             stale = {name: self._seen.get(name) for name, sig in on_disk.items() if self._seen.get(name) != sig}
         for name, before in stale.items():
             path = self.directory / f"{name}.npz"

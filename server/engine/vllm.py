@@ -317,7 +317,7 @@ class VllmEngine:
         completion_tokens, generated = 0, []
         first, finish = True, None
         try:
-            if request.constraint is not None:
+            if request.constraint is not None and id(request.constraint.trie) not in self._trie_files:  # once per trie
                 await asyncio.to_thread(self._hold_trie, request.constraint.trie)
             async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint, request.grammar), request_id):
                 self._last_progress = time.monotonic()
