@@ -1,5 +1,5 @@
-"""Model families beyond Llama 2's shape: Qwen3 (per-head q/k RMSNorm) and Llama 3.x (its own `llama3` rope
-scaling), against transformers in float32: greedy generate alone and batched, plain and ntk-mixed, and ReRoPE
+"""Model families beyond Llama 2's shape: Qwen3 (per-head q/k RMSNorm), Llama 3.x (its own `llama3` rope
+scaling) and Phi-3 (fused projections, `longrope`), against transformers in float32: greedy generate alone and batched, plain and ntk-mixed, and ReRoPE
 and Self-Extend against the naive reference; and the position types a model's own scaling refuses."""
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from tests.test_rerope import Driver, assert_logits_close, engine_for, prompt, r
 
 LLAMA3 = {"rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 128}}
-FAMILIES = {"qwen3": ("qwen3", {}), "llama3": ("llama", LLAMA3)}
+# Phi-3: fused qkv and gate_up, and longrope: short factors within 64 tokens, long ones past (head_dim 16: 8 each)
+PHI3 = {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                         "long_factor": [2.0**i for i in range(8)]}, "original_max_position_embeddings": 64}
+FAMILIES = {"qwen3": ("qwen3", {}), "llama3": ("llama", LLAMA3), "phi3": ("phi3", PHI3)}
 
 
 def with_table(model, spec: PositionSpec, seq_len: int):
@@ -36,7 +39,8 @@ def test_greedy_matches_generate_alone_and_batched(name, tokenizer):
     model = tiny_model(family, seed=3, **overrides)
     engine = make_engine(model, tokenizer, max_num_seqs=4, prefill_chunk=16)
     try:
-        prompts = [tokenizer.encode(p) * k for p, k in zip(PROMPTS, (1, 3, 6, 2, 4))]  # up to ~100 tokens
+        # 5 to 76 tokens, + 20: Phi-3's 76-token prompt passes 64 and turns with longrope's long factors, the others not
+        prompts = [tokenizer.encode(p) * k for p, k in zip(PROMPTS, (1, 3, 6, 2, 4))]
         expected = [hf_greedy(model, ids, 20, eos=False) for ids in prompts]
         assert asyncio.run(engine_greedy(engine, prompts[:1], 20, ignore_eos=True)) == expected[:1]
         assert asyncio.run(engine_greedy(engine, prompts, 20, ignore_eos=True, stagger=0.02)) == expected
@@ -64,6 +68,8 @@ def test_clipped_types_match_the_naive_reference(name, spec, tokenizer):
     family, overrides = FAMILIES[name]
     if name == "llama3":  # the trained length here is 64: the scaling's own original length must be below it
         overrides = {"rope_scaling": {**LLAMA3["rope_scaling"], "original_max_position_embeddings": 16}}
+    if name == "phi3":  # likewise: 32, so these 86 tokens turn with the long factors
+        overrides = {**PHI3, "original_max_position_embeddings": 32}
     driver = Driver(engine_for(13, tokenizer, family, overrides, position=spec))
     seq, prefill = driver.start(prompt(tokenizer, 80, "q"), spec, chunk=24)
     steps = [driver.step([seq])[0] for _ in range(6)]
@@ -91,4 +97,6 @@ def test_what_the_engine_cannot_serve_exactly_is_refused_in_one_line(tokenizer):
         make_engine(tiny_model("mistral", seed=6, sliding_window=32), tokenizer, max_model_len=256)
     with pytest.raises(ValueError, match="caps its logits \\(final_logit_softcapping\\)"):
         make_engine(tiny_model("llama", seed=6, final_logit_softcapping=30.0), tokenizer, max_model_len=256)
+    with pytest.raises(ValueError, match="rotates only part of each head \\(partial_rotary_factor 0.75\\)"):
+        make_engine(tiny_model("phi3", seed=6, partial_rotary_factor=0.75), tokenizer, max_model_len=256)  # Phi-4-mini's
     make_engine(tiny_model("mistral", seed=6, sliding_window=32), tokenizer, max_model_len=32).shutdown()  # within the window

@@ -30,16 +30,23 @@ def rotate_half(x):
 
 def reference_model(seed: int, spec: PositionSpec, family: str = "llama", **overrides):
     """A tiny model (Llama unless `family` says) whose attention is the naive clipped-distance formula for `spec`,
-    rotating with the model's own frequencies (a Llama 3 config's scaling included)."""
+    rotating with the model's own frequencies (a Llama 3 or Phi-3 config's scaling included)."""
     from transformers import AttentionInterface
 
     model = tiny_model(family, seed=seed, max_position_embeddings=TRAINED, **overrides)
-    inv_freq = model.model.rotary_emb.inv_freq.float()
+    rotary = model.model.rotary_emb
+    own_rotation = rotary.forward
     window = spec.window_for(TRAINED)
     leak = 1.0 / spec.k if spec.type == "leaky-rerope" else 0.0
 
+    def own_table(length: int):
+        """The model's own frequencies and cos/sin factor for `length` tokens, as transformers picks them
+        (Phi-3's longrope takes its long factors past its original length)."""
+        own_rotation(torch.zeros(1), torch.arange(length)[None])
+        return rotary.inv_freq.float(), rotary.attention_scaling
+
     def no_rotation(x, position_ids):
-        shape = (*position_ids.shape, inv_freq.shape[0] * 2)
+        shape = (*position_ids.shape, rotary.inv_freq.shape[0] * 2)
         return torch.ones(shape, dtype=x.dtype), torch.zeros(shape, dtype=x.dtype)
 
     def naive(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -47,6 +54,7 @@ def reference_model(seed: int, spec: PositionSpec, family: str = "llama", **over
         groups = heads // key.shape[1]
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         at = torch.arange(length)
+        inv_freq, factor = own_table(length)
         if spec.type == "rope":
             distance = (at[:, None] - at[None, :]).float()
         else:
@@ -59,7 +67,7 @@ def reference_model(seed: int, spec: PositionSpec, family: str = "llama", **over
         angles = distance.unsqueeze(-1) * inv_freq  # [L, L, d/2]
         cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
         turned = query.unsqueeze(3) * cos + rotate_half(query).unsqueeze(3) * sin  # [B, H, L(i), L(j), d]
-        scores = (turned * key.unsqueeze(2)).sum(-1) * scaling
+        scores = (turned * key.unsqueeze(2)).sum(-1) * scaling * factor**2  # the factor scales q's and k's cos and sin
         if spec.logn:
             n = (at + 1).float()
             scores = scores * torch.clamp(torch.log(n) / math.log(TRAINED), min=1.0)[:, None]

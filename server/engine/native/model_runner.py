@@ -4,8 +4,10 @@ We reuse the loaded model's embeddings, norms, projections and MLPs, and write
 the attention step ourselves, because the cache layout (kv_cache.py) and the
 place where positions enter attention are what the long-context patches
 change. Supported families share one layer shape: Llama (3.x included, with
-its own rope scaling in the model's table), Qwen2, Mistral, and Qwen3, whose
-per-head RMSNorm of q and k runs before the rotation.
+its own rope scaling in the model's table), Qwen2, Mistral, Qwen3, whose
+per-head RMSNorm of q and k runs before the rotation, and Phi-3, whose q/k/v
+and gate/up projections come fused already (its `longrope` table is
+positions.py's).
 
 One entry point, run(decode, chunks): a whole step in one forward pass. The
 decoding rows each add one token, whatever their lengths (a length mask per
@@ -29,7 +31,7 @@ from server.engine.native.positions import Positions
 from server.engine.native.scheduler import Chunk
 from server.engine.native.sequence import Sequence
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 
 
 @dataclass
@@ -50,6 +52,11 @@ def attend_segments(segments: list[tuple[int, object]], layer: int, q, k, v) -> 
             outs.append(attend(layer, q_part, k_part, v_part))
         at += size
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def fused(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A projection a checkpoint already fuses (Phi-3's qkv_proj, gate_up_proj): its weight and bias as they are."""
+    return linear.weight, linear.bias
 
 
 def fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -81,6 +88,11 @@ class ModelRunner:
         capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None)]
         if capped:
             raise ValueError(f"this model caps its logits ({', '.join(capped)}), which the native engine does not implement")
+        rope_parameters = getattr(config, "rope_parameters", None) or {}
+        partial = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        if partial != 1.0:  # Phi-4-mini's 0.75: rotate() turns the whole head
+            raise ValueError(f"this model rotates only part of each head (partial_rotary_factor {partial}), "
+                             f"which the native engine does not implement")
         self.model = model
         self.decoder = model.model
         self.pool = pool
@@ -91,9 +103,11 @@ class ModelRunner:
         self.dtype = model.dtype
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.act = ACT2FN[config.hidden_act]
-        # Fewer, larger matmuls: q/k/v as one projection, gate/up as another.
-        self.qkv = [fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.decoder.layers]
-        self.gate_up = [fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.decoder.layers]
+        # Fewer, larger matmuls: q/k/v as one projection, gate/up as another (Phi-3 ships them so: the same order).
+        self.qkv = [fused(l.self_attn.qkv_proj) if hasattr(l.self_attn, "qkv_proj")
+                    else fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.decoder.layers]
+        self.gate_up = [fused(l.mlp.gate_up_proj) if hasattr(l.mlp, "gate_up_proj")
+                        else fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.decoder.layers]
         # Qwen3: RMSNorm over each head's q and k, before the rotation; None for the other families
         self.qk_norms = [(l.self_attn.q_norm, l.self_attn.k_norm) if hasattr(l.self_attn, "q_norm") else None
                          for l in self.decoder.layers]

@@ -5,7 +5,8 @@ created, so one batch can mix requests with different position settings.
 
 What the cache keeps, per sequence:
 - plain and scaled RoPE: keys *after* rotation. A table never changes during
-  a request, so a cached key stays right for every later step. That makes
+  a request (`dynamic` and Phi-3's `longrope` pick theirs from the request's
+  whole length), so a cached key stays right for every later step. That makes
   every such type consistent, `dynamic` included: its scale is fixed once per
   request from prompt length + max_tokens (not re-derived as the sequence
   grows, which would leave old keys at an old scale).
@@ -89,6 +90,24 @@ class SequencePositions:
         return key
 
 
+def longrope_table(config, device: torch.device) -> tuple[RopeTable | None, int | None]:
+    """A `longrope` model's long table and the length past which it applies; (None, None) for other models.
+
+    transformers switches tables inside one generate call, as soon as a position passes the original length,
+    so keys cached before the switch keep the short rotation. Here a request picks one table for its whole
+    length (prompt + max_tokens), as `dynamic` fixes its scale: every cached key stays right, and a prompt
+    that starts past the original length gets exactly transformers' rotation.
+    """
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    if rope_parameters.get("rope_type") != "longrope":
+        return None, None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    original = rope_parameters["original_max_position_embeddings"]
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](config, device, seq_len=original + 1)
+    return RopeTable(inv_freq.float().to(device), float(attention_factor)), original
+
+
 class Positions:
     def __init__(self, model, default_spec: PositionSpec, device: torch.device):
         config = model.config
@@ -98,15 +117,24 @@ class Positions:
         self.device = device
         rotary = model.model.rotary_emb
         # Plain `rope` keeps the model's own table, whatever rope type its config names.
-        self.model_table = RopeTable(rotary.inv_freq.float().to(device), float(getattr(rotary, "attention_scaling", 1.0)))
+        # (original_inv_freq: the loaded table, where a forward past longrope's original length has switched inv_freq)
+        inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq)
+        self.model_table = RopeTable(inv_freq.float().to(device), float(getattr(rotary, "attention_scaling", 1.0)))
+        self.long_table, self.long_past = longrope_table(config, device)
         self._tables: dict[PositionSpec, RopeTable] = {}
+
+    def own_table(self, seq_len: int) -> RopeTable:
+        """The model's own table for a sequence that may reach seq_len tokens: Phi-3's `longrope` turns with
+        its long factors past its original length, and with the short ones (the loaded table) within it."""
+        return self.long_table if self.long_past is not None and seq_len > self.long_past else self.model_table
 
     def for_sequence(self, spec: PositionSpec | None, seq_len: int) -> SequencePositions:
         spec = spec or self.default_spec
         if spec.clipped:
-            return SequencePositions(self.model_table, spec.logn, spec.window_for(self.trained_len), spec.leak(), spec.group_size())
+            window = spec.window_for(self.trained_len)
+            return SequencePositions(self.own_table(seq_len), spec.logn, window, spec.leak(), spec.group_size())
         if self.is_identity(spec, seq_len):
-            return SequencePositions(self.model_table, spec.logn)
+            return SequencePositions(self.own_table(seq_len), spec.logn)
         if spec.type == "dynamic":  # one table per length: cheap to build, not worth keeping
             return SequencePositions(self._build(spec, seq_len), spec.logn)
         if spec not in self._tables:
