@@ -48,13 +48,14 @@ def test_greedy_matches_generate_alone_and_batched(name, tokenizer):
         engine.shutdown()
 
 
-def test_qwen3_with_ntk_mixed_matches_generate_with_the_same_table(tokenizer):
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])  # Phi-3 without longrope (Phi-3-mini-4k's plain table)
+def test_ntk_mixed_matches_generate_with_the_same_table(family, tokenizer):
     spec = PositionSpec(type="ntk-mixed", factor=2.0)
-    model = tiny_model("qwen3", seed=4, max_position_embeddings=64)
+    model = tiny_model(family, seed=4, max_position_embeddings=64)
     engine = make_engine(model, tokenizer, max_num_seqs=4, prefill_chunk=16, position=spec)
     try:
         prompts = [tokenizer.encode(p) * k for p, k in zip(PROMPTS, (4, 2, 3))]  # past the 64 trained positions
-        reference = with_table(tiny_model("qwen3", seed=4, max_position_embeddings=64), spec, 128)
+        reference = with_table(tiny_model(family, seed=4, max_position_embeddings=64), spec, 128)
         expected = [hf_greedy(reference, ids, 16, eos=False) for ids in prompts]
         assert asyncio.run(engine_greedy(engine, prompts, 16, ignore_eos=True, stagger=0.02)) == expected
     finally:
