@@ -68,6 +68,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="GiB of KV-cache blocks (default: half the memory available on CPU, 90%% of free GPU memory)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
         help="reuse the KV cache of prompt blocks seen before (default on; --no-enable-prefix-caching to turn off)")
+    add("--request-rerope", action=argparse.BooleanOptionalAction, default=None,
+        help="native engine: let a request ask for rerope, leaky-rerope or self-extend when --position is not clipped; "
+        "a third of --kv-cache-memory then stays free for the near-key plane they add (default on; "
+        "--no-request-rerope refuses them with a 400 and gives the whole budget to tokens)")
     add("--tensor-parallel-size", type=int, help="vLLM engine: GPUs (or CPU sockets) one model is split over (default 1)")
     add("--pipeline-parallel-size", type=int, help="vLLM engine: pipeline stages, across nodes with Ray (default 1)")
     add("--data-parallel-size", type=int, help="vLLM engine: model replicas in one server (default 1)")

@@ -35,6 +35,7 @@ class ServerSettings(BaseSettings):
     max_num_batched_tokens: int = Field(2048, ge=16, le=2**20)
     kv_cache_memory: float | None = Field(None, gt=0.0, le=4096.0)  # GiB; None: half the memory available (CPU)
     enable_prefix_caching: bool = True
+    request_rerope: bool = True  # native: per-request rerope/leaky-rerope/self-extend; their near-key plane counts in the KV budget
     # vLLM engine only: its own distributed runtime (multiprocessing or Ray), as `vllm serve` takes these
     tensor_parallel_size: int = Field(1, ge=1, le=1024)
     pipeline_parallel_size: int = Field(1, ge=1, le=1024)

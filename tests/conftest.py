@@ -71,7 +71,7 @@ def tiny_llama():
 
 
 def make_engine(model, tokenizer, name="tiny", **config) -> NativeEngine:
-    config.setdefault("kv_cache_memory", 1.0)  # GiB: 23k tokens of the bundled model in float32; far more of a tiny one
+    config.setdefault("kv_cache_memory", 1.0)  # GiB: 15k tokens of the bundled model in float32 (3 planes); far more of a tiny one
     metrics = Metrics(name)
     return NativeEngine(EngineConfig(model_path="", model_name=name, **config), metrics=metrics, model=model, tokenizer=tokenizer)
 

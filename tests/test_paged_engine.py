@@ -85,6 +85,7 @@ def rss_bytes() -> int:
 
 def test_a_burst_four_times_the_pool_completes_by_waiting_and_preemption(model, tokenizer):
     # 2 layers x 2 KV heads x 16 dims x 2 planes x 4 bytes = 512 bytes a token: 1 MiB holds 2048 tokens
+    # (no room kept for ReRoPE's third plane: --no-request-rerope)
     pool_gib = 2**20 / 2**30
     prompts = [words(tokenizer, 300, salt=20 + i) for i in range(8)]  # 8 x (300 + 724) tokens = 4x the pool
     roomy = make_engine(model, tokenizer, max_num_seqs=8, max_model_len=2048)
@@ -92,7 +93,7 @@ def test_a_burst_four_times_the_pool_completes_by_waiting_and_preemption(model, 
         reference = [one(roomy, f"r{i}", ids, 724)["tokens"] for i, ids in enumerate(prompts[:2])]
     finally:
         roomy.shutdown()
-    tight = make_engine(model, tokenizer, max_num_seqs=8, max_model_len=2048, kv_cache_memory=pool_gib)
+    tight = make_engine(model, tokenizer, max_num_seqs=8, max_model_len=2048, kv_cache_memory=pool_gib, request_rerope=False)
     try:
         assert tight.pool.num_tokens == 2048
         before = rss_bytes()

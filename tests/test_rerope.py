@@ -259,6 +259,34 @@ def test_a_clipped_request_on_a_plain_server_adds_near_keys_and_the_pool_stays_u
         engine.shutdown()
 
 
+def test_the_kv_budget_keeps_room_for_near_keys_or_refuses_clipped_requests(tokenizer):
+    """--kv-cache-memory bounds the whole cache: a clipped request on a plain server adds its near-key plane
+    inside the budget; with --no-request-rerope the whole budget holds tokens and such a request gets a 400."""
+    import httpx
+
+    from tests.conftest import running_server
+
+    budget = 2**20  # the tiny model: 2 layers x 2 KV heads x 16 dims x 4 bytes = 256 bytes a plane per token
+    model = tiny_model("llama", seed=18, max_position_embeddings=TRAINED)
+    engine = make_engine(model, tokenizer, max_model_len=512, kv_cache_memory=budget / 2**30)
+    assert engine.pool.num_tokens == budget // (3 * 256 * 16) * 16 and not engine.pool.with_near_keys
+    body = {"model": "tiny", "prompt": "It was the best of times", "max_tokens": 4}
+    with running_server(engine) as url:
+        clipped = httpx.post(f"{url}/v1/completions", json={**body, "position": {"type": "rerope", "window": 16}})
+        assert clipped.status_code == 200 and engine.pool.with_near_keys
+        assert engine.pool.bytes_allocated() <= budget
+    model = tiny_model("llama", seed=18, max_position_embeddings=TRAINED)
+    engine = make_engine(model, tokenizer, max_model_len=512, kv_cache_memory=budget / 2**30, request_rerope=False)
+    assert engine.pool.num_tokens == budget // (2 * 256 * 16) * 16
+    with running_server(engine) as url:
+        for spec in ({"type": "rerope", "window": 16}, {"type": "self-extend", "window": 16, "group": 4}):
+            refused = httpx.post(f"{url}/v1/completions", json={**body, "position": spec})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "position"
+            assert "--no-request-rerope" in refused.json()["error"]["message"]
+        assert httpx.post(f"{url}/v1/completions", json={**body, "position": {"type": "ntk", "factor": 2}}).status_code == 200
+        assert not engine.pool.with_near_keys
+
+
 def test_self_extend_says_where_its_grouped_positions_leave_the_trained_length():
     spec = PositionSpec(type="self-extend", window=16, group=4)  # trained 64: (64 - 16) * 4 + 16 = 208 tokens
     grouped = lambda d: d // 4 + 16 - 16 // 4  # noqa: E731 - the far form's distance, as in the naive matrix above

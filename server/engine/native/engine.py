@@ -36,7 +36,7 @@ from server.engine.native.isolation import by_request, is_fatal
 from server.engine.native.kv_cache import sized_pool
 from server.engine.config import EngineConfig
 from server.engine.native.loading import eos_ids, load_model, pick_device, pick_dtype
-from server.engine.native.model_runner import ModelRunner, StepLogits
+from server.engine.native.model_runner import ModelRunner, StepLogits, check_servable
 from server.engine.native.observe import SequenceMetrics
 from server.engine.native.nbce_group import NbceGroup
 from server.engine.native.positions import Positions
@@ -77,18 +77,13 @@ class NativeEngine:
         if warning := self.position.past_reach(self.trained_len, self.max_model_len):
             log.warning(warning)
         self.eos_token_ids = eos_ids(model, tokenizer)
-        sliding = getattr(model_config, "sliding_window", None) if getattr(model_config, "use_sliding_window", True) else None
-        if sliding and self.max_model_len > sliding:
-            raise ValueError(
-                f"this model uses sliding-window attention ({sliding} tokens), which the native engine does not "
-                f"implement; set --max-model-len {sliding} or less"
-            )
+        check_servable(model_config, self.max_model_len)
         self.metrics = metrics
         self.observe = SequenceMetrics(metrics)
 
         self.positions = Positions(model, self.position, self.device)
         self.pool = sized_pool(self.facts, self.dtype, self.device, config.kv_cache_memory, self.max_model_len,
-                               near_keys=self.position.clipped)
+                               near_keys=self.position.clipped, budget_near_keys=config.request_rerope)
         self.blocks = BlockManager(self.pool, prefix_caching=config.enable_prefix_caching)
         self.observe.watch(self.blocks)
         self.runner = ModelRunner(model, self.pool, self.positions)
@@ -194,6 +189,9 @@ class NativeEngine:
 
     def check_position(self, spec) -> None:
         check_composes(spec, self.facts.rope_type)
+        if spec.clipped and not self.pool.budgets_near_keys:
+            raise ValueError(f"this server was started with --no-request-rerope: position type {spec.type!r} needs "
+                             f"a near-key plane its KV cache has no room for; send a scaled type, or leave position out")
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -12,8 +12,12 @@ plain and scaled RoPE the keys are stored *after* rotation, because they never
 need to move again. ReRoPE rows store keys in the far form in `keys` and, in a
 third plane `near_keys`, the same keys rotated by their own position (the near
 form), so no step has to turn keys again. The budget pays for the third plane
-when the server's default position is clipped; otherwise it is added at the
-first ReRoPE request.
+whenever a sequence may need it: the server's --position is clipped, or a
+request may ask for a clipped position (--request-rerope, the default). On a
+server that is not clipped the plane is only added at the first such request,
+inside the budget all the same: a third of it waits for the plane (on CPU as
+unbacked pages, so it costs nothing until then). --no-request-rerope gives
+that third to tokens and refuses clipped requests.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class KvPool:
     ZERO_RUN = 256  # blocks zeroed at a time on first use
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, dtype: torch.dtype,
-                 device: torch.device, near_keys: bool):
+                 device: torch.device, near_keys: bool, budgets_near_keys: bool | None = None):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.budgets_near_keys = near_keys if budgets_near_keys is None else budgets_near_keys  # room left for the plane
         self.num_blocks = num_blocks
         self.dtype, self.device = dtype, device
         self.ready = 0  # blocks [0, ready) are zeroed or written
@@ -72,12 +77,13 @@ class KvPool:
 
     def ensure_near_keys(self) -> None:
         """Add the near-form key plane (ReRoPE). A server started without a clipped --position adds it at its
-        first ReRoPE request: the pool's memory then grows by half (logged by the engine)."""
+        first ReRoPE request, into the room its budget kept for it."""
         if self.with_near_keys:
             return
-        if self.ready:
-            log.warning("a ReRoPE request: the KV cache adds its near-key plane, %.2f GiB more; start the server with a "
-                        "clipped --position to count it in --kv-cache-memory", self.bytes_allocated() / 2 / 2**30)
+        if not self.budgets_near_keys:  # the engine refuses such requests first (--no-request-rerope)
+            raise RuntimeError("the KV cache has no room for a near-key plane")
+        log.info("a clipped request: the KV cache adds its near-key plane, %.2f GiB, inside --kv-cache-memory",
+                 self.bytes_allocated() / 2 / 2**30)
         with torch.inference_mode(False):  # called inside the forward pass: plain tensors, which prepare() zeroes later
             self.near_keys = self._planes()
         for plane in self.near_keys:
@@ -114,9 +120,11 @@ class KvPool:
 
 
 def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memory_gib: float | None, max_model_len: int,
-               near_keys: bool) -> KvPool:
-    """The block pool, sized by --kv-cache-memory (or default_budget_bytes); says how many tokens fit."""
-    token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype, 3 if near_keys else 2)
+               near_keys: bool, budget_near_keys: bool = False) -> KvPool:
+    """The block pool, sized by --kv-cache-memory (or default_budget_bytes); says how many tokens fit.
+    near_keys: the plane from the start; budget_near_keys: room kept for it, added at the first clipped request."""
+    budgeted = near_keys or budget_near_keys
+    token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype, 3 if budgeted else 2)
     budget = int(memory_gib * 2**30) if memory_gib else default_budget_bytes(device)
     num_blocks = budget // (token_bytes * BLOCK_SIZE)
     if num_blocks * BLOCK_SIZE < max_model_len:
@@ -124,10 +132,13 @@ def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memo
             f"--kv-cache-memory {budget / 2**30:.2f} GiB holds {num_blocks * BLOCK_SIZE} tokens, fewer than one sequence "
             f"of --max-model-len {max_model_len}; raise --kv-cache-memory or lower --max-model-len"
         )
-    pool = KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, num_blocks, dtype, device, near_keys=near_keys)
-    log.info("KV cache: %.2f GiB, %d blocks of %d: %d tokens fit (%.1f sequences of --max-model-len %d)",
-             pool.bytes_allocated() / 2**30, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / max_model_len,
-             max_model_len)
+    pool = KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, num_blocks, dtype, device, near_keys=near_keys,
+                  budgets_near_keys=budgeted)
+    total = num_blocks * BLOCK_SIZE * token_bytes
+    waiting = budgeted and not near_keys
+    kept = f" ({total / 3 / 2**30:.2f} GiB of it kept for the near keys of clipped requests)" if waiting else ""
+    log.info("KV cache: %.2f GiB%s, %d blocks of %d: %d tokens fit (%.1f sequences of --max-model-len %d)",
+             total / 2**30, kept, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / max_model_len, max_model_len)
     return pool
 
 

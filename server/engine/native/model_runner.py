@@ -78,21 +78,27 @@ def fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
+def check_servable(config, max_model_len: int) -> None:
+    """Refuse, in one line each, the models this forward pass would get wrong."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"the native engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models; this one is {config.model_type!r}")
+    capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None)]
+    if capped:
+        raise ValueError(f"this model caps its logits ({', '.join(capped)}), which the native engine does not implement")
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    partial = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial != 1.0:  # Phi-4-mini's 0.75: rotate() turns the whole head
+        raise ValueError(f"this model rotates only part of each head (partial_rotary_factor {partial}), "
+                         f"which the native engine does not implement")
+    sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if sliding and max_model_len > sliding:
+        raise ValueError(f"this model uses sliding-window attention ({sliding} tokens), which the native engine does not "
+                         f"implement; set --max-model-len {sliding} or less")
+
+
 class ModelRunner:
     def __init__(self, model, pool: KvPool, positions: Positions):
         config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"the native engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models; this one is {config.model_type!r}"
-            )
-        capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None)]
-        if capped:
-            raise ValueError(f"this model caps its logits ({', '.join(capped)}), which the native engine does not implement")
-        rope_parameters = getattr(config, "rope_parameters", None) or {}
-        partial = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-        if partial != 1.0:  # Phi-4-mini's 0.75: rotate() turns the whole head
-            raise ValueError(f"this model rotates only part of each head (partial_rotary_factor {partial}), "
-                             f"which the native engine does not implement")
         self.model = model
         self.decoder = model.model
         self.pool = pool
