@@ -89,3 +89,35 @@ def test_a_trie_over_the_limit_is_refused_once_and_tried_again_when_room_is_free
     monkeypatch.undo()
     reader.delete(next(iter(reader.bases)))
     assert reader.sync() == [refused] and sorted(reader.bases) == [refused]
+
+
+def test_the_vllm_trie_directories_of_stopped_servers_on_this_host_are_swept_at_start(tmp_path):
+    """A SIGKILLed vLLM server leaves its trie directory under --data-dir/vllm-tries; the next server on the same
+    host removes it, and leaves a live server's and another host's alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from server.engine.trie_files import PREFIX, TrieFiles, host_name
+
+    root = tmp_path / "vllm-tries"
+    root.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = host_name()
+    try:
+        names = {"dead": f"{PREFIX}{host}-{gone.pid}-a1", "reused pid": f"{PREFIX}{host}-{os.getpid()}-b2",
+                 "alive": f"{PREFIX}{host}-{alive.pid}-c3", "other host": f"{PREFIX}elsewhere-{gone.pid}-d4"}
+        for name in names.values():
+            (root / name).mkdir()
+            (root / name / "trie.npz").write_bytes(b"x")
+        files = TrieFiles(str(tmp_path))
+        left = {path.name for path in root.iterdir()}
+        assert left == {names["alive"], names["other host"], os.path.basename(files.path)}
+        files.cleanup()
+        assert os.path.basename(files.path) not in {path.name for path in root.iterdir()}
+    finally:
+        alive.send_signal(signal.SIGKILL)
+        alive.wait()

@@ -10,9 +10,9 @@ requests and results between the two worlds, and nothing more:
   on through the environment vLLM's processes inherit; ReRoPE is refused at
   start-up, naming the native engine;
 - a trie constraint is patches/vllm_trie.py, a vLLM logits processor; a
-  small trie travels inside the request, a large one as a file this engine
-  writes under --data-dir (one per trie, while it lives), which workers on
-  other nodes see through the shared volume;
+  small trie travels inside the request, a large one as a file under
+  --data-dir, which workers on other nodes see through the shared volume
+  (trie_files.py);
 - what vLLM cannot do here (NBCE rows, beam search over keys, a per-request
   position) is refused per request with a 400 that names the native engine.
 
@@ -25,16 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
-import threading
 import time
-import uuid
-import weakref
 from typing import AsyncIterator
 
 from patches.model_facts import ModelFacts
 from patches.rope import PositionSpec, check_composes
 from server.engine.config import EngineConfig
+from server.engine.trie_files import TrieFiles
 from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, GrammarSpec, KeyConstraint, SamplingParams, SeqDelta,
                                 TokenLogprob, Unsupported, check_fits, choice_deltas)
 
@@ -163,12 +160,7 @@ class VllmEngine:
         self._last_progress = time.monotonic()  # the last output of any request, or the start of the first in flight
         self._ended: tuple[str, int] | None = None  # fail_all's message and status, for the streams it ends
         self.on_dead = None  # the server's hook (http_server.py): exit 1 so that a supervisor restarts us
-        shared = None if config.data_dir is None else os.path.join(config.data_dir, "vllm-tries")
-        if shared is not None:
-            os.makedirs(shared, exist_ok=True)
-        self._trie_dir = tempfile.TemporaryDirectory(prefix="longserve-tries-", dir=shared)
-        self._trie_files: dict[int, str | bytes] = {}  # id(trie) -> its bytes or its file, while the trie lives
-        self._trie_lock = threading.Lock()
+        self._tries = TrieFiles(config.data_dir)
 
     # ---- Engine interface ---------------------------------------------------
 
@@ -219,7 +211,7 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-        self._trie_dir.cleanup()
+        self._tries.cleanup()
 
     # ---- mapping ------------------------------------------------------------
 
@@ -229,36 +221,6 @@ class VllmEngine:
                               (request.beam_search, "use_beam_search"), (request.position is not None, "a per-request position")):
             if present:
                 raise Unsupported(f"{what} needs the native engine; this server runs vLLM (start it with --engine native)")
-
-    def _hold_trie(self, trie) -> None:
-        """The trie's bytes (up to 1 MiB) or its file under --data-dir, made once per trie and dropped (the file
-        removed) when the trie goes. In a worker thread: a large trie's write must not stall the event loop."""
-        from patches.vllm_trie import INLINE_TRIE_BYTES, trie_bytes
-
-        with self._trie_lock:
-            key = id(trie)
-            if key in self._trie_files:
-                return
-            if trie.nbytes <= INLINE_TRIE_BYTES:
-                self._trie_files[key] = trie_bytes(trie)
-            else:
-                path = os.path.join(self._trie_dir.name, f"{uuid.uuid4().hex}.npz")
-                trie.save(path)
-                self._trie_files[key] = path
-            weakref.finalize(trie, self._forget_trie, key)
-
-    def _trie_args(self, constraint: KeyConstraint) -> dict:
-        """extra_args for vLLM's logits processor (the trie held by _hold_trie first)."""
-        from patches.vllm_trie import trie_args
-
-        held = self._trie_files[id(constraint.trie)]
-        return trie_args(constraint.trie, constraint.end_token, held if isinstance(held, bytes) else None,
-                         held if isinstance(held, str) else None)
-
-    def _forget_trie(self, key: int) -> None:
-        held = self._trie_files.pop(key, None)
-        if isinstance(held, str) and os.path.exists(held):
-            os.unlink(held)
 
     def _sampling_params(self, params: SamplingParams, index: int, constraint: KeyConstraint | None = None,
                          grammar: GrammarSpec | None = None):
@@ -274,7 +236,7 @@ class VllmEngine:
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
             logit_bias=params.logit_bias or None, output_kind=RequestOutputKind.DELTA,
-            extra_args=None if constraint is None else self._trie_args(constraint),
+            extra_args=None if constraint is None else self._tries.args(constraint),
             structured_outputs=None if grammar is None else structured_outputs(grammar),
         )
 
@@ -317,8 +279,8 @@ class VllmEngine:
         completion_tokens, generated = 0, []
         first, finish = True, None
         try:
-            if request.constraint is not None and id(request.constraint.trie) not in self._trie_files:  # once per trie
-                await asyncio.to_thread(self._hold_trie, request.constraint.trie)
+            if request.constraint is not None and not self._tries.holds(request.constraint.trie):  # once per trie
+                await asyncio.to_thread(self._tries.hold, request.constraint.trie)
             async for output in self.engine.generate({"prompt_token_ids": prompt}, self._sampling_params(params, index, request.constraint, request.grammar), request_id):
                 self._last_progress = time.monotonic()
                 if self._ended is not None:
