@@ -232,14 +232,19 @@ class KnowledgeStore:
             self.bases[base.name] = base
 
     def delete(self, name: str) -> bool:
+        """Remove the base and its file; also the file of one this server refused (over --max-trie-bytes here,
+        or unreadable), which another replica may serve. False when there was neither."""
         with self._lock:
-            if self.bases.pop(name, None) is None:
-                return False
-            if self.directory is not None:
-                (self.directory / f"{name}.npz").unlink(missing_ok=True)
-                self._seen.pop(name, None)
+            served = self.bases.pop(name, None) is not None
+            if self.directory is None:
+                return served
+            path = self.directory / f"{name}.npz"
+            refused = not served and path.exists()
+            path.unlink(missing_ok=True)
+            self._seen.pop(name, None)
+            if served:
                 self._forget_refusals()
-            return True
+            return served or refused
 
     def _forget_refusals(self) -> None:
         """Room was freed: files refused before (over the limit, or unreadable) are read again at the next sync.

@@ -94,8 +94,8 @@ def trie_routes() -> APIRouter:
 
     @router.delete("/tries/{name}")
     async def delete(name: str, request: Request):
-        find_base(request.app.state.knowledge, name)
-        request.app.state.knowledge.delete(name)
+        if not request.app.state.knowledge.delete(name):  # a file this server refused is deleted too
+            find_base(request.app.state.knowledge, name)  # the 404, with the names it has
         return {"name": name, "object": "trie", "deleted": True}
 
     return router

@@ -91,6 +91,22 @@ def test_a_trie_over_the_limit_is_refused_once_and_tried_again_when_room_is_free
     assert reader.sync() == [refused] and sorted(reader.bases) == [refused]
 
 
+def test_a_refused_trie_can_be_deleted(tokenizer, tmp_path):
+    """A file this replica refused (unreadable here, or over its --max-trie-bytes) is still a trie of the shared
+    directory: DELETE removes it, where it used to answer 404 and leave the file to be retried forever."""
+    engine = make_engine(tiny_model("llama", seed=43), tokenizer, max_model_len=128)
+    broken = tmp_path / "tries" / "broken.npz"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an npz")
+    with running_server(engine, data_dir=str(tmp_path)) as url:
+        assert httpx.get(f"{url}/v1/tries/broken").status_code == 404  # not served
+        deleted = httpx.delete(f"{url}/v1/tries/broken")
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert not broken.exists()
+        again = httpx.delete(f"{url}/v1/tries/broken")
+        assert again.status_code == 404 and again.json()["error"]["code"] == "trie_not_found"
+
+
 def test_the_vllm_trie_directories_of_stopped_servers_on_this_host_are_swept_at_start(tmp_path):
     """A SIGKILLed vLLM server leaves its trie directory under --data-dir/vllm-tries; the next server on the same
     host removes it, and leaves a live server's and another host's alone."""
