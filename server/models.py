@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,22 +142,62 @@ def locate_gguf(model: BundledModel) -> Path:
     return gguf
 
 
+@contextmanager
+def conversion_lock(target: Path):
+    """One conversion of `target` at a time, across processes and replicas on one volume (flock; NFS clients
+    map it to a POSIX lock). Without it, replicas starting together on one RWX volume each converted, and the
+    later one removed the directory the first was already loading."""
+    import fcntl
+
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{target.name}: another process is converting it; waiting for it to finish", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def fetch_bundled(model: BundledModel) -> Path:
     """Convert the bundled GGUF into a plain safetensors directory (idempotent).
 
-    The GGUF is dequantized by transformers (`gguf_file=`), its quantization
-    config is dropped, and the result is written to a temporary directory that
-    is renamed into place, so an interrupted fetch never leaves a half model.
+    The result is written to a temporary directory that is renamed into place,
+    so an interrupted fetch never leaves a half model; under conversion_lock, so
+    processes that start together convert it once.
     """
     target = cache_dir() / model.name
     if is_model_dir(target):
         print(f"{model.name}: already converted at {target}", file=sys.stderr)
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with conversion_lock(target):
+        if is_model_dir(target):
+            print(f"{model.name}: converted by another process, at {target}", file=sys.stderr)
+            return target
+        started = time.perf_counter()
+        staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
+        try:
+            convert_gguf(model, staging)
+            check_model_dir(staging)
+            print(f"{model.name}: [3/3] moving into {target}", file=sys.stderr)
+            if target.exists():  # not a model (is_model_dir said so): what an older, unlocked fetch left
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"{model.name}: converted in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return target
+
+
+def convert_gguf(model: BundledModel, out: Path) -> None:
+    """The GGUF dequantized by transformers (`gguf_file=`), its quantization config dropped, saved to `out`."""
     gguf = locate_gguf(model)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started = time.perf_counter()
     print(f"{model.name}: [1/3] reading {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     weights = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -164,18 +205,6 @@ def fetch_bundled(model: BundledModel) -> Path:
     if hasattr(weights.config, "quantization_config"):
         del weights.config.quantization_config
     weights.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
-    try:
-        print(f"{model.name}: [2/3] writing safetensors", file=sys.stderr)
-        weights.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        check_model_dir(staging)
-        print(f"{model.name}: [3/3] moving into {target}", file=sys.stderr)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"{model.name}: converted in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    return target
+    print(f"{model.name}: [2/3] writing safetensors", file=sys.stderr)
+    weights.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))

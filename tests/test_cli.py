@@ -59,6 +59,35 @@ def test_fetch_model_is_idempotent(bundled_path):
     assert time.perf_counter() - started < 60
 
 
+def test_servers_starting_together_convert_the_model_once(tmp_path, monkeypatch, tokenizer):
+    """Replicas on one RWX volume: the first converts, the others wait for it and load what it wrote. They
+    used to convert each, and the later rename removed the directory an earlier replica was loading."""
+    import threading
+
+    from server import models
+    from tests.conftest import tiny_model
+
+    conversions = []
+
+    def convert(model, out):  # a tiny model stands in for the GGUF's (minutes to convert)
+        conversions.append(out)
+        time.sleep(1.0)  # long enough for the others to arrive meanwhile
+        tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+
+    monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    model = next(iter(models.BUNDLED.values()))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models.fetch_bundled(model))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(conversions) == 1
+    assert results == [tmp_path / "models" / model.name] * 3 and models.is_model_dir(results[0])
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid`, read from /proc."""
     parents = {}
