@@ -104,8 +104,9 @@ def ruler_table(result: dict) -> str:
             cells = [f"{by_length[n][task]:.1f}" if task in by_length.get(n, {}) else "-" for n in lengths]
             lines.append(f"{method:<{width}}{task:<18}" + "".join(f"{cell:>8}" for cell in cells))
         found = effective_length(by_length, lengths, result["threshold"])
-        lines.append(f"{method:<{width}}{'effective length':<18}{length_label(found) if found else 'none':>8}"
-                     f"   (every average >= {result['threshold']})")
+        meaning = (f"every average up to it >= {result['threshold']}" if found
+                   else f"the shortest length's average is under {result['threshold']}")
+        lines.append(f"{method:<{width}}{'effective length':<18}{length_label(found) if found else 'none':>8}   ({meaning})")
     return "\n".join(lines)
 
 

@@ -71,6 +71,10 @@ def test_the_table_keeps_long_method_names_apart_from_the_task():
     rows = [line.split() for line in table.splitlines()[1:]]
     assert [row[len(method.split())] for row in rows] == ["vt", "cwe", "average", "effective"]
     assert [row[-1] for row in rows[:3]] == ["50.0", "50.0", "50.0"]
+    assert "none   (the shortest length's average is under 85.6)" in table.splitlines()[-1]  # not "every average >= 85.6"
+    passing = [{**record, "score": 90.0} for record in records]
+    table = ruler_table({"records": passing, "lengths": [4096], "tasks": ["vt", "cwe"], "threshold": 85.6})
+    assert table.splitlines()[-1].endswith("4k   (every average up to it >= 85.6)")
 
 
 def test_the_command_fits_every_prompt_to_its_length_and_writes_table_json_and_png(tokenizer, tmp_path, capsys):
