@@ -105,35 +105,51 @@ def test_a_refused_trie_can_be_deleted(tokenizer, tmp_path):
         assert not broken.exists()
         again = httpx.delete(f"{url}/v1/tries/broken")
         assert again.status_code == 404 and again.json()["error"]["code"] == "trie_not_found"
+        nul = httpx.delete(f"{url}/v1/tries/broken%00")  # no trie can have it: 404, not a 500 from the path
+        assert nul.status_code == 404 and nul.json()["error"]["code"] == "trie_not_found"
 
 
 def test_the_vllm_trie_directories_of_stopped_servers_on_this_host_are_swept_at_start(tmp_path):
     """A SIGKILLed vLLM server leaves its trie directory under --data-dir/vllm-tries; the next server on the same
-    host removes it, and leaves a live server's and another host's alone."""
+    host removes it. It leaves alone a live server's (another process's, or another TrieFiles of its own process,
+    whatever their pids), another host's, and names it does not know."""
     import os
     import signal
+    import socket
     import subprocess
     import sys
 
-    from server.engine.trie_files import PREFIX, TrieFiles, host_name
+    from server.engine.trie_files import PREFIX, TrieFiles
 
     root = tmp_path / "vllm-tries"
-    root.mkdir()
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # a pid no process has now
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    host = host_name()
+    make_one = (f"import sys, time; sys.path.insert(0, {os.getcwd()!r}); from server.engine.trie_files import TrieFiles; "
+                f"files = TrieFiles({str(tmp_path)!r}); print(files.path, flush=True); time.sleep(60)")
+
+    def server_process():
+        process = subprocess.Popen([sys.executable, "-c", make_one], stdout=subprocess.PIPE, text=True)
+        return process, os.path.basename(process.stdout.readline().strip())
+
+    alive, alive_dir = server_process()
+    ours = TrieFiles(str(tmp_path))
+    killed, killed_dir = server_process()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    other_host = f"{PREFIX}{os.getpid()}-d4-elsewhere"
+    odd = [f"{PREFIX}\u00b2-x-{socket.gethostname()}", f"{PREFIX}plain-file-{socket.gethostname()}"]
+    (root / other_host).mkdir()
+    (root / other_host / ".alive").write_bytes(b"")  # nobody holds it, but it is not this host's to judge
+    (root / odd[0]).mkdir()
+    (root / odd[1]).write_bytes(b"x")
     try:
-        names = {"dead": f"{PREFIX}{host}-{gone.pid}-a1", "reused pid": f"{PREFIX}{host}-{os.getpid()}-b2",
-                 "alive": f"{PREFIX}{host}-{alive.pid}-c3", "other host": f"{PREFIX}elsewhere-{gone.pid}-d4"}
-        for name in names.values():
-            (root / name).mkdir()
-            (root / name / "trie.npz").write_bytes(b"x")
+        assert killed_dir in {path.name for path in root.iterdir()}
         files = TrieFiles(str(tmp_path))
         left = {path.name for path in root.iterdir()}
-        assert left == {names["alive"], names["other host"], os.path.basename(files.path)}
+        assert left == {alive_dir, os.path.basename(ours.path), other_host, *odd, os.path.basename(files.path)}
         files.cleanup()
         assert os.path.basename(files.path) not in {path.name for path in root.iterdir()}
     finally:
         alive.send_signal(signal.SIGKILL)
         alive.wait()
+        ours.cleanup()
+    TrieFiles(str(tmp_path)).cleanup()
+    assert alive_dir not in {path.name for path in root.iterdir()}  # swept once its server died

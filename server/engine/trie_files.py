@@ -6,14 +6,18 @@ this server's own directory under --data-dir/vllm-tries, which workers on
 other nodes see through the shared volume. The file is removed when the trie
 is dropped, and the directory when the server shuts down.
 
-A server killed with SIGKILL leaves its directory behind. The directory is
-named after the host and process that made it, so the next server started on
-that host removes the ones whose process is gone. A directory of another host
-is never touched: its server may be alive, and we cannot see its processes.
+A server killed with SIGKILL leaves its directory behind, so the next server
+started on the same host removes the stale ones. A directory is live while
+its server holds an flock on the `.alive` file inside it; the kernel drops
+the lock when the process dies, however it dies. A pid would not do:
+containers sharing a host name (host networking) each have their own pid 1,
+and pids are reused. Only this host's directories are swept: a lock taken on
+another host over NFS may not be visible here (nolock, local_lock mounts).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -26,34 +30,44 @@ import weakref
 log = logging.getLogger("longserve.vllm")
 
 PREFIX = "longserve-tries-"
+ALIVE = ".alive"
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+def directory_host(name: str) -> str | None:
+    """The host in `{PREFIX}{pid}-{random}-{host}` (tempfile's random part has no "-"), or None."""
+    parts = name[len(PREFIX):].split("-", 2) if name.startswith(PREFIX) else []
+    return parts[2] if len(parts) == 3 else None
 
 
-def host_name() -> str:
-    return socket.gethostname().replace("-", "_")  # "-" separates the parts of a directory's name
+def hold_alive(directory: str) -> int:
+    """Lock `.alive` in the directory for as long as the returned descriptor stays open. The file is locked
+    under a temporary name and then renamed, so a sweeper never finds it unlocked."""
+    staging = os.path.join(directory, f"{ALIVE}.{uuid.uuid4().hex}")
+    descriptor = os.open(staging, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(staging, os.path.join(directory, ALIVE))
+    return descriptor
 
 
 def sweep_stale(root: str, host: str) -> list[str]:
-    """Remove `host`'s directories under root whose process is gone (our own pid too: in a restarted container
-    the new server can have the old one's pid, and this runs before our directory exists). Returns them."""
+    """Remove `host`'s directories under root whose `.alive` lock nobody holds. Returns their names."""
     removed = []
     for name in os.listdir(root):
-        parts = name[len(PREFIX):].rsplit("-", 2) if name.startswith(PREFIX) else []
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        directory = os.path.join(root, name)
+        if directory_host(name) != host:
             continue
-        pid = int(parts[1])
-        if pid == os.getpid() or not process_alive(pid):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            removed.append(name)
+        try:
+            descriptor = os.open(os.path.join(directory, ALIVE), os.O_RDWR)  # NFS locks exclusively only for writers
+        except OSError:  # no lock file (a plain file, or not a server's directory): not ours to judge
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its server is alive
+            os.close(descriptor)
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        os.close(descriptor)
+        removed.append(name)
     if removed:
         log.info("removed %d trie directories left by servers that stopped without cleaning up: %s", len(removed),
                  ", ".join(removed))
@@ -63,11 +77,12 @@ def sweep_stale(root: str, host: str) -> list[str]:
 class TrieFiles:
     def __init__(self, data_dir: str | None):
         root = None if data_dir is None else os.path.join(data_dir, "vllm-tries")
-        host = host_name()
+        host = socket.gethostname()
         if root is not None:
             os.makedirs(root, exist_ok=True)
             sweep_stale(root, host)
-        self._dir = tempfile.TemporaryDirectory(prefix=f"{PREFIX}{host}-{os.getpid()}-", dir=root)
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{PREFIX}{os.getpid()}-", suffix=f"-{host}", dir=root)
+        self._release = weakref.finalize(self, os.close, hold_alive(self._dir.name))  # the lock goes with us
         self._held: dict[int, str | bytes] = {}  # id(trie) -> its bytes or its file, while the trie lives
         self._lock = threading.Lock()
 
@@ -110,3 +125,4 @@ class TrieFiles:
 
     def cleanup(self) -> None:
         self._dir.cleanup()
+        self._release()
