@@ -182,8 +182,11 @@ def fetch_bundled(model: BundledModel) -> Path:
         try:
             convert_gguf(model, staging)
             check_model_dir(staging)
+            if is_model_dir(target):  # another node's copy: flock is node-local on NFS mounted nolock or local_lock
+                print(f"{model.name}: converted by another process meanwhile, at {target}", file=sys.stderr)
+                return target
             print(f"{model.name}: [3/3] moving into {target}", file=sys.stderr)
-            if target.exists():  # not a model (is_model_dir said so): what an older, unlocked fetch left
+            if target.exists():  # not a model: what an interrupted, unlocked fetch left
                 shutil.rmtree(target)
             staging.rename(target)
         finally:

@@ -88,6 +88,31 @@ def test_servers_starting_together_convert_the_model_once(tmp_path, monkeypatch,
     assert results == [tmp_path / "models" / model.name] * 3 and models.is_model_dir(results[0])
 
 
+def test_a_copy_another_node_finished_meanwhile_is_kept(tmp_path, monkeypatch, tokenizer):
+    """On NFS mounted nolock the flock holds only within a node: a replica on another node can finish its copy
+    while this one converts. This one keeps that copy (a replica may be loading it) and drops its own."""
+    from server import models
+    from tests.conftest import tiny_model
+
+    monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path))
+    model = next(iter(models.BUNDLED.values()))
+    target = tmp_path / "models" / model.name
+
+    def save(out):
+        tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+
+    def convert(model, out):
+        save(out)
+        save(target)  # the other node's rename lands while this conversion runs
+        (target / "other-node").write_text("")
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    assert models.fetch_bundled(model) == target
+    assert (target / "other-node").exists() and models.is_model_dir(target)
+    assert [path.name for path in target.parent.iterdir() if path.name.startswith(".") and path.is_dir()] == []
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid`, read from /proc."""
     parents = {}
