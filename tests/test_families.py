@@ -101,3 +101,4 @@ def test_what_the_engine_cannot_serve_exactly_is_refused_in_one_line(tokenizer):
     with pytest.raises(ValueError, match="rotates only part of each head \\(partial_rotary_factor 0.75\\)"):
         make_engine(tiny_model("phi3", seed=6, partial_rotary_factor=0.75), tokenizer, max_model_len=256)  # Phi-4-mini's
     make_engine(tiny_model("mistral", seed=6, sliding_window=32), tokenizer, max_model_len=32).shutdown()  # within the window
+    make_engine(tiny_model("qwen3", seed=6, partial_rotary_factor=None), tokenizer, max_model_len=256).shutdown()  # null: whole head

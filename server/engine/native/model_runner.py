@@ -86,8 +86,8 @@ def check_servable(config, max_model_len: int) -> None:
     if capped:
         raise ValueError(f"this model caps its logits ({', '.join(capped)}), which the native engine does not implement")
     rope_parameters = getattr(config, "rope_parameters", None) or {}
-    partial = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-    if partial != 1.0:  # Phi-4-mini's 0.75: rotate() turns the whole head
+    partial = rope_parameters.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    if partial != 1.0:  # Phi-4-mini's 0.75: rotate() turns the whole head; a null factor reads as absent, as in transformers
         raise ValueError(f"this model rotates only part of each head (partial_rotary_factor {partial}), "
                          f"which the native engine does not implement")
     sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
