@@ -234,13 +234,17 @@ class KnowledgeStore:
     def delete(self, name: str) -> bool:
         """Remove the base and its file; also the file of one this server refused (over --max-trie-bytes here,
         or unreadable), which another replica may serve. False when there was neither."""
+        if not NAME_PATTERN.match(name):  # no base has it, and a NUL in it would fail the path
+            return False
         with self._lock:
             served = self.bases.pop(name, None) is not None
             if self.directory is None:
                 return served
-            path = self.directory / f"{name}.npz"
-            refused = not served and path.exists()
-            path.unlink(missing_ok=True)
+            try:
+                (self.directory / f"{name}.npz").unlink()
+                refused = not served
+            except FileNotFoundError:
+                refused = False
             self._seen.pop(name, None)
             if served:
                 self._forget_refusals()
