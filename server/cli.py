@@ -164,7 +164,7 @@ def build_engine(settings, path: str, metrics):
     if pick_engine(settings) == "vllm":
         from server.engine.vllm import VllmEngine
 
-        native_only = sorted({"device", "prefill_chunk"} & settings.model_fields_set)
+        native_only = sorted({"device", "prefill_chunk", "request_rerope"} & settings.model_fields_set)
         if native_only:
             logging.getLogger("longserve").info("%s apply to the native engine only",
                                                 " and ".join("--" + name.replace("_", "-") for name in native_only))

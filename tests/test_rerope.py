@@ -285,6 +285,12 @@ def test_the_kv_budget_keeps_room_for_near_keys_or_refuses_clipped_requests(toke
             assert "--no-request-rerope" in refused.json()["error"]["message"]
         assert httpx.post(f"{url}/v1/completions", json={**body, "position": {"type": "ntk", "factor": 2}}).status_code == 200
         assert not engine.pool.with_near_keys
+    longest = budget // (2 * 256)  # 2048 tokens in two planes, 1360 in three
+    with pytest.raises(ValueError, match="holds 1360 tokens.*or pass --no-request-rerope"):
+        make_engine(tiny_model("llama", seed=18, max_position_embeddings=TRAINED), tokenizer, max_model_len=longest,
+                    kv_cache_memory=budget / 2**30)
+    make_engine(tiny_model("llama", seed=18, max_position_embeddings=TRAINED), tokenizer, max_model_len=longest,
+                kv_cache_memory=budget / 2**30, request_rerope=False).shutdown()
 
 
 def test_self_extend_says_where_its_grouped_positions_leave_the_trained_length():

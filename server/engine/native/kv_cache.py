@@ -128,9 +128,10 @@ def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memo
     budget = int(memory_gib * 2**30) if memory_gib else default_budget_bytes(device)
     num_blocks = budget // (token_bytes * BLOCK_SIZE)
     if num_blocks * BLOCK_SIZE < max_model_len:
+        kept = "" if near_keys or not budget_near_keys else ", or pass --no-request-rerope (a third is kept for clipped requests)"
         raise ValueError(
             f"--kv-cache-memory {budget / 2**30:.2f} GiB holds {num_blocks * BLOCK_SIZE} tokens, fewer than one sequence "
-            f"of --max-model-len {max_model_len}; raise --kv-cache-memory or lower --max-model-len"
+            f"of --max-model-len {max_model_len}; raise --kv-cache-memory or lower --max-model-len{kept}"
         )
     pool = KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, num_blocks, dtype, device, near_keys=near_keys,
                   budgets_near_keys=budgeted)
