@@ -242,13 +242,13 @@ class KnowledgeStore:
                 return served
             try:
                 (self.directory / f"{name}.npz").unlink()
-                refused = not served
+                on_disk = True
             except FileNotFoundError:
-                refused = False
+                on_disk = False
             self._seen.pop(name, None)
             if served:
                 self._forget_refusals()
-            return served or refused
+            return served or on_disk
 
     def _forget_refusals(self) -> None:
         """Room was freed: files refused before (over the limit, or unreadable) are read again at the next sync.

@@ -59,21 +59,27 @@ def test_fetch_model_is_idempotent(bundled_path):
     assert time.perf_counter() - started < 60
 
 
+def save_tiny_model(out, tokenizer) -> None:
+    """A tiny model stands in for the GGUF's conversion (minutes)."""
+    from tests.conftest import tiny_model
+
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
 def test_servers_starting_together_convert_the_model_once(tmp_path, monkeypatch, tokenizer):
     """Replicas on one RWX volume: the first converts, the others wait for it and load what it wrote. They
     used to convert each, and the later rename removed the directory an earlier replica was loading."""
     import threading
 
     from server import models
-    from tests.conftest import tiny_model
 
     conversions = []
 
-    def convert(model, out):  # a tiny model stands in for the GGUF's (minutes to convert)
+    def convert(model, out):
         conversions.append(out)
         time.sleep(1.0)  # long enough for the others to arrive meanwhile
-        tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
+        save_tiny_model(out, tokenizer)
 
     monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "convert_gguf", convert)
@@ -92,19 +98,14 @@ def test_a_copy_another_node_finished_meanwhile_is_kept(tmp_path, monkeypatch, t
     """On NFS mounted nolock the flock holds only within a node: a replica on another node can finish its copy
     while this one converts. This one keeps that copy (a replica may be loading it) and drops its own."""
     from server import models
-    from tests.conftest import tiny_model
 
     monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path))
     model = next(iter(models.BUNDLED.values()))
     target = tmp_path / "models" / model.name
 
-    def save(out):
-        tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
-
     def convert(model, out):
-        save(out)
-        save(target)  # the other node's rename lands while this conversion runs
+        save_tiny_model(out, tokenizer)
+        save_tiny_model(target, tokenizer)  # the other node's rename lands while this conversion runs
         (target / "other-node").write_text("")
 
     monkeypatch.setattr(models, "convert_gguf", convert)

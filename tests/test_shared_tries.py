@@ -119,7 +119,7 @@ def test_the_vllm_trie_directories_of_stopped_servers_on_this_host_are_swept_at_
     import subprocess
     import sys
 
-    from server.engine.trie_files import PREFIX, TrieFiles
+    from server.engine.trie_files import ALIVE, PREFIX, TrieFiles
 
     root = tmp_path / "vllm-tries"
     make_one = (f"import sys, time; sys.path.insert(0, {os.getcwd()!r}); from server.engine.trie_files import TrieFiles; "
@@ -137,7 +137,7 @@ def test_the_vllm_trie_directories_of_stopped_servers_on_this_host_are_swept_at_
     other_host = f"{PREFIX}{os.getpid()}-d4-elsewhere"
     odd = [f"{PREFIX}\u00b2-x-{socket.gethostname()}", f"{PREFIX}plain-file-{socket.gethostname()}"]
     (root / other_host).mkdir()
-    (root / other_host / ".alive").write_bytes(b"")  # nobody holds it, but it is not this host's to judge
+    (root / other_host / ALIVE).write_bytes(b"")  # nobody holds it, but it is not this host's to judge
     (root / odd[0]).mkdir()
     (root / odd[1]).write_bytes(b"x")
     try:

@@ -124,11 +124,12 @@ def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memo
     """The block pool, sized by --kv-cache-memory (or default_budget_bytes); says how many tokens fit.
     near_keys: the plane from the start; budget_near_keys: room kept for it, added at the first clipped request."""
     budgeted = near_keys or budget_near_keys
+    waiting = budget_near_keys and not near_keys  # a third kept, the plane not made yet
     token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype, 3 if budgeted else 2)
     budget = int(memory_gib * 2**30) if memory_gib else default_budget_bytes(device)
     num_blocks = budget // (token_bytes * BLOCK_SIZE)
     if num_blocks * BLOCK_SIZE < max_model_len:
-        kept = "" if near_keys or not budget_near_keys else ", or pass --no-request-rerope (a third is kept for clipped requests)"
+        kept = ", or pass --no-request-rerope (a third is kept for clipped requests)" if waiting else ""
         raise ValueError(
             f"--kv-cache-memory {budget / 2**30:.2f} GiB holds {num_blocks * BLOCK_SIZE} tokens, fewer than one sequence "
             f"of --max-model-len {max_model_len}; raise --kv-cache-memory or lower --max-model-len{kept}"
@@ -136,7 +137,6 @@ def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memo
     pool = KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, num_blocks, dtype, device, near_keys=near_keys,
                   budgets_near_keys=budgeted)
     total = num_blocks * BLOCK_SIZE * token_bytes
-    waiting = budgeted and not near_keys
     kept = f" ({total / 3 / 2**30:.2f} GiB of it kept for the near keys of clipped requests)" if waiting else ""
     log.info("KV cache: %.2f GiB%s, %d blocks of %d: %d tokens fit (%.1f sequences of --max-model-len %d)",
              total / 2**30, kept, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / max_model_len, max_model_len)
