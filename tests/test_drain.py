@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, wait_until
+
+pytestmark = pytest.mark.server  # each test starts `longserve serve` in a process of its own
 
 SECRET = "SECRET-PASSPHRASE-42"
 
@@ -109,13 +110,11 @@ def test_sigterm_ends_a_stream_longer_than_the_timeout_cleanly(bundled_path, tmp
     with server_process(bundled_path, tmp_path, "--shutdown-timeout", "1") as (process, url, _):
         stream = Stream(url, max_tokens=3000, request_id="drain-cut-1")
         assert stream.next_event()["choices"][0]["finish_reason"] is None
-        started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        events = stream.rest()  # no exception: the chunked body ended with its terminator
+        events = stream.rest()  # no exception: the chunked body ended with its terminator; 3000 tokens: the timeout cut it
         assert events[-1] == "[DONE]"
         assert events[-2]["error"]["type"] == "service_unavailable"
         assert "--shutdown-timeout" in events[-2]["error"]["message"]
-        assert time.monotonic() - started < 15
         assert process.wait(30) == 0
         assert group_is_gone(process.pid)
 

@@ -1,14 +1,12 @@
 """Schemathesis over the app's own OpenAPI schema, against the real server and the bundled model.
 
 Valid and invalid bodies, parameters and headers for every operation, a few
-hundred cases in all, bounded in time. No answer may be a 5xx, and the
-server must still be healthy at the end. The seed is fixed (derandomize), so
-a failure reproduces.
+hundred cases in all, bounded in count (never in time: a slow machine runs the
+same cases, only later). No answer may be a 5xx, and the server must still be
+healthy at the end. The seed is fixed (derandomize), so a failure reproduces.
 """
 
 from __future__ import annotations
-
-import time
 
 import httpx
 import pytest
@@ -19,8 +17,7 @@ from hypothesis.errors import Unsatisfiable
 from server.models import DEFAULT_MODEL
 from tests.conftest import make_engine, running_server
 
-CASES_PER_OPERATION_AND_MODE = 40
-BUDGET_SECONDS = 240  # the whole run; an operation left when it is spent gets fewer cases
+CASES_PER_OPERATION_AND_MODE = 30
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +34,6 @@ def test_no_case_gets_a_5xx_and_the_server_stays_healthy(fuzzed_server):
     schema = schemathesis.openapi.from_url(f"{fuzzed_server}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 12  # every route is in the schema
-    stop = time.monotonic() + BUDGET_SECONDS
     server_errors, counted = [], {"cases": 0}
 
     for operation in operations:
@@ -46,8 +42,6 @@ def test_no_case_gets_a_5xx_and_the_server_stays_healthy(fuzzed_server):
                       phases=[Phase.generate], suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case):
-                if time.monotonic() > stop:
-                    return
                 response = case.call(base_url=fuzzed_server, timeout=120)
                 counted["cases"] += 1
                 if response.status_code >= 500:

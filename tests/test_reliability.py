@@ -100,6 +100,7 @@ def test_trie_upload_with_bad_text_says_where(tiny_server):
     assert_openai_error(response, 400, "entry 2", "value", "not valid Unicode", param="entries")
 
 
+@pytest.mark.server
 def test_n_that_can_never_fit_is_400_not_429(tiny_llama, tokenizer):
     engine = make_engine(tiny_llama, tokenizer, max_num_seqs=2, max_waiting=2, max_model_len=128)
     with running_server(engine) as url:
@@ -119,6 +120,9 @@ def test_request_id_is_echoed_or_made(tiny_server):
 
 
 # ---- slow and huge clients ----------------------------------------------------
+# The strict server cuts at 1 s; SAFETY is how long a test waits for that cut before it calls it missing (a
+# socket left open by a server without the cut would hang the test forever without it).
+SAFETY = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +134,7 @@ def strict_server(tiny_llama, tokenizer):
 
 def connect(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock = socket.create_connection((host, int(port)), timeout=SAFETY)
     return sock
 
 
@@ -145,12 +149,13 @@ def read_all(sock: socket.socket) -> bytes:
 
 def test_a_huge_header_is_refused_without_reading_it_whole(strict_server):
     sock = connect(strict_server)
-    started = time.monotonic()
+    sent, offered = 0, 32 * 1024 * 1024
     try:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
         try:
-            for _ in range(32 * 1024):  # up to 32 MiB, 1 KiB at a time; the server stops reading long before
+            while sent < offered:  # 1 KiB at a time; the server stops reading long before
                 sock.sendall(b"a" * 1024)
+                sent += 1024
         except OSError:
             pass  # the server closed the connection
         answer = read_all(sock)
@@ -158,7 +163,7 @@ def test_a_huge_header_is_refused_without_reading_it_whole(strict_server):
         sock.close()
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b"--max-header-bytes" in answer
-    assert time.monotonic() - started < 10
+    assert sent < offered  # the connection closed under the client: the rest was never read
 
 
 def test_slow_headers_are_cut_off(strict_server):
@@ -167,7 +172,7 @@ def test_slow_headers_are_cut_off(strict_server):
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
         started = time.monotonic()
         assert read_all(sock) == b""  # closed by the server
-        assert 0.8 < time.monotonic() - started < 5
+        assert 0.8 < time.monotonic() - started  # not before --header-timeout (1 s)
     finally:
         sock.close()
 
@@ -175,9 +180,7 @@ def test_slow_headers_are_cut_off(strict_server):
 def test_an_idle_connection_is_cut_off(strict_server):
     sock = connect(strict_server)
     try:
-        started = time.monotonic()
-        assert read_all(sock) == b""
-        assert time.monotonic() - started < 5
+        assert read_all(sock) == b""  # within SAFETY, or recv times out
     finally:
         sock.close()
 
@@ -187,11 +190,9 @@ def test_a_body_that_stops_arriving_gets_408(strict_server):
     try:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
-        started = time.monotonic()
-        answer = read_all(sock)
+        answer = read_all(sock)  # within SAFETY, or recv times out
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"--body-timeout" in answer
-        assert time.monotonic() - started < 5
     finally:
         sock.close()
     assert httpx.get(f"{strict_server}/health").status_code == 200
