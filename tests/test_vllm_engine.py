@@ -2,8 +2,9 @@
 
 The server tests of test_server.py run against both engines; these are the
 checks that only make sense for vLLM: agreement with the native engine,
-positions past the trained length, log-n through the plugin, tries through
-the logits processor, and the 400 for what only the native engine does.
+tries through the logits processor, and the 400 for what only the native
+engine does. Positions past the trained length and log-n through the plugin
+are checked on vLLM's workers in test_vllm_distributed.py.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import pytest
 
 from patches.rope import PositionSpec
 from server.engine.vllm import positions_for_vllm, vllm_available
-from tests.conftest import make_engine, openai_client, running_server, tiny_model
+from tests.conftest import openai_client
 
 HEAD_DIM, BASE, TRAINED = 64, 100000.0, 8192
-needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
 MODEL = "smollm2-135m-instruct"
 
 
@@ -50,7 +50,8 @@ def test_the_plugin_scales_each_query_by_its_logn_factor_and_leaves_nothing_else
     assert torch.allclose(scale_queries(positions, query.view(4, 3, 8), 256), want.view(4, 3, 8))
 
 
-@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
 def test_the_plugin_installs_once_however_often_vllm_loads_it():
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
@@ -65,7 +66,8 @@ def test_the_plugin_installs_once_however_often_vllm_loads_it():
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,", "def fibonacci(n):", "1, 2, 3, 4,"]
 
 
-@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
 def test_greedy_outputs_agree_with_the_native_engine(vllm_server, bundled_server):
     native, other = openai_client(bundled_server), openai_client(vllm_server)
     for prompt in PROMPTS:
@@ -78,7 +80,8 @@ def test_greedy_outputs_agree_with_the_native_engine(vllm_server, bundled_server
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
 def test_what_only_the_native_engine_does_gets_a_400_naming_it(vllm_server):
     body = {"prompt": "Q:", "max_tokens": 4}
     for extra in ({"contexts": ["a"]}, {"position": {"type": "rope"}},
@@ -98,7 +101,8 @@ ENTRIES = [
 QUESTIONS = ["Q: What is France's capital?\nA:", "Q: Who sang 夜曲?\nA:", "Q: How many people live in Paris?\nA:"]
 
 
-@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
 def test_trie_constrained_answers_are_keys_and_equal_the_native_engine(vllm_server, bundled_server):
     for url in (vllm_server, bundled_server):
         assert httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES, "lead": " "}).status_code == 200
@@ -139,48 +143,8 @@ def test_a_trie_travels_inline_or_as_a_file_with_the_same_answers(vllm_server, m
     assert sent == [("inline", False)] * 2 + [("file", True)] * 2  # n = 2: two vLLM requests each time
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, tokenizer):
-    """A random-weight Llama trained (nominally) to 256 positions, saved where vLLM can load it."""
-    model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path, model
-
-
-@needs_vllm
-def test_ntk_mixed_with_logn_past_the_trained_length_agrees_with_the_native_engine(tiny_llama_dir, tokenizer):
-    """vLLM's ntk table must reach past max_position_embeddings (else garbage, no error) and the plugin must scale queries."""
-    from server.engine.config import EngineConfig
-    from server.engine.vllm import VllmEngine
-    from server.engine.metrics import Metrics
-
-    path, model = tiny_llama_dir
-    spec = PositionSpec(type="ntk-mixed", factor=4, b=0.625, logn=True)
-    prompt = " ".join(f"word{i % 97}" for i in range(300))  # about 900 tokens: 3.5x the trained length
-    assert 700 < len(tokenizer.encode(prompt)) < 1000
-    score = dict(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0, temperature=0)
-    vllm_engine = VllmEngine(EngineConfig(model_path=str(path), model_name="tiny", dtype="float32", max_num_seqs=2,
-                                        max_model_len=1024, position=spec), metrics=Metrics("tiny"))
-    with running_server(vllm_engine) as vllm_url, \
-            running_server(make_engine(model, tokenizer, max_model_len=1024, position=spec)) as native_url:
-        other, native = openai_client(vllm_url), openai_client(native_url)
-        got = other.completions.create(**score).choices[0].logprobs.token_logprobs[1:]
-        want = native.completions.create(**score).choices[0].logprobs.token_logprobs[1:]
-        without_logn = native.completions.create(**score, extra_body={"position": {**spec.describe(), "logn": False}})
-        without_logn = without_logn.choices[0].logprobs.token_logprobs[1:]
-        generate = dict(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
-        assert other.completions.create(**generate).choices[0].text == native.completions.create(**generate).choices[0].text
-    gap = max(abs(a - b) for a, b in zip(got, want))
-    gap_without_logn = max(abs(a - b) for a, b in zip(got, without_logn))
-    assert len(got) == len(want) > 700
-    assert gap < 1e-3, f"vLLM and native log-probs differ by {gap}"
-    assert gap_without_logn > 50 * gap, "log-n made no difference: the check above would not catch a missing plugin"
-
-
-@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
 def test_the_loss_evaluation_scores_alike_through_either_engine(vllm_server, bundled_server, tmp_path):
     """`longserve eval loss` needs prompt log-probs: the vLLM engine gives them through vLLM's prompt_logprobs."""
     from clients.longeval import run_loss
