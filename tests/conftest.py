@@ -22,6 +22,40 @@ from server.models import DEFAULT_MODEL, resolve  # noqa: E402
 from server.settings import ServerSettings  # noqa: E402
 
 
+# ---- tiers -------------------------------------------------------------------
+# `make test-fast` runs `-m "not server and not vllm"`: the tests that start no HTTP server (in this process or
+# another) and need no vLLM. A test that takes a fixture named `*server` (or `client`) is marked by itself; a test
+# that starts a server inline says so with @pytest.mark.server. A server started in this process under a test that
+# is not marked fails that test, so the fast tier never slows down by accident. `vllm` marks the tests that need
+# vllm installed.
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        on_vllm = "vllm_server" in fixtures or getattr(item, "callspec", None) and item.callspec.params.get("server") == "vllm"
+        if on_vllm:
+            item.add_marker(pytest.mark.vllm)
+        if on_vllm or "client" in fixtures or any(name.endswith("server") for name in fixtures):
+            item.add_marker(pytest.mark.server)
+
+
+_current_test = {"item": None}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item):
+    _current_test["item"] = item  # before any fixture: a module's server fixture starts under its first test
+    yield
+    _current_test["item"] = None
+
+
+def _check_marked_server() -> None:
+    item = _current_test["item"]
+    if item is not None and item.get_closest_marker("server") is None:
+        raise RuntimeError(f"{item.nodeid} starts a server: mark it @pytest.mark.server, or the fast tier runs it")
+
+
 @pytest.fixture(scope="session")
 def bundled_path():
     return resolve(DEFAULT_MODEL)
@@ -125,6 +159,7 @@ def serving(app, port: int | None = None):
 @contextmanager
 def in_thread(server):
     """Run a uvicorn server in a thread until the block ends."""
+    _check_marked_server()
     thread = threading.Thread(target=server.run, daemon=True, name="test-server")
     thread.start()
     deadline = time.time() + 30

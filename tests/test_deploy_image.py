@@ -30,6 +30,7 @@ def healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.server
 def test_cpu_image_serves():
     if reason := docker_unavailable():
         pytest.skip(reason)

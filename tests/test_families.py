@@ -78,6 +78,7 @@ def test_clipped_types_match_the_naive_reference(name, spec, tokenizer):
     assert_logits_close(torch.stack(prefill + steps), expected)
 
 
+@pytest.mark.server
 def test_a_models_own_rope_scaling_refuses_the_types_that_would_drop_it(tokenizer):
     model = tiny_model("llama", seed=5, **LLAMA3)
     assert ModelFacts.of(model.config).rope_type == "llama3"

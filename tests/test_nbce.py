@@ -109,6 +109,7 @@ def test_order_and_duplicates_do_not_change_the_answer(nbce_engine, tokenizer):
     assert with_duplicates == tokens
 
 
+@pytest.mark.server
 def test_nbce_and_plain_requests_run_together_and_rows_are_freed(nbce_engine, tokenizer):
     rows = rows_for(tokenizer, CONTEXTS, QUESTION)
     alone, _ = asyncio.run(decode(nbce_engine, rows, NbceParams()))

@@ -178,6 +178,7 @@ def test_cache_figures_reach_metrics(cached_engine, tokenizer):
     assert "vllm:prefix_cache_hits_total" in text and "vllm:kv_cache_usage_perc" in text
 
 
+@pytest.mark.server
 def test_the_sdk_sees_cached_tokens_in_usage_and_metrics_count_hits(model, tokenizer):
     from tests.conftest import metric_value, openai_client, running_server
 

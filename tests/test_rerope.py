@@ -259,6 +259,7 @@ def test_a_clipped_request_on_a_plain_server_adds_near_keys_and_the_pool_stays_u
         engine.shutdown()
 
 
+@pytest.mark.server
 def test_the_kv_budget_keeps_room_for_near_keys_or_refuses_clipped_requests(tokenizer):
     """--kv-cache-memory bounds the whole cache: a clipped request on a plain server adds its near-key plane
     inside the budget; with --no-request-rerope the whole budget holds tokens and such a request gets a 400."""

@@ -43,6 +43,7 @@ def test_ntk_and_ntk_mixed_follow_the_written_out_formula(factor):
     assert torch.allclose(old, torch.tensor([theta(m, base=new_base) for m in range(HEAD_DIM // 2)]), rtol=1e-5)
 
 
+@pytest.mark.vllm
 def test_ntk_tables_equal_vllm_when_installed():
     rotary = pytest.importorskip("vllm.model_executor.layers.rotary_embedding")
     from vllm.config import VllmConfig, set_current_vllm_config

@@ -77,6 +77,7 @@ def test_the_table_keeps_long_method_names_apart_from_the_task():
     assert table.splitlines()[-1].endswith("4k   (every average up to it >= 85.6)")
 
 
+@pytest.mark.server
 def test_the_command_fits_every_prompt_to_its_length_and_writes_table_json_and_png(tokenizer, tmp_path, capsys):
     engine = make_engine(tiny_model("llama", seed=21, max_position_embeddings=256), tokenizer, max_model_len=2048)
     with running_server(engine) as url:

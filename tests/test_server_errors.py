@@ -113,6 +113,7 @@ def test_full_queue_gets_429_with_retry_after(tiny_server):
     assert post(tiny_server, "/v1/completions", {"prompt": "b", "max_tokens": 2}).status_code == 200
 
 
+@pytest.mark.server
 def test_api_key_protects_v1_only(tiny_llama, tokenizer):
     engine = make_engine(tiny_llama, tokenizer)
     with running_server(engine, api_key="sekret") as url:
@@ -124,6 +125,7 @@ def test_api_key_protects_v1_only(tiny_llama, tokenizer):
         assert httpx.get(f"{url}/metrics").status_code == 200
 
 
+@pytest.mark.server
 def test_health_is_503_when_the_engine_is_dead(tiny_llama, tokenizer):
     engine = make_engine(tiny_llama, tokenizer)
     with running_server(engine) as url:

@@ -43,6 +43,7 @@ def test_request_position_overrides_the_server_and_bad_ones_get_400(scaled_serve
     assert bad.json()["error"]["param"] == "position.type"
 
 
+@pytest.mark.server
 def test_echo_logprobs_score_the_prompt_like_a_direct_forward(tokenizer):
     model = tiny_model("llama", seed=8)
     engine = make_engine(model, tokenizer, prefill_chunk=16)  # several chunks: scores cross chunk borders
@@ -70,6 +71,7 @@ def test_echo_logprobs_score_the_prompt_like_a_direct_forward(tokenizer):
         assert no_echo.status_code == 400 and "echo" in no_echo.json()["error"]["message"]
 
 
+@pytest.mark.server
 def test_a_rerope_server_reports_its_window_and_takes_clipped_settings_per_request(tokenizer):
     model = tiny_model("llama", seed=9, max_position_embeddings=128)
     engine = make_engine(model, tokenizer, max_model_len=512, position=PositionSpec(type="rerope", logn=True))

@@ -21,6 +21,7 @@ def answer(url: str) -> httpx.Response:
         "model": "tiny", "prompt": "Capital:", "max_tokens": 8, "temperature": 0, "constraint": {"trie": "capitals"}})
 
 
+@pytest.mark.server
 def test_a_trie_changed_through_one_replica_is_served_by_the_other(tokenizer, tmp_path):
     engines = [make_engine(tiny_model("llama", seed=seed), tokenizer, max_model_len=128) for seed in (41, 42)]
     with running_server(engines[0], data_dir=str(tmp_path)) as a, running_server(engines[1], data_dir=str(tmp_path)) as b:
@@ -91,6 +92,7 @@ def test_a_trie_over_the_limit_is_refused_once_and_tried_again_when_room_is_free
     assert reader.sync() == [refused] and sorted(reader.bases) == [refused]
 
 
+@pytest.mark.server
 def test_a_refused_trie_can_be_deleted(tokenizer, tmp_path):
     """A file this replica refused (unreadable here, or over its --max-trie-bytes) is still a trie of the shared
     directory: DELETE removes it, where it used to answer 404 and leave the file to be retried forever."""

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import free_port
+
+pytestmark = pytest.mark.server  # the soak starts its own server
 
 
 def test_a_short_soak_reports_and_finds_no_5xx_or_leak():

@@ -26,6 +26,7 @@ def tiny_engine(tokenizer):
     engine.shutdown()
 
 
+@pytest.mark.server
 def test_register_inspect_list_and_delete(tiny_engine, tmp_path):
     with running_server(tiny_engine, data_dir=str(tmp_path)) as url:
         created = httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES, "lead": " "}).json()
@@ -41,6 +42,7 @@ def test_register_inspect_list_and_delete(tiny_engine, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tries").iterdir()) == ["kb.npz"]
 
 
+@pytest.mark.server
 def test_bases_survive_a_restart_and_keep_their_entries(tiny_engine, tokenizer, tmp_path):
     with running_server(tiny_engine, data_dir=str(tmp_path)) as url:
         before = httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES}).json()
@@ -52,6 +54,7 @@ def test_bases_survive_a_restart_and_keep_their_entries(tiny_engine, tokenizer, 
         assert base.trie.entry_at(base.trie.walk(tokenizer.encode(item["key"], add_special_tokens=False))) == entry
 
 
+@pytest.mark.server
 def test_a_failed_or_interrupted_upload_leaves_the_previous_version(tiny_engine, tokenizer, tmp_path, monkeypatch):
     with running_server(tiny_engine, data_dir=str(tmp_path)) as url:
         httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES})
@@ -84,6 +87,7 @@ def test_a_failed_or_interrupted_upload_leaves_the_previous_version(tiny_engine,
         ([], "no entries"),
     ],
 )
+@pytest.mark.server
 def test_bad_entries_get_400_naming_the_first_bad_one(tiny_engine, tmp_path, entries, says):
     with running_server(tiny_engine, data_dir=str(tmp_path), max_key_chars=32) as url:
         reply = httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": entries})
@@ -91,6 +95,7 @@ def test_bad_entries_get_400_naming_the_first_bad_one(tiny_engine, tmp_path, ent
         assert httpx.get(f"{url}/v1/tries").json()["data"] == []
 
 
+@pytest.mark.server
 def test_names_sizes_and_limits_are_checked(tiny_engine, tmp_path):
     with running_server(tiny_engine, data_dir=str(tmp_path), max_trie_keys=3, max_upload_bytes=2048) as url:
         bad_name = httpx.post(f"{url}/v1/tries", json={"name": "../etc", "entries": ENTRIES[:1]})
@@ -221,6 +226,7 @@ def exact_key_scores(model, tokenizer, prompt: str, keys: list[str]) -> dict[str
     return scores
 
 
+@pytest.mark.server
 def test_beam_search_returns_the_best_distinct_keys_with_their_scores(tokenizer, tmp_path):
     from tests.conftest import openai_client
 
