@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -41,6 +42,11 @@ def pytest_collection_modifyitems(items):
 
 
 _current_test = {"item": None}
+_started = {"servers in this process": 0, "native engines": 0}  # what a run pays for, printed at its end
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line("started: " + ", ".join(f"{count} {what}" for what, count in _started.items()))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -51,6 +57,7 @@ def pytest_runtest_protocol(item):
 
 
 def _check_marked_server() -> None:
+    _started["servers in this process"] += 1
     item = _current_test["item"]
     if item is not None and item.get_closest_marker("server") is None:
         raise RuntimeError(f"{item.nodeid} starts a server: mark it @pytest.mark.server, or the fast tier runs it")
@@ -107,6 +114,7 @@ def tiny_llama():
 def make_engine(model, tokenizer, name="tiny", **config) -> NativeEngine:
     config.setdefault("kv_cache_memory", 1.0)  # GiB: 15k tokens of the bundled model in float32 (3 planes); far more of a tiny one
     metrics = Metrics(name)
+    _started["native engines"] += 1
     return NativeEngine(EngineConfig(model_path="", model_name=name, **config), metrics=metrics, model=model, tokenizer=tokenizer)
 
 
@@ -180,7 +188,8 @@ def running_server(engine, **settings):
     included); yields the base URL and shuts the engine down after."""
     from server.http_server import build_server
 
-    settings.setdefault("data_dir", tempfile.mkdtemp(prefix="longserve-test-"))  # never the user's own bases
+    own_dir = None if "data_dir" in settings else tempfile.mkdtemp(prefix="longserve-test-")  # never the user's own bases
+    settings.setdefault("data_dir", own_dir)
     settings.setdefault("log_level", "warning")
     settings = ServerSettings(model=engine.model_name, port=free_port(), **settings)
     try:
@@ -188,6 +197,8 @@ def running_server(engine, **settings):
             yield f"http://127.0.0.1:{settings.port}"
     finally:
         engine.shutdown()
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.server  # the soak starts its own server
 
 def test_a_short_soak_reports_and_finds_no_5xx_or_leak():
     result = subprocess.run(
-        [sys.executable, "benchmarks/soak.py", "--minutes", "0.3", "--warmup-minutes", "0.1", "--clients", "4",
+        [sys.executable, "benchmarks/soak.py", "--minutes", "0.2", "--warmup-minutes", "0.05", "--clients", "4",
          "--max-tokens", "8", "--port", str(free_port())],
         capture_output=True, text=True, timeout=300)
     out = result.stdout
