@@ -16,6 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("longserve.errors")
 
+# JSON nested past Python's recursion limit (json.loads raises RecursionError at about 1,000 levels): a client's
+# mistake, never a 500
+TOO_DEEP = "JSON nested deeper than about 1,000 levels is not accepted; flatten it"
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

@@ -72,6 +72,13 @@ class Constraint(StrictModel):
         return self
 
 
+# The rule for stop strings under a grammar: refused. A stop string ends the text where it appears, so it would cut
+# the JSON (or tool call) the grammar promises and answer it with finish_reason "stop", as if whole; the grammar
+# already ends the text where it is complete.
+STOP_UNDER_A_GRAMMAR = ("stop cannot be combined with {what}: a stop string would cut the output the grammar "
+                        "promises, and the grammar ends the output where it is complete; leave out stop")
+
+
 class SamplingFields(RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -173,6 +180,8 @@ class SamplingFields(RequestBody):
             raise ValueError("contexts and constraint cannot be combined; send one of them")
         if self.structured_outputs is not None and (self.contexts is not None or self.constraint is not None):
             raise ValueError("structured_outputs cannot be combined with contexts or constraint; send one of them")
+        if self.structured_outputs is not None and self.stop:
+            raise ValueError(STOP_UNDER_A_GRAMMAR.format(what="structured_outputs"))
         return self
 
     @field_validator("contexts")
@@ -207,6 +216,20 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    @model_validator(mode="after")
+    def check_tool_turns(self):
+        """A malformed history is the client's mistake: a 400 naming it, before a chat template reads it."""
+        for index, call in enumerate(self.tool_calls or []):
+            function = call.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError(f"tool_calls[{index}] needs a function with a name: "
+                                 '{"id": "call_1", "type": "function", "function": {"name": "...", "arguments": "{...}"}}')
+            if not isinstance(function.get("arguments", "{}"), (str, dict)):
+                raise ValueError(f"tool_calls[{index}].function.arguments must be JSON text (or an object)")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id: the id of the call whose result it carries")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -246,6 +269,8 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("a required or named tool_choice shapes the output itself; leave out response_format and structured_outputs")
         if (self.tools or self.formatted) and (self.contexts is not None or self.constraint is not None):
             raise ValueError("tools and response_format cannot be combined with contexts or constraint; send one of them")
+        if self.stop and (forced or self.formatted):
+            raise ValueError(STOP_UNDER_A_GRAMMAR.format(what="a required or named tool_choice" if forced else "response_format"))
         return self
 
     @property

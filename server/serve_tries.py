@@ -17,7 +17,7 @@ import json
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from server.errors import APIError
+from server.errors import TOO_DEEP, APIError
 from server.extensions.keys import find_base
 from server.knowledge import EntryError, KnowledgeStore, build
 from server.protocol import RequestBody
@@ -47,6 +47,8 @@ def parse_json_lines(body: bytes) -> list:
             entries.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise EntryError(line_number, f"not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise EntryError(line_number, TOO_DEEP) from None
     return entries
 
 

@@ -61,10 +61,16 @@ def test_invalid_completion_fields_get_400(tiny_server, body, words, param):
         ({"messages": [{"role": "wizard", "content": "hi"}]}, ["role"]),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, ["logprobs"]),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, ["tools"]),
+        # a malformed tool history reached the chat template and came back as a 500 (KeyError)
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                       {"role": "tool", "tool_call_id": "c1", "content": "{}"}]}, ["tool_calls[0] needs a function with a name"]),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}]}, ["tool message needs tool_call_id"]),
     ],
 )
 def test_invalid_chat_fields_get_400(tiny_server, body, words):
     assert_openai_error(post(tiny_server, "/v1/chat/completions", body), 400, *words)
+    assert httpx.get(f"{tiny_server}/health").status_code == 200
+    assert post(tiny_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
 
 
 def test_malformed_json_gets_400_not_500(tiny_server):

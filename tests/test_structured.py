@@ -257,6 +257,19 @@ BAD = [
     ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, None, "leave out"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
                               "tool_choice": "required"}, "tools", "objekt"),
+    ("/v1/completions", {"structured_outputs": {"json": "[" * 100_000 + "]" * 100_000}}, "structured_outputs.json", "nested deeper"),
+    # grammars whose language is empty: their first mask allowed nothing (a 500 from the sampler, or token 0)
+    ("/v1/completions", {"structured_outputs": {"regex": "[^\\x00-\\U0010FFFF]"}}, "structured_outputs.regex", "accepts no text"),
+    ("/v1/completions", {"structured_outputs": {"grammar": "root ::= a\na ::= b\nb ::= a"}}, "structured_outputs.grammar", "accepts no text"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}}}, "response_format.json_schema.schema", "accepts no text"),
+    # a stop string cut the JSON a grammar promises and answered it as whole (a 500 for a forced tool call)
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": "required", "stop": ["}"]}, None, "stop cannot be combined"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                              "stop": ["}"]}, None, "stop cannot be combined"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS["person"]}},
+                              "stop": ["}"]}, None, "stop cannot be combined"),
+    ("/v1/completions", {"structured_outputs": {"regex": "[0-9]+"}, "stop": "5"}, None, "stop cannot be combined"),
 ]
 
 

@@ -17,7 +17,7 @@ import re
 import threading
 
 from server.engine.base import GrammarSpec
-from server.errors import APIError
+from server.errors import TOO_DEEP, APIError
 from server.extensions import Extension
 
 # what xgrammar writes before its message: "[06:30:32] /project/cpp/x.cc:83: " and "Check failed: (...) is false: "
@@ -67,12 +67,32 @@ def compile_structural_tag(compiler, text: str):
         raise ValueError(f"each of structures needs begin, schema and end, and triggers is a list of strings ({exc!r})") from None
 
 
+def derives_text(grammar, vocab_size: int) -> bool:
+    """Whether any token may start an answer. xgrammar compiles grammars whose language is empty (a class that
+    matches no character, rules that only refer to each other, a $ref to itself); their first mask allows nothing,
+    which reached the sampler as a distribution of -inf (a 500) or as token 0 (a step the matcher refused)."""
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+    xgrammar.GrammarMatcher(grammar).fill_next_token_bitmask(bitmask)
+    return bool(bitmask.any())
+
+
+def compile_checked(compiler, spec: GrammarSpec, vocab_size: int):
+    grammar = compile_spec(compiler, spec)
+    if not derives_text(grammar, vocab_size):
+        raise ValueError("it accepts no text at all (no token can begin an answer): look for a character class that "
+                         "matches nothing, or rules that only refer to each other")
+    return grammar
+
+
 async def compiled(spec: GrammarSpec, state, param: str) -> GrammarSpec:
-    """`spec` with its compiled grammar, built off the event loop; a grammar xgrammar refuses is a 400 on `param`."""
+    """`spec` with its compiled grammar, built off the event loop; a grammar xgrammar refuses, or one that accepts no
+    text, is a 400 on `param`."""
     engine = state.engine
     compiler = await asyncio.to_thread(grammar_compiler, engine.tokenizer, engine.vocab_size, state.settings.grammar_cache_bytes)
     try:
-        grammar = await asyncio.to_thread(compile_spec, compiler, spec)
+        grammar = await asyncio.to_thread(compile_checked, compiler, spec, engine.vocab_size)
     except (RuntimeError, ValueError) as exc:
         reason = XGRAMMAR_PREAMBLE.sub("", str(exc).strip())
         raise APIError(400, f"{param}: {reason}", param) from None
@@ -90,6 +110,8 @@ def spec_of(body) -> tuple[GrammarSpec, str] | None:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise APIError(400, f"structured_outputs.json is a string but not JSON ({exc.msg})", "structured_outputs.json") from None
+            except RecursionError:
+                raise APIError(400, f"structured_outputs.json: {TOO_DEEP}", "structured_outputs.json") from None
         return GrammarSpec(kind, value), f"structured_outputs.{kind}"
     response_format = getattr(body, "response_format", None)
     if response_format is None or response_format.type == "text":
