@@ -40,13 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from patches.trie import RepeatedKey, TokenTrie
+from server.errors import TOO_DEEP
 from server.valid_text import INVALID_TEXT, first_invalid_text
 
 log = logging.getLogger("longserve.knowledge")
 PARTIAL_MAX_AGE = 600.0  # seconds: another host's *.partial older than this is a killed save's, not one in flight
 ARRAYS = ("offsets", "labels", "end_nodes", "end_entries", "key_blob", "key_offsets", "value_blob", "value_offsets", "meta")
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: `$` also matches before a final "\n"
 
 
 class EntryError(ValueError):
@@ -111,35 +112,50 @@ def check_entries(entries, limits: Limits) -> tuple[list[str], list[bytes]]:
         raise EntryError(limits.max_keys + 1, f"over the limit of {limits.max_keys} keys per base (--max-trie-keys)")
     keys, values, seen = [], [], set()
     for line, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict) or "key" not in entry:
-            raise EntryError(line, 'missing "key": each entry is {"key": string, "value": any JSON}')
-        invalid = first_invalid_text(entry)
-        if invalid is not None:
-            raise EntryError(line, INVALID_TEXT.format(path=invalid[0], at=invalid[1]))
-        key = entry["key"]
-        if not isinstance(key, str):
-            raise EntryError(line, f'"key" must be a string, got {type(key).__name__}')
-        if not key:
-            raise EntryError(line, '"key" is empty')
-        if len(key) > limits.max_key_chars:
-            raise EntryError(line, f'"key" has {len(key)} characters, over the limit of {limits.max_key_chars} (--max-key-chars)')
-        if key in seen:
-            raise EntryError(line, f"the key {key!r} appears twice; keys must be distinct")
-        extra = set(entry) - {"key", "value"}
-        if extra:
-            raise EntryError(line, f"unknown field {sorted(extra)[0]!r}; an entry has only key and value")
+        try:
+            key, value = check_entry(line, entry, limits, seen)
+        except RecursionError:  # a value nested past the JSON reader's and writer's depth
+            raise EntryError(line, TOO_DEEP) from None
         seen.add(key)
         keys.append(key)
-        values.append(json.dumps(entry.get("value"), ensure_ascii=False).encode("utf-8"))
+        values.append(value)
     if not keys:
         raise EntryError(1, "no entries; a base needs at least one key")
     return keys, values
+
+
+def check_entry(line: int, entry, limits: Limits, seen: set[str]) -> tuple[str, bytes]:
+    """One entry's key and JSON-encoded value, or EntryError."""
+    if not isinstance(entry, dict) or "key" not in entry:
+        raise EntryError(line, 'missing "key": each entry is {"key": string, "value": any JSON}')
+    invalid = first_invalid_text(entry)
+    if invalid is not None:
+        raise EntryError(line, INVALID_TEXT.format(path=invalid[0], at=invalid[1]))
+    key = entry["key"]
+    if not isinstance(key, str):
+        raise EntryError(line, f'"key" must be a string, got {type(key).__name__}')
+    if not key:
+        raise EntryError(line, '"key" is empty')
+    if len(key) > limits.max_key_chars:
+        raise EntryError(line, f'"key" has {len(key)} characters, over the limit of {limits.max_key_chars} (--max-key-chars)')
+    if key in seen:
+        raise EntryError(line, f"the key {key!r} appears twice; keys must be distinct")
+    extra = set(entry) - {"key", "value"}
+    if extra:
+        raise EntryError(line, f"unknown field {sorted(extra)[0]!r}; an entry has only key and value")
+    return key, json.dumps(entry.get("value"), ensure_ascii=False).encode("utf-8")
 
 
 def build(name: str, entries: list, tokenizer, lead: str, limits: Limits) -> KnowledgeBase:
     started = time.perf_counter()
     keys, values = check_entries(entries, limits)
     token_lists = tokenizer([lead + key for key in keys], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    for index, tokens in enumerate(token_lists):
+        if special.intersection(tokens):  # the answer would carry the special token, and its text would come back as ""
+            found = tokenizer.convert_ids_to_tokens(sorted(special.intersection(tokens)))
+            raise EntryError(index + 1, f"the key {keys[index]!r} holds the text of the special token(s) {found}, which an "
+                                        "answer cannot carry as text; remove it from the key (or the lead)")
     try:
         trie = TokenTrie.build(token_lists)
     except RepeatedKey as exc:  # distinct strings, same tokens: the model could not tell them apart
@@ -172,7 +188,8 @@ class KnowledgeStore:
         leave. Returns the names that changed. Loading happens outside the lock: requests go on meanwhile."""
         if self.directory is None:
             return []
-        on_disk = {path.stem: sig for path in self.directory.glob("*.npz") if (sig := signature(path)) is not None}
+        on_disk = {path.stem: sig for path in self.directory.glob("*.npz")
+                   if NAME_PATTERN.fullmatch(path.stem) and (sig := signature(path)) is not None}
         changed = []
         with self._lock:
             for name in [name for name in self._seen if name not in on_disk]:
@@ -215,7 +232,7 @@ class KnowledgeStore:
 
     @staticmethod
     def check_name(name: str) -> None:
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise ValueError(f"the name {name!r} is not allowed: use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit")
 
     def put(self, base: KnowledgeBase) -> None:
@@ -234,7 +251,7 @@ class KnowledgeStore:
     def delete(self, name: str) -> bool:
         """Remove the base and its file; also the file of one this server refused (over --max-trie-bytes here,
         or unreadable), which another replica may serve. False when there was neither."""
-        if not NAME_PATTERN.match(name):  # no base has it, and a NUL in it would fail the path
+        if not NAME_PATTERN.fullmatch(name):  # no base has it, and a NUL in it would fail the path
             return False
         with self._lock:
             served = self.bases.pop(name, None) is not None

@@ -129,6 +129,32 @@ def test_prefix_hits_need_full_computed_blocks_and_the_same_positions(tokenizer)
     assert sched.blocks.queries == 50 + 50 + 50 + 33 + 50 and sched.blocks.hits == 48 + 32
 
 
+def test_block_digests_chain_sha256_over_the_parent_the_tokens_and_the_positions(tokenizer):
+    """The prefix cache's keys, recomputed here from their definition; a block equal to a cached one in its tokens but
+    not in what comes before it never hits. Python's tuple hash they replace is unsalted for ints and tuples:
+    hash(-1) == hash(-2), so (-1, tokens, key) and (-2, tokens, key) collided, and a crafted prompt could collide."""
+    import hashlib
+
+    assert hash((-1, (5, 6), PLAIN.cache_key)) == hash((-2, (5, 6), PLAIN.cache_key))  # why not Python's hash
+    sched = scheduler(max_num_seqs=8, budget=256, chunk=256)
+    first = seq(tokenizer, 50, "first")
+    sched.add([first])
+    run(sched)
+    want, parent = [], bytes(32)
+    position = hashlib.sha256(repr(PLAIN.cache_key).encode()).digest()
+    for index in range(3):
+        tokens = first.all_ids[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE]
+        parent = hashlib.sha256(parent + b"".join(t.to_bytes(8, "little", signed=True) for t in tokens) + position).digest()
+        want.append(parent)
+    assert sched.blocks.by_hash == {digest: block for digest, block in zip(want, first.block_table)}
+    other_head = seq(tokenizer, 50, "other head")
+    other_head.prompt_ids[:BLOCK_SIZE] = range(1000, 1000 + BLOCK_SIZE)  # blocks 1 and 2 equal first's, block 0 does not
+    assert other_head.prompt_ids[BLOCK_SIZE:] == first.prompt_ids[BLOCK_SIZE:]
+    sched.add([other_head])
+    run(sched)
+    assert other_head.cached_tokens == 0
+
+
 def test_cached_blocks_are_evicted_least_recently_used_when_fresh_ones_are_needed(tokenizer):
     sched = scheduler(num_blocks=8, budget=256, chunk=256)
     a = seq(tokenizer, 64, "a")

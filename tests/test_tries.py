@@ -85,6 +85,8 @@ def test_a_failed_or_interrupted_upload_leaves_the_previous_version(tiny_engine,
         ([{"key": "a", "valeu": 1}], "entry 1: unknown field 'valeu'"),
         ([{"key": "x" * 40}], "over the limit of 32"),
         ([], "no entries"),
+        # it was answered with text "" and that key: the special token's text never comes back as text
+        ([{"key": "Paris"}, {"key": "<|im_end|>"}], "entry 2: the key '<|im_end|>' holds the text of the special token"),
     ],
 )
 @pytest.mark.server
@@ -98,14 +100,29 @@ def test_bad_entries_get_400_naming_the_first_bad_one(tiny_engine, tmp_path, ent
 @pytest.mark.server
 def test_names_sizes_and_limits_are_checked(tiny_engine, tmp_path):
     with running_server(tiny_engine, data_dir=str(tmp_path), max_trie_keys=3, max_upload_bytes=2048) as url:
-        bad_name = httpx.post(f"{url}/v1/tries", json={"name": "../etc", "entries": ENTRIES[:1]})
-        assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name"
+        for name in ("../etc", "okname\n"):  # a final newline passed a `$`-anchored pattern and named a file "okname\n.npz"
+            bad_name = httpx.post(f"{url}/v1/tries", json={"name": name, "entries": ENTRIES[:1]})
+            assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name", name
+        assert httpx.put(f"{url}/v1/tries/okpath%0A", content=b'{"key": "a"}\n').status_code == 400
+        assert sorted(path.name for path in tmp_path.iterdir() if path.suffix == ".npz") == []
         too_many = httpx.post(f"{url}/v1/tries", json={"name": "kb", "entries": ENTRIES})
         assert too_many.status_code == 400 and "--max-trie-keys" in too_many.json()["error"]["message"]
         big = httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\n' * 400)
         assert big.status_code == 413 and "--max-upload-bytes" in big.json()["error"]["message"]
         not_json = httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\nnot json\n')
         assert not_json.status_code == 400 and "entry 2: not valid JSON" in not_json.json()["error"]["message"]
+
+
+@pytest.mark.server
+def test_a_value_nested_too_deep_gets_400_and_the_server_goes_on(tokenizer, tmp_path):
+    """It raised RecursionError in the upload's JSON reader: a 500."""
+    deep = b'{"key": "a"}\n{"key": "deep", "value": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    engine = make_engine(tiny_model("llama", seed=31), tokenizer, max_model_len=256)
+    with running_server(engine, data_dir=str(tmp_path)) as url:
+        reply = httpx.put(f"{url}/v1/tries/kb", content=deep)
+        assert reply.status_code == 400 and "entry 2: JSON nested deeper" in reply.json()["error"]["message"], reply.text
+        assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/v1/tries").json()["data"] == []
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
 KEYS = ["Paris", "Paris ||| capital of", "Paris ||| population", "Lyon ||| river", "夜曲（歌曲） ||| 演唱",

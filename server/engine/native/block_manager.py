@@ -16,15 +16,22 @@ recently used first when a fresh block is needed.
 Blocks are reference counted: beam rows share their prompt's blocks and
 copy a shared partial block before they write into it (copy on write).
 
-Hashes are Python's tuple hash (64 bits, salted per process); a hit also
-compares the block's token ids, so a collision can only cost a miss.
+A block's digest is SHA-256 chained over the digest of the block before it,
+the block's token ids and the position key (as vLLM does since
+GHSA-rm76-4mrf-v9r8). Python's tuple hash is not salted for ints and tuples,
+so a client could craft two prompts whose blocks collide; equal token ids
+with a different prefix or position method would then have handed one
+request another's keys and values. A hit also compares the block's token ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 from server.engine.native.kv_cache import BLOCK_SIZE, KvPool
 from server.engine.native.sequence import Sequence
@@ -34,10 +41,25 @@ def blocks_for(tokens: int) -> int:
     return -(-tokens // BLOCK_SIZE)
 
 
+@lru_cache(maxsize=256)
+def position_digest(position_key: tuple) -> bytes:
+    """The position key (floats, bools, ints: repr round-trips each exactly) as 32 bytes, once per key."""
+    return hashlib.sha256(repr(position_key).encode()).digest()
+
+
+def block_digest(parent: bytes | None, tokens: tuple[int, ...], position_key: tuple) -> bytes:
+    """SHA-256 of (the previous block's digest, or 32 zero bytes for the first; the token ids as 64-bit
+    integers; the position key's digest): every input has a fixed width, so no two inputs run into each other."""
+    digest = hashlib.sha256(parent if parent is not None else bytes(32))
+    digest.update(array("q", tokens).tobytes())
+    digest.update(position_digest(position_key))
+    return digest.digest()
+
+
 @dataclass
 class Block:
     ref_count: int = 0
-    hash: int | None = None  # set once the block is full and computed (prefix caching on); chains to the block before
+    hash: bytes | None = None  # block_digest, once the block is full and computed (prefix caching on)
     token_ids: tuple[int, ...] = ()
 
 
@@ -48,7 +70,7 @@ class BlockManager:
         self.blocks = [Block() for _ in range(pool.num_blocks)]
         self.free_ids: list[int] = list(range(pool.num_blocks))  # a heap, lowest first: memory in use stays compact
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # hold a cached prefix, nobody uses them; LRU first
-        self.by_hash: dict[int, int] = {}
+        self.by_hash: dict[bytes, int] = {}
         self.reserved = 0  # blocks promised to admitted groups (NBCE, beams) for their growth
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of which found
@@ -81,7 +103,7 @@ class BlockManager:
         found, parent, ids = [], None, seq.all_ids  # all_ids builds a list: once, not once per block
         for index in range((target - 1) // BLOCK_SIZE):
             tokens = tuple(ids[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
-            parent = hash((parent, tokens, seq.positions.cache_key))
+            parent = block_digest(parent, tokens, seq.positions.cache_key)
             block_id = self.by_hash.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -177,7 +199,7 @@ class BlockManager:
             if block.hash is not None or (index > 0 and parent is None):
                 continue
             block.token_ids = tuple(seq.all_ids[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
-            block.hash = hash((parent, block.token_ids, seq.positions.cache_key))
+            block.hash = block_digest(parent, block.token_ids, seq.positions.cache_key)
             self.by_hash.setdefault(block.hash, block_id)  # an equal block computed at once by another: keep the first
 
     def _take(self, block_id: int) -> None:
