@@ -88,6 +88,30 @@ def test_memory_pressure_preempts_the_youngest_and_everything_completes(tokenize
     assert all(len(s.output_ids) == 40 for s in seqs)  # a preempted sequence is recomputed, never cut short
 
 
+def test_a_row_placed_in_the_step_is_never_preempted_and_a_starved_requests_rows_leave_the_step(tokenizer):
+    """A group row out of blocks used to preempt the youngest plain row even when that row was already in the step's
+    decode list: its emptied block table was padded with block 0, and its keys and values overwrote a live or cached
+    block. Now the group row starves (its request fails) and nothing of it stays in the step."""
+    def decoding(row, cached: int):
+        assert sched.blocks.admit(row, cached + 1)
+        row.num_cached, row.status = cached, Status.DECODING
+        sched.running.append(row)
+
+    sched = scheduler(num_blocks=3, budget=64, chunk=64)
+    plain = seq(tokenizer, 10, "plain")
+    rows = [seq(tokenizer, 10, "group"), seq(tokenizer, 10, "group")]
+    NbceGroup(rows, NbceParams())  # group rows are never preempted; this one has no reserve left
+    decoding(plain, 10)  # writes position 10: inside its block
+    decoding(rows[0], 10)  # the same
+    decoding(rows[1], 15)
+    rows[1].num_cached = 16  # writes position 16: needs a second block, and all 3 are taken
+    step = sched.schedule()
+    assert step.starved == [rows[1]]
+    assert step.decode == [plain] and plain.status is Status.DECODING and len(plain.block_table) == 1  # kept, not emptied
+    assert rows[0] not in step.decode  # its request fails with rows[1]'s: it must not write either
+    assert sched.num_preempted == 0
+
+
 def test_a_group_that_can_never_fit_the_pool_is_refused_and_one_that_fits_reserves_its_growth(tokenizer):
     sched = scheduler(num_blocks=16, budget=256, chunk=256)  # 256 tokens
     rows = [seq(tokenizer, 60, "nbce", max_tokens=16) for _ in range(4)]  # 4 x 4 prompt blocks + 4 x 3 to grow into

@@ -138,6 +138,10 @@ class Scheduler:
             self.blocks.grow(seq)
             step.decode.append(seq)
             budget -= 1
+        if step.starved:  # their requests fail before the step runs: none of their rows may write into it
+            failing = {seq.request_id for seq in step.starved}
+            budget += sum(1 for seq in step.decode if seq.request_id in failing)
+            step.decode = [seq for seq in step.decode if seq.request_id not in failing]
         for seq in self.running:
             if budget == 0:
                 break
@@ -153,9 +157,10 @@ class Scheduler:
         return step
 
     def _make_room(self, seq: Sequence, step: Step) -> bool:
-        """Free blocks until `seq` can write its next token; False when `seq` itself had to give way."""
+        """Free blocks until `seq` can write its next token; False when `seq` itself had to give way. A row already
+        placed in this step is never the victim: its emptied block table would send its keys into block 0."""
         while not self.blocks.can_grow(seq):
-            victim = next((s for s in reversed(self.running) if s.group is None), None)
+            victim = next((s for s in reversed(self.running) if s.group is None and s not in step.decode), None)
             if victim is None:  # only group rows hold blocks; their reserve should have covered this
                 step.starved.append(seq)
                 return False
