@@ -258,6 +258,15 @@ BAD = [
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
                               "tool_choice": "required"}, "tools", "objekt"),
     ("/v1/completions", {"structured_outputs": {"json": "[" * 100_000 + "]" * 100_000}}, "structured_outputs.json", "nested deeper"),
+    # keywords xgrammar ignores: answers broke them with finish_reason "stop" (tests/test_schema_keywords.py has each)
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": {
+        "type": "object", "properties": {"v": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 3, "maxItems": 3,
+                                               "uniqueItems": True}}, "required": ["v"], "additionalProperties": False}}}},
+     "response_format.json_schema.schema", "/properties/v: uniqueItems is not enforced"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "string", "pattern": "^[a-z]{5}$", "maxLength": 2}}}}, "response_format.json_schema.schema", "pattern beside"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "not": {"const": ""}}}}}}], "tool_choice": "required"}, "tools", "not is not"),
     # grammars whose language is empty: their first mask allowed nothing (a 500 from the sampler, or token 0)
     ("/v1/completions", {"structured_outputs": {"regex": "[^\\x00-\\U0010FFFF]"}}, "structured_outputs.regex", "accepts no text"),
     ("/v1/completions", {"structured_outputs": {"grammar": "root ::= a\na ::= b\nb ::= a"}}, "structured_outputs.grammar", "accepts no text"),

@@ -19,6 +19,7 @@ import threading
 from server.engine.base import GrammarSpec
 from server.errors import TOO_DEEP, APIError
 from server.extensions import Extension
+from server.extensions.schema_keywords import unenforced
 
 # what xgrammar writes before its message: "[06:30:32] /project/cpp/x.cc:83: " and "Check failed: (...) is false: "
 XGRAMMAR_PREAMBLE = re.compile(r"^\[[^\]]*\] \S+:\d+: (Check failed: .*? is false: )?")
@@ -79,6 +80,8 @@ def derives_text(grammar, vocab_size: int) -> bool:
 
 
 def compile_checked(compiler, spec: GrammarSpec, vocab_size: int):
+    if spec.kind == "json" and (found := unenforced(spec.value)):
+        raise ValueError(found)
     grammar = compile_spec(compiler, spec)
     if not derives_text(grammar, vocab_size):
         raise ValueError("it accepts no text at all (no token can begin an answer): look for a character class that "
@@ -96,6 +99,8 @@ async def compiled(spec: GrammarSpec, state, param: str) -> GrammarSpec:
     except (RuntimeError, ValueError) as exc:
         reason = XGRAMMAR_PREAMBLE.sub("", str(exc).strip())
         raise APIError(400, f"{param}: {reason}", param) from None
+    except RecursionError:
+        raise APIError(400, f"{param}: {TOO_DEEP}", param) from None
     return GrammarSpec(spec.kind, spec.value, grammar)
 
 

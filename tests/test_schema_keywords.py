@@ -1,0 +1,78 @@
+"""Schema keywords the grammar engine would let pass: each is shown unenforced on xgrammar's own matcher (so the day
+a new xgrammar enforces one, this test says to stop refusing it), then refused by name; the keywords it does
+enforce, and property names that look like keywords, pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.extensions.schema_keywords import unenforced
+
+# keyword: (a schema using it, an answer that breaks only that keyword)
+IGNORED = {
+    "uniqueItems": ({"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True}, ["b", "b"]),
+    "not": ({"type": "string", "not": {"const": "x"}}, "x"),
+    "if/then": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                 "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}, {"a": 1}),
+    "contains": ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, [1]),
+    "dependentRequired": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                           "dependentRequired": {"a": ["b"]}}, {"a": 1}),
+    "dependentSchemas": ({"type": "object", "properties": {"a": {}, "b": {}}, "dependentSchemas": {"a": {"required": ["b"]}}},
+                         {"a": 1}),
+    "pattern + maxLength": ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 2}, "abcde"),
+    "pattern + minLength": ({"type": "string", "pattern": "^[a-z]+$", "minLength": 4}, "ab"),
+    "allOf": ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                         {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}, {"a": 1}),
+}
+ENFORCED = {
+    "multipleOf": ({"type": "integer", "multipleOf": 5}, 3),
+    "maxProperties": ({"type": "object", "maxProperties": 1}, {"a": 1, "b": 2}),
+    "exclusiveMinimum": ({"type": "integer", "exclusiveMinimum": 5}, 5),
+    "propertyNames": ({"type": "object", "propertyNames": {"pattern": "^a"}}, {"b": 1}),
+    "patternProperties": ({"type": "object", "patternProperties": {"^a": {"type": "integer"}}, "additionalProperties": False},
+                          {"a": "x"}),
+    "maxLength": ({"type": "string", "maxLength": 2}, "abc"),
+    "format": ({"type": "string", "format": "date"}, "nope"),
+    "unevaluatedProperties": ({"type": "object", "properties": {"a": {"type": "integer"}}, "unevaluatedProperties": False},
+                              {"a": 1, "b": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def matcher_accepts(tokenizer):
+    import xgrammar
+
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=49152)
+    compiler = xgrammar.GrammarCompiler(info)
+
+    def accepts(schema, answer) -> bool:
+        """Whether xgrammar lets `answer` through, written as the server's compact JSON, and then end."""
+        matcher = xgrammar.GrammarMatcher(compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+        return matcher.accept_string(json.dumps(answer)) and matcher.accept_token(info.stop_token_ids[0])
+
+    return accepts
+
+
+@pytest.mark.parametrize("name", sorted(IGNORED))
+def test_a_keyword_xgrammar_ignores_is_refused_by_name(matcher_accepts, name):
+    schema, breaking = IGNORED[name]
+    assert matcher_accepts(schema, breaking), f"xgrammar now enforces {name}: stop refusing it"
+    found = unenforced(schema)
+    assert found and name.split()[0].split("/")[0] in found, found
+    nested = {"type": "object", "properties": {"v": {"type": "array", "items": schema}}, "$defs": {"x": {"type": "string"}}}
+    assert unenforced(nested).startswith("/properties/v/items: ")
+
+
+@pytest.mark.parametrize("name", sorted(ENFORCED))
+def test_a_keyword_xgrammar_enforces_passes(matcher_accepts, name):
+    schema, breaking = ENFORCED[name]
+    assert not matcher_accepts(schema, breaking)
+    assert unenforced(schema) is None
+
+
+def test_data_and_property_names_are_not_read_as_keywords():
+    schema = {"type": "object", "properties": {"not": {"type": "string"}, "if": {"enum": [{"not": 1}]}},
+              "default": {"uniqueItems": True}, "uniqueItems": False}
+    assert unenforced(schema) is None
