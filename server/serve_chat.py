@@ -104,7 +104,8 @@ def choice_body(body: ChatCompletionRequest, stream: ChoiceStream, choice: Choic
         content, calls = extension.message(choice.text, choice.finish_reason) or (content, calls)
     message = ChatResponseMessage(role="assistant", content=content, **({"tool_calls": tool_calls(calls)} if calls else {}))
     return ChatChoice(index=choice.index, message=message, logprobs=logprobs,
-                      finish_reason="tool_calls" if calls else choice.finish_reason, **stream.fields(choice.index, finished=True))
+                      finish_reason="tool_calls" if calls and choice.finish_reason == "stop" else choice.finish_reason,
+                      **stream.fields(choice.index, finished=True))
 
 
 async def chunks(body: ChatCompletionRequest, stream: ChoiceStream):
@@ -129,7 +130,7 @@ async def chunks(body: ChatCompletionRequest, stream: ChoiceStream):
         if calls:
             content.tool_calls = [ToolCallDelta(index=i, id=c.id, type="function", function=c.function)
                                   for i, c in enumerate(tool_calls(calls))]
-            finish_reason = "tool_calls"
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason  # "length": whole calls of a cut list
         yield chunk([ChatStreamChoice(index=choice.index, delta=content, logprobs=logprobs, finish_reason=finish_reason,
                                       **stream.fields(choice.index, finished=finish_reason is not None))])
     if body.include_usage:

@@ -146,6 +146,26 @@ def test_forced_tool_calls_validate_streamed_and_not(client, tool_choice):
     assert [(c.function.name, c.function.arguments) for c in calls] == [(c.function.name, c.function.arguments) for c in plain]
 
 
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_by_max_tokens_is_never_content(client, tool_choice):
+    """It came back as the raw JSON, as content, beside finish_reason "length"."""
+    ask = dict(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER, CLOCK], tool_choice=tool_choice, max_tokens=6, temperature=0)
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert (choice.finish_reason, choice.message.content, choice.message.tool_calls) == ("length", None, None)
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert not [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_the_whole_calls_of_a_cut_list_are_kept():
+    from server.extensions.tools import whole_calls
+
+    cut = '[{"name": "a", "arguments": {"x": [1, "]"]}}, {"name": "b", "arguments": {}}, {"name": "c", "argu'
+    assert whole_calls(cut) == [{"name": "a", "arguments": '{"x": [1, "]"]}'}, {"name": "b", "arguments": "{}"}]
+    assert whole_calls("") == whole_calls("[") == whole_calls('[{"na') == []
+
+
 def test_auto_parses_calls_from_free_text_and_leaves_plain_answers_alone(client):
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
     needs = [{"role": "user", "content": "Repeat exactly this text and nothing else:\n" + call}]

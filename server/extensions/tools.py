@@ -89,6 +89,21 @@ def parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
     return content or None, calls
 
 
+def whole_calls(text: str) -> list[dict]:
+    """The calls that are whole in a required-mode array cut short: '[{call}, {call}, {"na' gives the first two."""
+    decoder, calls, at = json.JSONDecoder(), [], text.find("[") + 1
+    while 0 < at < len(text):
+        while at < len(text) and text[at] in " ,\n":
+            at += 1
+        try:
+            call, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:  # the cut one
+            break
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            calls.append({"name": call["name"], "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)})
+    return calls
+
+
 class Tools(Extension):
     def __init__(self, body, state):
         self.tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
@@ -118,9 +133,14 @@ class Tools(Extension):
             request.grammar = await compiled(GrammarSpec("json", schema), state, f"tools[{self.named}].parameters")
 
     def message(self, text: str, finish_reason: str | None) -> tuple[str | None, list[dict]]:
-        """The content and the calls (name, arguments as JSON text) of a whole output."""
-        if self.mode == "none" or finish_reason != "stop":
+        """The content and the calls (name, arguments as JSON text) of a whole output. A forced call cut by max_tokens
+        is never content: the calls that are whole (finish_reason stays "length"), else none."""
+        if self.mode == "none":
             return text, []
+        if finish_reason != "stop":
+            if self.mode not in ("named", "required"):
+                return text, []
+            return None, whole_calls(text) if self.mode == "required" else []
         if self.mode == "named":
             return None, [{"name": self.named, "arguments": text}]
         if self.mode == "required":
@@ -154,7 +174,7 @@ class Tools(Extension):
         """A streamed choice's end: the content still held back (when no call parsed) and its calls."""
         held = self.held.pop(index, "")
         self.calling.discard(index)
-        _, calls = self.message(text, finish_reason)
+        content, calls = self.message(text, finish_reason)
         if calls:
             return "", calls
-        return (text if self.mode in ("named", "required") else held), []
+        return ((content or "") if self.mode in ("named", "required") else held), []
