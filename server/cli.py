@@ -92,6 +92,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help=f"how often to take in tries other replicas wrote to --data-dir; 0: never (default {default('trie_sync_seconds')})")
     add("--grammar-cache-bytes", type=int,
         help=f"memory for compiled structured-output grammars, reused by their text (default {default('grammar_cache_bytes')})")
+    add("--grammar-compile-timeout", type=float,
+        help=f"seconds a grammar may take to compile before its request gets a 400 (default {default('grammar_compile_timeout')})")
     add("--log-level", choices=["debug", "info", "warning", "error"], help=f"default {default('log_level')}")
     add("--log-prompts", action="store_true", default=None, help="write prompt text to the log (off: only ids and counts)")
     add("--shutdown-timeout", type=float,

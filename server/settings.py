@@ -52,6 +52,7 @@ class ServerSettings(BaseSettings):
     max_upload_bytes: int = Field(2**30, ge=1024)
     trie_sync_seconds: float = Field(1.0, ge=0.0, le=3600.0)  # how often --data-dir is read for other replicas' changes; 0: never
     grammar_cache_bytes: int = Field(256 * 2**20, ge=2**20, le=2**40)  # compiled structured-output grammars, by their text
+    grammar_compile_timeout: float = Field(30.0, gt=0.0, le=3600.0)  # seconds one grammar may take to compile (a 400 past it)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False  # prompt text in the log; off by default: prompts are the users' data
     # reliability (server/drain.py, server/http_server.py)

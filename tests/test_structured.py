@@ -329,3 +329,46 @@ def test_a_beam_keeps_one_entry_per_text_with_its_best_tokenization():
     for tokens, score in (([1, 2], -3.0), ([4], -2.0), ([3], -1.0), ([1, 2], -0.5), ([3], -4.0)):
         group.keep_finished(Hypothesis(tokens, score, grammar_state), tokenizer)
     assert [(tokenizer.decode(h.tokens, True), h.tokens, h.score) for h in group.finished] == [("ab", [1, 2], -0.5), ("c", [4], -2.0)]
+
+
+@pytest.mark.server
+def test_a_grammar_that_compiles_too_long_gets_400_and_holds_no_one_else_back(tokenizer, monkeypatch):
+    """Two grammars whose compiles never end (held here) fill the compile pool: a plain request is answered meanwhile,
+    a grammar queued behind them gets a 503 when --grammar-compile-timeout passes (and is dropped, never compiled),
+    the two get a 400 naming the limit, and once their threads are free grammars compile again."""
+    import threading
+
+    from server.extensions import structured
+    from tests.conftest import make_engine, running_server, tiny_model, wait_until
+
+    release, entered, real = threading.Event(), [], structured.compile_checked
+
+    def held_compile(compiler, spec, vocab_size):
+        entered.append(spec.value)
+        if spec.value.startswith("slow"):
+            release.wait(120)
+        return real(compiler, spec, vocab_size)
+
+    monkeypatch.setattr(structured, "compile_checked", held_compile)
+    with running_server(make_engine(tiny_model("llama", seed=5), tokenizer, max_model_len=128), grammar_compile_timeout=1.0) as url:
+        def ask(regex=None):
+            extra = {"structured_outputs": {"regex": regex}} if regex else {}
+            return httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, **extra}, timeout=120)
+
+        try:
+            held = [threading.Thread(target=lambda r: answers.append(ask(r)), args=(f"slow{i}",)) for i in range(2)]
+            answers = []
+            for thread in held:
+                thread.start()
+            assert wait_until(lambda: len(entered) == 2, timeout=60)  # both compile threads taken
+            assert ask().status_code == 200
+            queued = ask("[0-9]+")
+            assert queued.status_code == 503 and "busy" in queued.json()["error"]["message"] and queued.headers["Retry-After"]
+            for thread in held:
+                thread.join(120)
+            assert [a.status_code for a in answers] == [400, 400]
+            assert all("--grammar-compile-timeout" in a.json()["error"]["message"] for a in answers)
+        finally:
+            release.set()
+        assert wait_until(lambda: ask("[0-9]+").status_code == 200, timeout=60)
+        assert sorted(entered[:2]) == ["slow0", "slow1"] and entered[2:] == ["[0-9]+"]  # the queued one was dropped

@@ -15,6 +15,7 @@ import asyncio
 import json
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from server.engine.base import GrammarSpec
 from server.errors import TOO_DEEP, APIError
@@ -25,6 +26,10 @@ from server.extensions.schema_keywords import unenforced
 XGRAMMAR_PREAMBLE = re.compile(r"^\[[^\]]*\] \S+:\d+: (Check failed: .*? is false: )?")
 _compilers: dict[int, object] = {}
 _compilers_lock = threading.Lock()
+# Grammar compiles have threads of their own: a costly one used to hold the event loop's default executor, which
+# also serves trie builds and the --data-dir sync, and every thread of it once six costly grammars came together.
+COMPILE_THREADS = 2
+COMPILE_POOL = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
 
 
 def grammar_compiler(tokenizer, vocab_size: int, cache_bytes: int):
@@ -90,12 +95,22 @@ def compile_checked(compiler, spec: GrammarSpec, vocab_size: int):
 
 
 async def compiled(spec: GrammarSpec, state, param: str) -> GrammarSpec:
-    """`spec` with its compiled grammar, built off the event loop; a grammar xgrammar refuses, or one that accepts no
-    text, is a 400 on `param`."""
-    engine = state.engine
+    """`spec` with its compiled grammar, built off the event loop in the compile pool; a grammar xgrammar refuses, one
+    that accepts no text, or one still compiling after --grammar-compile-timeout, is a 400 on `param`. A compile
+    still queued then, or whose client left, is dropped; one already running cannot be stopped (xgrammar's C++),
+    but it holds one of the pool's threads, never the threads that serve tries and files."""
+    engine, timeout = state.engine, state.settings.grammar_compile_timeout
     compiler = await asyncio.to_thread(grammar_compiler, engine.tokenizer, engine.vocab_size, state.settings.grammar_cache_bytes)
+    work = COMPILE_POOL.submit(compile_checked, compiler, spec, engine.vocab_size)
     try:
-        grammar = await asyncio.to_thread(compile_checked, compiler, spec, engine.vocab_size)
+        grammar = await asyncio.wait_for(asyncio.wrap_future(work), timeout)  # a cancelled wait cancels queued work
+    except asyncio.TimeoutError:
+        if work.cancel():  # never started: the pool is busy with others' grammars
+            raise APIError(503, f"{param}: the grammar compiler is busy with other requests' grammars "
+                                f"({COMPILE_THREADS} at a time, --grammar-compile-timeout {timeout:g} s); retry later",
+                           headers={"Retry-After": "1"}) from None
+        raise APIError(400, f"{param}: it did not compile within {timeout:g} s (--grammar-compile-timeout); "
+                            "simplify it (fewer alternatives, optional parts or repetitions)", param) from None
     except (RuntimeError, ValueError) as exc:
         reason = XGRAMMAR_PREAMBLE.sub("", str(exc).strip())
         raise APIError(400, f"{param}: {reason}", param) from None
