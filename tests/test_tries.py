@@ -114,6 +114,36 @@ def test_names_sizes_and_limits_are_checked(tiny_engine, tmp_path):
 
 
 @pytest.mark.server
+def test_an_upload_is_parsed_off_the_event_loop(tokenizer, tmp_path, monkeypatch):
+    """The parse of a JSON-lines upload is held here until a plain request has been answered: parsed on the event
+    loop (as it was), it would hold that request too, and this test would time out."""
+    import threading
+
+    from server import serve_tries
+
+    parsing, release, real = threading.Event(), threading.Event(), serve_tries.parse_json_lines
+
+    def held_parse(body: bytes) -> list:
+        parsing.set()
+        release.wait(60)
+        return real(body)
+
+    monkeypatch.setattr(serve_tries, "parse_json_lines", held_parse)
+    engine = make_engine(tiny_model("llama", seed=31), tokenizer, max_model_len=256)
+    with running_server(engine, data_dir=str(tmp_path)) as url:
+        upload = threading.Thread(target=lambda: answers.append(httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\n', timeout=120)))
+        answers = []
+        upload.start()
+        try:
+            assert parsing.wait(60)
+            assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30).status_code == 200
+        finally:
+            release.set()
+            upload.join(120)
+        assert answers[0].status_code == 200 and answers[0].json()["keys"] == 1
+
+
+@pytest.mark.server
 def test_a_value_nested_too_deep_gets_400_and_the_server_goes_on(tokenizer, tmp_path):
     """It raised RecursionError in the upload's JSON reader: a 500."""
     deep = b'{"key": "a"}\n{"key": "deep", "value": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
