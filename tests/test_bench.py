@@ -30,10 +30,10 @@ pytestmark = pytest.mark.server  # every test here runs the bench against a scri
 
 TTFT, ITL = 0.4, 0.1
 # The scripted server sends each token at its absolute time, and a loaded machine only ever delays a delivery: every
-# measured figure has the timetable as its floor, and a bound far above it (SLACK: 40x the 20-27 ms of loopback
-# delivery seen with both of a 2-core machine's cores busy elsewhere) only catches a figure taken from the wrong
-# moment. The exact arithmetic is checked on the per-request records the run saved, which no machine speed changes.
-TIMED_TTFT, SLACK = 1.0, 1.0
+# measured figure has the timetable as its floor, and no upper bound (that would be a speed). A figure taken from the
+# wrong moment shows in the records themselves: first token plus the gaps after it must fit inside the request's own
+# end-to-end time, and every request inside the run. The summary is the arithmetic of those records.
+TIMED_TTFT = 1.0
 
 
 def scripted_app(received: list[dict], ttft: float = TTFT):
@@ -116,9 +116,8 @@ def test_timings_and_throughput_come_out_as_scripted(tmp_path):
     assert result["completed"] == prompts and result["failed"] == 0 and result["errors_by_kind"] == {}
     # each request against the timetable: no first token before the server sent it, then one token every ITL
     for ttft, itls, e2el in zip(result["ttfts"], result["itls"], result["e2els"]):
-        assert TIMED_TTFT <= ttft < TIMED_TTFT + SLACK  # measured from this request's own send, not the run's start
-        assert len(itls) == output_len - 1 and request_seconds <= e2el < request_seconds + SLACK
-        assert sum(itls) <= e2el - ttft  # from the first text chunk to the last, inside the stream
+        assert ttft >= TIMED_TTFT and len(itls) == output_len - 1 and e2el >= request_seconds
+        assert ttft + sum(itls) <= e2el + 1e-9  # both from this request's own send (not the run's start), one clock
     # the summary is the arithmetic of those records
     ms = lambda values: [1000 * v for v in values]  # noqa: E731
     assert result["median_ttft_ms"] == pytest.approx(float(np.median(ms(result["ttfts"]))))
@@ -127,7 +126,7 @@ def test_timings_and_throughput_come_out_as_scripted(tmp_path):
     assert result["mean_tpot_ms"] == pytest.approx(float(np.mean(ms(tpots))))
     assert result["median_e2el_ms"] == pytest.approx(float(np.median(ms(result["e2els"]))))
     ends = [start + e2el for start, e2el in zip(result["start_times"], result["e2els"])]
-    assert max(ends) <= result["duration"] and waves * request_seconds <= result["duration"] < waves * (request_seconds + SLACK)
+    assert max(ends) <= result["duration"] + 1e-9 and result["duration"] >= waves * request_seconds
     assert result["output_throughput"] == pytest.approx(prompts * output_len / result["duration"])
     assert result["request_throughput"] == pytest.approx(prompts / result["duration"])
     assert result["max_concurrency_observed"] == concurrency
