@@ -56,7 +56,8 @@ def pytest_runtest_protocol(item):
     _current_test["item"] = None
 
 
-def _check_marked_server() -> None:
+def _server_starting() -> None:
+    """Count a server this process starts, and fail the test that starts it unmarked."""
     _started["servers in this process"] += 1
     item = _current_test["item"]
     if item is not None and item.get_closest_marker("server") is None:
@@ -167,7 +168,7 @@ def serving(app, port: int | None = None):
 @contextmanager
 def in_thread(server):
     """Run a uvicorn server in a thread until the block ends."""
-    _check_marked_server()
+    _server_starting()
     thread = threading.Thread(target=server.run, daemon=True, name="test-server")
     thread.start()
     deadline = time.time() + 30
@@ -259,6 +260,16 @@ def metric_value(url: str, name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+def healthy(url: str) -> bool:
+    """Whether a server (a process a test started, perhaps still starting) answers /health with 200."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):

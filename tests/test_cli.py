@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server.models import ModelError, resolve
-from tests.conftest import free_port, openai_client, wait_until
+from tests.conftest import free_port, healthy, openai_client, wait_until
 
 
 def longserve(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -156,13 +156,7 @@ def test_serve_command_answers_openai_requests_and_stops_without_strays():
     try:
         url = f"http://127.0.0.1:{port}"
 
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{url}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(healthy, timeout=240, interval=0.5), "server did not start"
+        assert wait_until(lambda: healthy(url), timeout=240, interval=0.5), "server did not start"
         reply = openai_client(url, api_key="k-123").chat.completions.create(
             model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=12
         )

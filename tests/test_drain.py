@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, healthy, wait_until
 
 pytestmark = pytest.mark.server  # each test starts `longserve serve` in a process of its own
 
@@ -35,14 +35,8 @@ def server_process(model_path, tmp_path: Path, *flags: str):
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
 
-    def healthy():
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        assert wait_until(healthy, timeout=180, interval=0.25), log_path.read_text()[-3000:]
+        assert wait_until(lambda: healthy(url), timeout=180, interval=0.25), log_path.read_text()[-3000:]
         yield process, url, log_path
     finally:
         if process.poll() is None:

@@ -356,8 +356,8 @@ def test_a_grammar_that_compiles_too_long_gets_400_and_holds_no_one_else_back(to
             return httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, **extra}, timeout=120)
 
         try:
-            held = [threading.Thread(target=lambda r: answers.append(ask(r)), args=(f"slow{i}",)) for i in range(2)]
             answers = []
+            held = [threading.Thread(target=lambda r: answers.append(ask(r)), args=(f"slow{i}",)) for i in range(2)]
             for thread in held:
                 thread.start()
             assert wait_until(lambda: len(entered) == 2, timeout=60)  # both compile threads taken

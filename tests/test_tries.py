@@ -131,8 +131,8 @@ def test_an_upload_is_parsed_off_the_event_loop(tokenizer, tmp_path, monkeypatch
     monkeypatch.setattr(serve_tries, "parse_json_lines", held_parse)
     engine = make_engine(tiny_model("llama", seed=31), tokenizer, max_model_len=256)
     with running_server(engine, data_dir=str(tmp_path)) as url:
-        upload = threading.Thread(target=lambda: answers.append(httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\n', timeout=120)))
         answers = []
+        upload = threading.Thread(target=lambda: answers.append(httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\n', timeout=120)))
         upload.start()
         try:
             assert parsing.wait(60)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from server.engine.vllm import cpu_thread_binding, vllm_available
-from tests.conftest import free_port, tiny_model, wait_until
+from tests.conftest import free_port, healthy, tiny_model, wait_until
 
 TRAINED, LONGEST = 256, 1024
 LONG = " ".join(f"word{i % 97}" for i in range(300))  # about 900 tokens: 3.5x the trained length
@@ -82,13 +82,6 @@ def tensor_parallel_answers(model_dir: Path, tensor_parallel: int, tmp_path: Pat
         server.wait(timeout=120)
         log.close()
         assert wait_until(lambda: not session_processes(server.pid), timeout=60), f"left behind: {session_processes(server.pid)}"
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.mark.server
