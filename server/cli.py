@@ -94,6 +94,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help=f"memory for compiled structured-output grammars, reused by their text (default {default('grammar_cache_bytes')})")
     add("--grammar-compile-timeout", type=float,
         help=f"seconds a grammar may take to compile before its request gets a 400 (default {default('grammar_compile_timeout')})")
+    add("--grammar-compile-memory", type=int,
+        help=f"bytes of memory one grammar's compile may take; past it, a 400 (default {default('grammar_compile_memory')})")
+    add("--grammar-step-timeout", type=float,
+        help="native engine: seconds a grammar may take to check one token before its request ends with a 400 "
+        f"(default {default('grammar_step_timeout')})")
     add("--log-level", choices=["debug", "info", "warning", "error"], help=f"default {default('log_level')}")
     add("--log-prompts", action="store_true", default=None, help="write prompt text to the log (off: only ids and counts)")
     add("--shutdown-timeout", type=float,

@@ -53,6 +53,8 @@ class ServerSettings(BaseSettings):
     trie_sync_seconds: float = Field(1.0, ge=0.0, le=3600.0)  # how often --data-dir is read for other replicas' changes; 0: never
     grammar_cache_bytes: int = Field(256 * 2**20, ge=2**20, le=2**40)  # compiled structured-output grammars, by their text
     grammar_compile_timeout: float = Field(30.0, gt=0.0, le=3600.0)  # seconds one grammar may take to compile (a 400 past it)
+    grammar_compile_memory: int = Field(4 * 2**30, ge=2**28, le=2**40)  # bytes one grammar's compile process may map
+    grammar_step_timeout: float = Field(2.0, gt=0.0, le=3600.0)  # native: seconds a grammar may take to check one token
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False  # prompt text in the log; off by default: prompts are the users' data
     # reliability (server/drain.py, server/http_server.py)

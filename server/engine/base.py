@@ -162,6 +162,9 @@ class Engine(Protocol):
     def check_position(self, spec) -> None:
         """Raise ValueError (why, in words) if a request may not use PositionSpec `spec` on this model."""
 
+    def check_grammar(self, spec: GrammarSpec) -> None:
+        """Raise ValueError (why, in words) if this engine could not hold an answer to `spec`."""
+
     def is_alive(self) -> bool: ...
 
     def step_age(self) -> float:

@@ -26,6 +26,7 @@ class EngineConfig:
     kv_cache_memory: float | None = default("kv_cache_memory")  # GiB of KV-cache blocks; None: the engine's own share
     enable_prefix_caching: bool = default("enable_prefix_caching")
     request_rerope: bool = default("request_rerope")  # native: a request may ask for a clipped position (near-key plane budgeted)
+    grammar_step_timeout: float = default("grammar_step_timeout")  # native: seconds a grammar may take to check one token
     # vLLM only (the native engine refuses other values at start-up: server/cli.py)
     tensor_parallel_size: int = default("tensor_parallel_size")
     pipeline_parallel_size: int = default("pipeline_parallel_size")

@@ -32,6 +32,7 @@ from patches.model_facts import ModelFacts
 from patches.rope import PositionSpec, check_composes
 from server.engine.config import EngineConfig
 from server.engine.trie_files import TrieFiles
+from server.extensions.schema_keywords import xgrammar_misses
 from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, GrammarSpec, KeyConstraint, SamplingParams, SeqDelta,
                                 TokenLogprob, Unsupported, check_fits, choice_deltas)
 
@@ -203,6 +204,14 @@ class VllmEngine:
 
     def check_position(self, spec) -> None:
         check_composes(spec, self.rope_type)  # a per-request position is then refused anyway (native only)
+
+    def check_grammar(self, spec: GrammarSpec) -> None:
+        """vLLM runs every grammar on xgrammar here: its "auto" backend, which would send some schemas to
+        llguidance, refuses the compact JSON (disable_any_whitespace) that keeps a sampler out of whitespace runs.
+        So the schemas only llguidance holds are refused, never passed unenforced."""
+        if spec.kind == "json" and (missed := xgrammar_misses(spec.value)):
+            raise ValueError(f"{missed} is not enforced by this server's engine (vLLM's xgrammar); "
+                             "the native engine holds it (--engine native)")
 
     def abort(self, request_id: str) -> None:
         ids = self._in_flight.pop(request_id, [])

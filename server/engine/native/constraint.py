@@ -12,6 +12,11 @@ complete and the sequence stops); and copies itself for a beam (`fork`).
 - GrammarState: an xgrammar matcher over a compiled grammar (JSON schema,
   regex, choices, EBNF; server/extensions/structured.py compiles them). It
   is complete when the grammar has ended and the end token was taken.
+- GuidanceState: an llguidance matcher, for the JSON schemas xgrammar would
+  not hold (server/extensions/guidance.py). It is complete when nothing but
+  the end can follow.
+
+Grammar matchers are timed per token against --grammar-step-timeout (TimedMatcher).
 
 `mask_logits` fills one bitmask for the whole batch, a row per constrained
 sequence, and applies it in one tensor op (xgrammar's kernel).
@@ -19,6 +24,8 @@ sequence, and applies it in one tensor op (xgrammar's kernel).
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,32 +85,97 @@ class KeyState:
         return KeyState(self.constraint, self.node, self.entry)
 
 
-class GrammarState:
+class GrammarTooCostly(ValueError):
+    """A grammar whose matcher took longer than the budget for one token: the request's doing, so a 400."""
+
+    status = 400
+
+
+class TimedMatcher:
+    """A grammar matcher's work for one sequence, timed against `step_budget` seconds per token (fill + advance).
+
+    A matcher call runs in C++ and cannot be stopped once started, and some grammars cost more with each token
+    (xgrammar took 0.09, 0.7, 3 and 9 s for successive 5-character pieces of one pattern, measured); so each call is
+    timed, and the token after one that went past the budget ends the request with a 400, before the next costs
+    more. The loop is held at most for the call that crossed the budget."""
+
+    def __init__(self, step_budget: float, clock=time.monotonic):
+        self.step_budget, self.clock, self.spent = step_budget, clock, 0.0
+
+    def timed(self, work):
+        started = self.clock()
+        result = work()
+        self.spent += self.clock() - started
+        return result
+
+    def check_budget(self) -> None:
+        spent, self.spent = self.spent, 0.0
+        if spent > self.step_budget:
+            raise GrammarTooCostly(f"the grammar took {spent:.1f} s to check one token (at most {self.step_budget:g} s, "
+                                   "--grammar-step-timeout); simplify it: fewer nested repetitions or optional parts")
+
+
+def allowed_from_bitmask(state, vocab_size: int) -> torch.Tensor:
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+    state.fill_bitmask(bitmask, 0)
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size]
+    return torch.from_numpy(np.flatnonzero(bits))
+
+
+class GrammarState(TimedMatcher):
+    """xgrammar's matcher; complete once the grammar ended and the end token was taken."""
+
     entry = None
 
-    def __init__(self, compiled=None, matcher=None):
+    def __init__(self, compiled=None, step_budget: float = math.inf, matcher=None):
         import xgrammar
 
+        super().__init__(step_budget)
         self.matcher = matcher if matcher is not None else xgrammar.GrammarMatcher(compiled)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+        self.timed(lambda: self.matcher.fill_next_token_bitmask(bitmask, row))
 
     def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
-        import xgrammar
-
-        bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
-        self.fill_bitmask(bitmask, 0)
-        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size]
-        return torch.from_numpy(np.flatnonzero(bits))
+        return allowed_from_bitmask(self, vocab_size)
 
     def advance(self, token: int) -> bool:
-        if not self.matcher.accept_token(token):  # the mask makes this unreachable
+        if not self.timed(lambda: self.matcher.accept_token(token)):  # the mask makes this unreachable
             raise RuntimeError(f"token {token} does not continue the grammar")
+        self.check_budget()
         return self.matcher.is_terminated()
 
     def fork(self) -> "GrammarState":
-        return GrammarState(matcher=self.matcher.fork())
+        return GrammarState(step_budget=self.step_budget, matcher=self.matcher.fork())
+
+
+class GuidanceState(TimedMatcher):
+    """llguidance's matcher (server/extensions/guidance.py); complete once nothing but the end can follow."""
+
+    entry = None
+
+    def __init__(self, grammar=None, step_budget: float = math.inf, matcher=None):
+        super().__init__(step_budget)
+        self.matcher = matcher if matcher is not None else grammar.matcher()
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        import llguidance.torch
+
+        self.timed(lambda: llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row))
+
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
+        return allowed_from_bitmask(self, vocab_size)
+
+    def advance(self, token: int) -> bool:
+        if not self.timed(lambda: self.matcher.consume_token(token)):  # the mask makes this unreachable
+            raise RuntimeError(f"token {token} does not continue the grammar")
+        self.check_budget()
+        return self.matcher.is_stopped()
+
+    def fork(self) -> "GuidanceState":
+        return GuidanceState(step_budget=self.step_budget, matcher=self.matcher.deep_copy())
 
 
 def mask_logits(logits: torch.Tensor, constraints: list[SequenceConstraint | None]) -> torch.Tensor:
