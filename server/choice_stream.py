@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -28,8 +28,11 @@ from server.extensions.nbce import Nbce
 from server.extensions.position import Position
 from server.extensions.structured import Structured
 from server.extensions.tools import Tools
+
 from server.protocol import SamplingFields, check_length, now, random_id
 from server.responses import PromptTokensDetails, Usage
+
+T = TypeVar("T")
 
 DISCONNECT_POLL_SECONDS = 0.25
 log = logging.getLogger("longserve.requests")
@@ -65,9 +68,33 @@ async def start(raw: Request, body: SamplingFields, id_prefix: str, prompts: lis
                 extensions: list[Extension]) -> "ChoiceStream":
     """Convert `body` to the engine's request, let the extensions prepare it, and submit it."""
     request = body.to_generation_request(random_id(id_prefix), prompts, params)
-    for extension in extensions:
-        await extension.prepare(request, raw.app.state)
+
+    async def prepare():
+        for extension in extensions:
+            await extension.prepare(request, raw.app.state)
+
+    await unless_client_leaves(raw, prepare())  # a grammar whose client left stops compiling
     return ChoiceStream(raw, request, extensions)
+
+
+class ClientLeft(APIError):
+    def __init__(self):
+        super().__init__(499, "client disconnected")
+
+
+async def unless_client_leaves(raw: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; a client that goes away first cancels it (ClientLeft, a 499)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await raw.is_disconnected():
+                raise ClientLeft()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 @dataclass
@@ -145,20 +172,12 @@ class ChoiceStream:
             async for _ in self.updates():
                 pass
 
-        task = asyncio.ensure_future(drain())
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-                if done:
-                    task.result()
-                    return self.choices
-                if await self.raw.is_disconnected():
-                    task.cancel()
-                    self.abort()
-                    raise APIError(499, "client disconnected")
-        finally:
-            if not task.done():
-                task.cancel()
+            await unless_client_leaves(self.raw, drain())
+        except ClientLeft:
+            self.abort()
+            raise
+        return self.choices
 
     def abort(self) -> None:
         self.engine.abort(self.request.request_id)

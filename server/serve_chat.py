@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import Request
@@ -82,7 +83,9 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> C
     check_model(body.model, engine.model_name)
     extensions = extensions_of(body, raw.app.state)
     conversations = next((c for e in extensions if (c := e.conversations(body.messages))), [body.messages])
-    prompts = [chat_prompt_ids(messages, engine.tokenizer, body.add_generation_prompt, extensions) for messages in conversations]
+    # in a worker thread: a 16 MiB conversation takes seconds to template and tokenize, which held every stream
+    prompts = await asyncio.to_thread(lambda: [chat_prompt_ids(messages, engine.tokenizer, body.add_generation_prompt, extensions)
+                                               for messages in conversations])
     max_tokens = body.token_limit or max(1, engine.max_model_len - max(len(p) for p in prompts))
     check_lengths(prompts, max_tokens, engine.max_model_len, extensions)
     params = body.sampling_params(max_tokens, body.top_logprob_count, len(engine.tokenizer))

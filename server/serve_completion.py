@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 
 from server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
@@ -22,6 +24,17 @@ def tokenize_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [list(p) for p in prompt]
+
+
+def prompts_of(body: CompletionRequest, tokenizer, extensions, vocab_size: int) -> list[list[int]]:
+    """The token ids of each prompt: an extension's (NBCE's contexts), or the prompts as sent."""
+    prompts = next((p for e in extensions if (p := e.prompts(body.prompt, tokenizer))), None)
+    if prompts is not None:
+        return prompts
+    prompts = tokenize_prompts(body, tokenizer)
+    for ids in prompts:
+        check_token_ids(ids, vocab_size, "prompt")
+    return prompts
 
 
 def completion_logprobs(records: list[TokenLogprob], tokenizer, start_offset: int,
@@ -54,11 +67,8 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Completion
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 is only allowed with echo: true (to score the prompt)", "max_tokens")
     extensions = extensions_of(body, raw.app.state)
-    prompts = next((p for e in extensions if (p := e.prompts(body.prompt, engine.tokenizer))), None)
-    if prompts is None:
-        prompts = tokenize_prompts(body, engine.tokenizer)
-        for ids in prompts:
-            check_token_ids(ids, vocab_size, "prompt")
+    # in a worker thread: 15 NBCE contexts of 1 MB took seconds to tokenize, which held every stream
+    prompts = await asyncio.to_thread(prompts_of, body, engine.tokenizer, extensions, vocab_size)
     check_lengths(prompts, max_tokens, engine.max_model_len, extensions)
     params = body.sampling_params(max_tokens, body.logprobs, vocab_size)
     if body.echo and body.logprobs is not None:

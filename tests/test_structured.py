@@ -7,6 +7,7 @@ import re
 
 import httpx
 import jsonschema
+import openai
 import pytest
 
 
@@ -75,6 +76,30 @@ def test_every_sample_under_a_json_schema_validates(client, name):
                       response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema}})
     assert len(choices) == SAMPLES
     for choice in choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+# what xgrammar would let pass and llguidance holds (tests/test_schema_keywords.py shows each on both matchers)
+LLGUIDANCE_ONLY = {
+    "allOf": {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a"],
+                         "additionalProperties": False}, {"required": ["b"]}]},
+    "pattern + length": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-z]+$", "minLength": 2,
+                                                                   "maxLength": 4}}, "required": ["code"], "additionalProperties": False},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LLGUIDANCE_ONLY))
+def test_what_only_llguidance_holds_is_held_on_native_and_refused_on_vllm(client, request, name):
+    """The native engine sends these schemas to llguidance; vLLM here runs xgrammar alone, so it refuses them."""
+    schema = LLGUIDANCE_ONLY[name]
+    format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    messages = [{"role": "user", "content": "Write the object as JSON."}]
+    if request.node.callspec.params["server"] == "vllm":
+        with pytest.raises(openai.BadRequestError, match="--engine native"):
+            sampled(client, messages=messages, response_format=format)
+        return
+    for choice in sampled(client, messages=messages, response_format=format):
         assert choice.finish_reason == "stop", choice.message.content
         jsonschema.validate(json.loads(choice.message.content), schema)
 
@@ -284,7 +309,8 @@ BAD = [
                                                "uniqueItems": True}}, "required": ["v"], "additionalProperties": False}}}},
      "response_format.json_schema.schema", "/properties/v: uniqueItems is not enforced"),
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
-        "type": "string", "pattern": "^[a-z]{5}$", "maxLength": 2}}}}, "response_format.json_schema.schema", "pattern beside"),
+        "type": "string", "pattern": "^[a-z]{5}$", "maxLength": 2}}}}, "response_format.json_schema.schema",
+     ("Unsatisfiable", "--engine native")),  # llguidance finds it unsatisfiable; vLLM here would not hold it
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "string", "not": {"const": ""}}}}}}], "tool_choice": "required"}, "tools", "not is not"),
     # grammars whose language is empty: their first mask allowed nothing (a 500 from the sampler, or token 0)
@@ -309,7 +335,7 @@ def test_bad_structured_requests_get_a_400_naming_the_field(server, path, fields
     reply = httpx.post(f"{server}{path}", json=body, timeout=60)
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
-    assert words in error["message"], error
+    assert any(alternative in error["message"] for alternative in ((words,) if isinstance(words, str) else words)), error
     if param is not None:
         assert error["param"] == param, error
     assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200
@@ -329,46 +355,3 @@ def test_a_beam_keeps_one_entry_per_text_with_its_best_tokenization():
     for tokens, score in (([1, 2], -3.0), ([4], -2.0), ([3], -1.0), ([1, 2], -0.5), ([3], -4.0)):
         group.keep_finished(Hypothesis(tokens, score, grammar_state), tokenizer)
     assert [(tokenizer.decode(h.tokens, True), h.tokens, h.score) for h in group.finished] == [("ab", [1, 2], -0.5), ("c", [4], -2.0)]
-
-
-@pytest.mark.server
-def test_a_grammar_that_compiles_too_long_gets_400_and_holds_no_one_else_back(tokenizer, monkeypatch):
-    """Two grammars whose compiles never end (held here) fill the compile pool: a plain request is answered meanwhile,
-    a grammar queued behind them gets a 503 when --grammar-compile-timeout passes (and is dropped, never compiled),
-    the two get a 400 naming the limit, and once their threads are free grammars compile again."""
-    import threading
-
-    from server.extensions import structured
-    from tests.conftest import make_engine, running_server, tiny_model, wait_until
-
-    release, entered, real = threading.Event(), [], structured.compile_checked
-
-    def held_compile(compiler, spec, vocab_size):
-        entered.append(spec.value)
-        if spec.value.startswith("slow"):
-            release.wait(120)
-        return real(compiler, spec, vocab_size)
-
-    monkeypatch.setattr(structured, "compile_checked", held_compile)
-    with running_server(make_engine(tiny_model("llama", seed=5), tokenizer, max_model_len=128), grammar_compile_timeout=1.0) as url:
-        def ask(regex=None):
-            extra = {"structured_outputs": {"regex": regex}} if regex else {}
-            return httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, **extra}, timeout=120)
-
-        try:
-            answers = []
-            held = [threading.Thread(target=lambda r: answers.append(ask(r)), args=(f"slow{i}",)) for i in range(2)]
-            for thread in held:
-                thread.start()
-            assert wait_until(lambda: len(entered) == 2, timeout=60)  # both compile threads taken
-            assert ask().status_code == 200
-            queued = ask("[0-9]+")
-            assert queued.status_code == 503 and "busy" in queued.json()["error"]["message"] and queued.headers["Retry-After"]
-            for thread in held:
-                thread.join(120)
-            assert [a.status_code for a in answers] == [400, 400]
-            assert all("--grammar-compile-timeout" in a.json()["error"]["message"] for a in answers)
-        finally:
-            release.set()
-        assert wait_until(lambda: ask("[0-9]+").status_code == 200, timeout=60)
-        assert sorted(entered[:2]) == ["slow0", "slow1"] and entered[2:] == ["[0-9]+"]  # the queued one was dropped

@@ -1,12 +1,12 @@
 """Structured outputs: `structured_outputs` (vLLM's fields: json, regex, choice, grammar, structural_tag) and chat's
 `response_format` in; the output is held to the grammar they name. No response fields.
 
-Grammars compile with xgrammar, as vLLM does by default, in a worker thread:
-other requests' streams go on meanwhile. xgrammar's compiler caches what it
-compiled by the grammar's text, within --grammar-cache-bytes, so a schema sent
-again costs nothing. A grammar xgrammar refuses is a 400 that names the field.
-The native engine masks logits with the compiled grammar; the vLLM engine
-hands the same spec to vLLM's own structured outputs.
+Grammars compile with xgrammar, as vLLM does by default, or with llguidance for the JSON schemas xgrammar would
+not hold (schema_keywords.py), as vLLM's "auto" backend does, in worker processes (compile_workers.py): other
+requests' streams go on meanwhile, and a compile past its time is killed. The server keeps compiled grammars
+by their text, within --grammar-cache-bytes, so a schema sent again costs nothing. A grammar the compilers
+refuse is a 400 that names the field. The native engine masks logits with the compiled grammar; the vLLM
+engine hands the same spec to vLLM's own structured outputs.
 """
 
 from __future__ import annotations
@@ -15,32 +15,39 @@ import asyncio
 import json
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+
+from cachetools import LRUCache
 
 from server.engine.base import GrammarSpec
 from server.errors import TOO_DEEP, APIError
 from server.extensions import Extension
-from server.extensions.schema_keywords import unenforced
+from server.extensions.compile_workers import CompileTimeout, CompilerBusy, CompileWorkers
+from server.extensions.guidance import GuidanceGrammar, compile_guidance, guidance_tokenizer
+from server.extensions.schema_keywords import needs_guidance, unenforced
 
 # what xgrammar writes before its message: "[06:30:32] /project/cpp/x.cc:83: " and "Check failed: (...) is false: "
 XGRAMMAR_PREAMBLE = re.compile(r"^\[[^\]]*\] \S+:\d+: (Check failed: .*? is false: )?")
-_compilers: dict[int, object] = {}
-_compilers_lock = threading.Lock()
-# Grammar compiles have threads of their own: a costly one used to hold the event loop's default executor, which
-# also serves trie builds and the --data-dir sync, and every thread of it once six costly grammars came together.
-COMPILE_THREADS = 2
-COMPILE_POOL = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar-compile")
+_token_tables: dict[int, object] = {}
+_token_tables_lock = threading.Lock()
+COMPILE_WORKERS = 2  # grammars compiling at once, each in a process of its own
+
+
+def tokenizer_info(tokenizer, vocab_size: int):
+    """xgrammar's token table for `tokenizer`, built once (about 0.3 s)."""
+    import xgrammar
+
+    with _token_tables_lock:
+        if id(tokenizer) not in _token_tables:
+            _token_tables[id(tokenizer)] = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        return _token_tables[id(tokenizer)]
 
 
 def grammar_compiler(tokenizer, vocab_size: int, cache_bytes: int):
-    """One xgrammar compiler per tokenizer (building its token table takes about 0.3 s)."""
+    """An xgrammar compiler for `tokenizer`; it keeps what it compiled within `cache_bytes` (0: nothing)."""
     import xgrammar
 
-    with _compilers_lock:
-        if id(tokenizer) not in _compilers:
-            info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-            _compilers[id(tokenizer)] = xgrammar.GrammarCompiler(info, cache_enabled=True, cache_limit_bytes=cache_bytes)
-        return _compilers[id(tokenizer)]
+    return xgrammar.GrammarCompiler(tokenizer_info(tokenizer, vocab_size), cache_enabled=cache_bytes > 0,
+                                    cache_limit_bytes=max(cache_bytes, 1))
 
 
 def compile_spec(compiler, spec: GrammarSpec):
@@ -84,9 +91,13 @@ def derives_text(grammar, vocab_size: int) -> bool:
     return bool(bitmask.any())
 
 
-def compile_checked(compiler, spec: GrammarSpec, vocab_size: int):
+def compile_checked(compiler, spec: GrammarSpec, tokenizer, vocab_size: int):
+    """`spec` compiled by the engine that holds an answer to it: xgrammar, or llguidance for the schemas
+    schema_keywords.py sends there; ValueError when neither would."""
     if spec.kind == "json" and (found := unenforced(spec.value)):
         raise ValueError(found)
+    if spec.kind == "json" and needs_guidance(spec.value):
+        return compile_guidance(tokenizer, vocab_size, spec.value)
     grammar = compile_spec(compiler, spec)
     if not derives_text(grammar, vocab_size):
         raise ValueError("it accepts no text at all (no token can begin an answer): look for a character class that "
@@ -94,29 +105,61 @@ def compile_checked(compiler, spec: GrammarSpec, vocab_size: int):
     return grammar
 
 
-async def compiled(spec: GrammarSpec, state, param: str) -> GrammarSpec:
-    """`spec` with its compiled grammar, built off the event loop in the compile pool; a grammar xgrammar refuses, one
-    that accepts no text, or one still compiling after --grammar-compile-timeout, is a 400 on `param`. A compile
-    still queued then, or whose client left, is dropped; one already running cannot be stopped (xgrammar's C++),
-    but it holds one of the pool's threads, never the threads that serve tries and files."""
-    engine, timeout = state.engine, state.settings.grammar_compile_timeout
-    compiler = await asyncio.to_thread(grammar_compiler, engine.tokenizer, engine.vocab_size, state.settings.grammar_cache_bytes)
-    work = COMPILE_POOL.submit(compile_checked, compiler, spec, engine.vocab_size)
-    try:
-        grammar = await asyncio.wait_for(asyncio.wrap_future(work), timeout)  # a cancelled wait cancels queued work
-    except asyncio.TimeoutError:
-        if work.cancel():  # never started: the pool is busy with others' grammars
-            raise APIError(503, f"{param}: the grammar compiler is busy with other requests' grammars "
-                                f"({COMPILE_THREADS} at a time, --grammar-compile-timeout {timeout:g} s); retry later",
+class Grammars:
+    """The server's compiled grammars: a cache by their text, within --grammar-cache-bytes, and the worker
+    processes that compile the rest (compile_workers.py)."""
+
+    def __init__(self, engine, settings):
+        self.engine, self.timeout = engine, settings.grammar_compile_timeout
+        self.cache = LRUCache(maxsize=settings.grammar_cache_bytes, getsizeof=lambda item: item[1])
+        self.workers = CompileWorkers(engine.tokenizer, engine.vocab_size, COMPILE_WORKERS, settings.grammar_compile_memory,
+                                      name=f"grammar-compile:{settings.port}")
+
+    async def compiled(self, spec: GrammarSpec, param: str) -> GrammarSpec:
+        """`spec` with its compiled grammar. One this engine cannot hold, one xgrammar or llguidance refuses, one
+        that accepts no text, or one still compiling after --grammar-compile-timeout (its worker is killed) is a
+        400 on `param`; one that found every worker busy that long is a 503, to retry."""
+        try:
+            self.engine.check_grammar(spec)
+            key = (spec.kind, json.dumps(spec.value, sort_keys=True))
+        except ValueError as exc:
+            raise APIError(400, f"{param}: {exc}", param) from None
+        except RecursionError:
+            raise APIError(400, f"{param}: {TOO_DEEP}", param) from None
+        if key in self.cache:
+            return GrammarSpec(spec.kind, spec.value, self.cache[key][0])
+        try:
+            answer, found = await self.workers.compile(spec, self.timeout)
+        except CompilerBusy:
+            raise APIError(503, f"{param}: the grammar compiler is busy with other requests' grammars ({COMPILE_WORKERS} "
+                                f"at a time, --grammar-compile-timeout {self.timeout:g} s); retry later",
                            headers={"Retry-After": "1"}) from None
-        raise APIError(400, f"{param}: it did not compile within {timeout:g} s (--grammar-compile-timeout); "
-                            "simplify it (fewer alternatives, optional parts or repetitions)", param) from None
-    except (RuntimeError, ValueError) as exc:
-        reason = XGRAMMAR_PREAMBLE.sub("", str(exc).strip())
-        raise APIError(400, f"{param}: {reason}", param) from None
-    except RecursionError:
-        raise APIError(400, f"{param}: {TOO_DEEP}", param) from None
-    return GrammarSpec(spec.kind, spec.value, grammar)
+        except CompileTimeout:
+            raise APIError(400, f"{param}: it did not compile within {self.timeout:g} s (--grammar-compile-timeout); "
+                                "simplify it (fewer alternatives, optional parts or repetitions)", param) from None
+        if answer == "error":
+            raise APIError(400, f"{param}: {XGRAMMAR_PREAMBLE.sub('', found.strip())}", param)
+        backend, text = found
+        grammar = await asyncio.to_thread(load_grammar, backend, text, self.engine.tokenizer, self.engine.vocab_size)
+        if len(text) <= self.cache.maxsize:
+            self.cache[key] = (grammar, len(text))
+        return GrammarSpec(spec.kind, spec.value, grammar)
+
+    def shutdown(self) -> None:
+        self.workers.shutdown()
+
+
+def load_grammar(backend: str, text: str, tokenizer, vocab_size: int):
+    """A worker's serialized grammar, ready for matchers in this process."""
+    if backend == "llguidance":
+        return GuidanceGrammar(guidance_tokenizer(tokenizer, vocab_size), text)
+    import xgrammar
+
+    return xgrammar.CompiledGrammar.deserialize_json(text, tokenizer_info(tokenizer, vocab_size))
+
+
+async def compiled(spec: GrammarSpec, state, param: str) -> GrammarSpec:
+    return await state.grammars.compiled(spec, param)
 
 
 def spec_of(body) -> tuple[GrammarSpec, str] | None:
