@@ -146,7 +146,7 @@ async def run(url: str, pid: int, args) -> bool:
         await probe(client, lambda: time.monotonic() > base_until, origin, baseline)
         hostile_started = time.monotonic()
         hostile = [asyncio.create_task(send(client, label, method, path, body, origin))
-                   for label, method, path, body in hostile_requests()]
+                   for label, method, path, body in hostile_requests() if args.only in label]
         loaded: list[Timed] = []
         load_until = hostile_started + args.seconds
         await probe(client, lambda: time.monotonic() > load_until and all(t.done() for t in hostile), origin, loaded)
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="the baseline, and the least the hostile phase lasts")
     parser.add_argument("--warmup-seconds", type=float, default=30.0)
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle time before each RSS reading at rest")
+    parser.add_argument("--only", default="", help="send only the hostile requests whose label holds this text")
     parser.add_argument("--port", type=int, default=8401)
     parser.add_argument("--server-args", default="--kv-cache-memory 3 --max-model-len 4096 --log-level warning")
     args = parser.parse_args(argv)

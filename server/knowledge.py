@@ -55,7 +55,10 @@ class EntryError(ValueError):
 
     def __init__(self, line: int, message: str):
         super().__init__(f"entry {line}: {message}")
-        self.line = line
+        self.line, self.message = line, message
+
+    def __reduce__(self):  # it comes back from the process that builds an upload (serve_tries.py)
+        return EntryError, (self.line, self.message)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import json
 
 from fastapi import Request
 
+from server.bounded_tokenizer import BoundedTokenizer
 from server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
 from server.engine.base import TokenLogprob
 from server.errors import APIError
@@ -84,7 +85,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> C
     extensions = extensions_of(body, raw.app.state)
     conversations = next((c for e in extensions if (c := e.conversations(body.messages))), [body.messages])
     # in a worker thread: a 16 MiB conversation takes seconds to template and tokenize, which held every stream
-    prompts = await asyncio.to_thread(lambda: [chat_prompt_ids(messages, engine.tokenizer, body.add_generation_prompt, extensions)
+    tokenizer = BoundedTokenizer(engine.tokenizer, engine.max_model_len, "messages")
+    prompts = await asyncio.to_thread(lambda: [chat_prompt_ids(messages, tokenizer, body.add_generation_prompt, extensions)
                                                for messages in conversations])
     max_tokens = body.token_limit or max(1, engine.max_model_len - max(len(p) for p in prompts))
     check_lengths(prompts, max_tokens, engine.max_model_len, extensions)

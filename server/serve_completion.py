@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import Request
 
+from server.bounded_tokenizer import BoundedTokenizer
 from server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
 from server.engine.base import TokenLogprob
 from server.errors import APIError
@@ -68,7 +69,8 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Completion
         raise APIError(400, "max_tokens 0 is only allowed with echo: true (to score the prompt)", "max_tokens")
     extensions = extensions_of(body, raw.app.state)
     # in a worker thread: 15 NBCE contexts of 1 MB took seconds to tokenize, which held every stream
-    prompts = await asyncio.to_thread(prompts_of, body, engine.tokenizer, extensions, vocab_size)
+    tokenizer = BoundedTokenizer(engine.tokenizer, engine.max_model_len, "prompt")
+    prompts = await asyncio.to_thread(prompts_of, body, tokenizer, extensions, vocab_size)
     check_lengths(prompts, max_tokens, engine.max_model_len, extensions)
     params = body.sampling_params(max_tokens, body.logprobs, vocab_size)
     if body.echo and body.logprobs is not None:

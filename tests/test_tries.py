@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -113,32 +116,40 @@ def test_names_sizes_and_limits_are_checked(tiny_engine, tmp_path):
         assert not_json.status_code == 400 and "entry 2: not valid JSON" in not_json.json()["error"]["message"]
 
 
+def held_build(name, body, tokenizer, lead, limits):
+    """serve_tries.parse_and_build, held until the test lets it go; says which process runs it."""
+    from server import serve_tries
+
+    held = Path(os.environ["LONGSERVE_TEST_HELD"])
+    (held / "pid").write_text(str(os.getpid()))
+    for _ in range(1200):
+        if (held / "release").exists():
+            break
+        time.sleep(0.05)
+    return serve_tries.parse_and_build(name, body, tokenizer, lead, limits)
+
+
 @pytest.mark.server
-def test_an_upload_is_parsed_off_the_event_loop(tokenizer, tmp_path, monkeypatch):
-    """The parse of a JSON-lines upload is held here until a plain request has been answered: parsed on the event
-    loop (as it was), it would hold that request too, and this test would time out."""
+def test_an_upload_is_parsed_and_built_in_another_process(tokenizer, tmp_path, monkeypatch):
+    """The build of a JSON-lines upload is held (in its own process) until a plain request has been answered: run
+    on the event loop, or in a thread whose garbage holds the interpreter lock, it held that request too."""
     import threading
 
     from server import serve_tries
 
-    parsing, release, real = threading.Event(), threading.Event(), serve_tries.parse_json_lines
-
-    def held_parse(body: bytes) -> list:
-        parsing.set()
-        release.wait(60)
-        return real(body)
-
-    monkeypatch.setattr(serve_tries, "parse_json_lines", held_parse)
+    monkeypatch.setenv("LONGSERVE_TEST_HELD", str(tmp_path))
+    monkeypatch.setattr(serve_tries, "parse_and_build", held_build)
     engine = make_engine(tiny_model("llama", seed=31), tokenizer, max_model_len=256)
-    with running_server(engine, data_dir=str(tmp_path)) as url:
+    with running_server(engine, data_dir=str(tmp_path / "data")) as url:
         answers = []
         upload = threading.Thread(target=lambda: answers.append(httpx.put(f"{url}/v1/tries/kb", content=b'{"key": "a"}\n', timeout=120)))
         upload.start()
         try:
-            assert parsing.wait(60)
+            assert wait_until(lambda: (tmp_path / "pid").exists(), timeout=120)
+            assert int((tmp_path / "pid").read_text()) != os.getpid()
             assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30).status_code == 200
         finally:
-            release.set()
+            (tmp_path / "release").touch()
             upload.join(120)
         assert answers[0].status_code == 200 and answers[0].json()["keys"] == 1
 

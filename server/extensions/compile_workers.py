@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import resource
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ def serve_compiles(conn, tokenizer, vocab_size: int, memory_bytes: int) -> None:
     from server.extensions.guidance import GuidanceGrammar
     from server.extensions.structured import compile_checked, grammar_compiler
 
+    os.nice(10)  # the server's requests come first on the CPU: a costly compile uses what they leave
     compiler = grammar_compiler(tokenizer, vocab_size, cache_bytes=0)
     if memory_bytes:  # on top of what the worker maps once started (its libraries and token tables)
         mapped = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
