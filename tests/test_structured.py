@@ -104,6 +104,22 @@ def test_what_only_llguidance_holds_is_held_on_native_and_refused_on_vllm(client
         jsonschema.validate(json.loads(choice.message.content), schema)
 
 
+def test_the_probes_nested_repetition_pattern_is_answered_within_its_length_on_native(client, request):
+    """{"pattern": "(.*){1,32000}", "maxLength": 12} stalled the engine: xgrammar ignored the length and took seconds
+    a token on the pattern. llguidance holds both; vLLM here refuses it (tests above)."""
+    schema = {"type": "string", "pattern": "(.*){1,32000}", "maxLength": 12}
+    format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    messages = [{"role": "user", "content": "Reply with a JSON value."}]
+    if request.node.callspec.params["server"] == "vllm":
+        with pytest.raises(openai.BadRequestError, match="--engine native"):
+            client.chat.completions.create(model=MODEL, messages=messages, response_format=format, max_tokens=24)
+        return
+    reply = client.chat.completions.create(model=MODEL, messages=messages, response_format=format, max_tokens=24,
+                                           n=2, seed=3, temperature=1.0)
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop" and len(json.loads(choice.message.content)) <= 12, choice.message.content
+
+
 def test_structured_outputs_json_regex_choice_and_grammar(client):
     schema = SCHEMAS["person"]
     reply = client.completions.create(model=MODEL, prompt="A person:", max_tokens=80, temperature=1, n=4, seed=SEED,
