@@ -178,6 +178,20 @@ class GuidanceState(TimedMatcher):
         return GuidanceState(step_budget=self.step_budget, matcher=self.matcher.deep_copy())
 
 
+def constraint_of(request, step_budget: float) -> SequenceConstraint | None:
+    """A sequence's own constraint state for `request` (a GenerationRequest): the keys of a trie, or a grammar's
+    matcher (xgrammar, or llguidance for the grammars compiled there), timed against `step_budget` seconds a token."""
+    from server.extensions.guidance import GuidanceGrammar
+
+    if request.constraint is not None:
+        return KeyState(request.constraint)
+    if request.grammar is None:
+        return None
+    if isinstance(request.grammar.compiled, GuidanceGrammar):
+        return GuidanceState(request.grammar.compiled, step_budget)
+    return GrammarState(request.grammar.compiled, step_budget)
+
+
 def mask_logits(logits: torch.Tensor, constraints: list[SequenceConstraint | None]) -> torch.Tensor:
     """`logits` [rows, vocab] with -inf, in place, on each token a row's constraint does not allow."""
     import xgrammar

@@ -19,7 +19,6 @@ loop goes on (isolation.py); only a fault that leaves the engine unusable
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import threading
 import time
@@ -32,8 +31,8 @@ from patches.rope import check_composes
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
 from server.engine.native.block_manager import BlockManager
-from server.engine.native.constraint import GrammarState, GuidanceState, KeyState, mask_logits
-from server.extensions.guidance import GuidanceGrammar
+from server.engine.native.heap import give_back_freed_memory
+from server.engine.native.constraint import constraint_of, mask_logits
 from server.engine.native.isolation import by_request, is_fatal
 from server.engine.native.kv_cache import sized_pool
 from server.engine.config import EngineConfig
@@ -55,16 +54,6 @@ SMALL_STEP_TOKENS = 8  # steps of at most this many tokens run on one CPU thread
 
 def ignore(delta: SeqDelta) -> None:
     """Where the silent rows of an NBCE request send their deltas."""
-
-
-def give_back_freed_memory() -> None:
-    """Return the heap's free pages to the system (glibc's malloc_trim). Without it the idle server kept the
-    peak of a load, gigabytes of freed logits, masks and request bodies, in its RSS. By hand: no library
-    wraps it, and only glibc has it (elsewhere this does nothing)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class NativeEngine:
@@ -187,21 +176,10 @@ class NativeEngine:
             tokenizer_backend=self.tokenizer.backend_tokenizer,
             eos_token_ids=self.eos_token_ids,
             generator=generator,
-            constraint=self._constraint_of(request),
+            constraint=constraint_of(request, self.config.grammar_step_timeout),
             positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
             log_id=REQUEST_ID.get(),
         )
-
-    def _constraint_of(self, request: GenerationRequest):
-        """A sequence's own constraint state: the keys of a trie, or a grammar's matcher (xgrammar or llguidance)."""
-        if request.constraint is not None:
-            return KeyState(request.constraint)
-        if request.grammar is None:
-            return None
-        budget = self.config.grammar_step_timeout
-        if isinstance(request.grammar.compiled, GuidanceGrammar):
-            return GuidanceState(request.grammar.compiled, budget)
-        return GrammarState(request.grammar.compiled, budget)
 
     def check_grammar(self, spec) -> None:
         """Every grammar structured.py compiles is held here: xgrammar's, and llguidance's for the rest."""
