@@ -29,6 +29,7 @@ from server.extensions.position import Position
 from server.extensions.structured import Structured
 from server.extensions.tools import Tools
 
+from server.log_ids import REQUEST_ID
 from server.protocol import SamplingFields, check_length, now, random_id
 from server.responses import PromptTokensDetails, Usage
 
@@ -68,6 +69,7 @@ async def start(raw: Request, body: SamplingFields, id_prefix: str, prompts: lis
                 extensions: list[Extension]) -> "ChoiceStream":
     """Convert `body` to the engine's request, let the extensions prepare it, and submit it."""
     request = body.to_generation_request(random_id(id_prefix), prompts, params)
+    request.log_id = REQUEST_ID.get()
 
     async def prepare():
         for extension in extensions:

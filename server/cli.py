@@ -164,10 +164,9 @@ VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_si
 
 
 def build_engine(settings, path: str, metrics):
-    from server.engine.config import EngineConfig
     from server.settings import ServerSettings
 
-    config = EngineConfig.from_settings(settings, path)
+    config = settings.engine_config(path)
     if pick_engine(settings) == "vllm":
         from server.engine.vllm import VllmEngine
 
@@ -188,7 +187,7 @@ def build_engine(settings, path: str, metrics):
 
 def run_serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
-    from server.request_ids import install_log_ids
+    from server.log_ids import install_log_ids
 
     install_log_ids()
     logging.basicConfig(level=settings.log_level.upper(),

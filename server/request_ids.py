@@ -1,47 +1,19 @@
 """Request ids: `X-Request-Id` in (or one made up), echoed out, and on every log line.
 
-The id lives in a context variable for the request's task, so every log
+The id lives in a context variable for the request's task (server/log_ids.py), so every log
 record made while serving it (ours, uvicorn's access line, the vLLM engine's)
-carries it as `%(request_id)s`; the native engine's thread sets it around the
-log lines it writes about a request (`log_context`). Records made outside any
-request carry "-".
+carries it as `%(request_id)s`; the engine gets it as the request's `log_id`.
 """
 
 from __future__ import annotations
 
-import contextvars
-import logging
 import re
 import uuid
-from contextlib import contextmanager
 
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+from server.log_ids import REQUEST_ID
+
 ACCEPTED_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # what a client may send; anything else gets a fresh id
 HEADER = b"x-request-id"
-
-
-def install_log_ids() -> None:
-    """Give every log record a `request_id` attribute (once per process)."""
-    previous = logging.getLogRecordFactory()
-    if getattr(previous, "adds_request_id", False):
-        return
-
-    def factory(*args, **kwargs):
-        record = previous(*args, **kwargs)
-        record.request_id = REQUEST_ID.get()
-        return record
-
-    factory.adds_request_id = True
-    logging.setLogRecordFactory(factory)
-
-
-@contextmanager
-def log_context(request_id: str):
-    token = REQUEST_ID.set(request_id)
-    try:
-        yield
-    finally:
-        REQUEST_ID.reset(token)
 
 
 class RequestIds:

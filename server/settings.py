@@ -14,6 +14,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from patches.rope import PositionSpec
+from server.engine.config import EngineConfig
+from server.engine.config import default as engine_default
 from server.models import DEFAULT_MODEL
 
 
@@ -25,23 +27,23 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     engine: Literal["native", "vllm", "auto"] = "native"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    max_num_seqs: int = Field(16, ge=1, le=1024)
-    max_model_len: int | None = Field(None, ge=16)
+    device: Literal["auto", "cpu", "cuda"] = engine_default("device")
+    dtype: Literal["auto", "float32", "bfloat16"] = engine_default("dtype")
+    max_num_seqs: int = Field(engine_default("max_num_seqs"), ge=1, le=1024)
+    max_model_len: int | None = Field(engine_default("max_model_len"), ge=16)
     position: PositionSpec = Field(default_factory=PositionSpec)
-    max_waiting: int = Field(256, ge=0)
-    prefill_chunk: int = Field(512, ge=16, le=2**20)
-    max_num_batched_tokens: int = Field(2048, ge=16, le=2**20)
-    kv_cache_memory: float | None = Field(None, gt=0.0, le=4096.0)  # GiB; None: half the memory available (CPU)
-    enable_prefix_caching: bool = True
-    request_rerope: bool = True  # native: per-request rerope/leaky-rerope/self-extend; their near-key plane counts in the KV budget
+    max_waiting: int = Field(engine_default("max_waiting"), ge=0)
+    prefill_chunk: int = Field(engine_default("prefill_chunk"), ge=16, le=2**20)
+    max_num_batched_tokens: int = Field(engine_default("max_num_batched_tokens"), ge=16, le=2**20)
+    kv_cache_memory: float | None = Field(engine_default("kv_cache_memory"), gt=0.0, le=4096.0)  # GiB; None: half the memory available (CPU)
+    enable_prefix_caching: bool = engine_default("enable_prefix_caching")
+    request_rerope: bool = engine_default("request_rerope")  # native: per-request rerope/leaky-rerope/self-extend; their near-key plane counts in the KV budget
     # vLLM engine only: its own distributed runtime (multiprocessing or Ray), as `vllm serve` takes these
-    tensor_parallel_size: int = Field(1, ge=1, le=1024)
-    pipeline_parallel_size: int = Field(1, ge=1, le=1024)
-    data_parallel_size: int = Field(1, ge=1, le=1024)
-    distributed_executor_backend: Literal["mp", "ray"] | None = None  # None: vLLM picks (mp on one node)
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)  # CUDA: the share of GPU memory vLLM may take
+    tensor_parallel_size: int = Field(engine_default("tensor_parallel_size"), ge=1, le=1024)
+    pipeline_parallel_size: int = Field(engine_default("pipeline_parallel_size"), ge=1, le=1024)
+    data_parallel_size: int = Field(engine_default("data_parallel_size"), ge=1, le=1024)
+    distributed_executor_backend: Literal["mp", "ray"] | None = engine_default("distributed_executor_backend")  # None: vLLM picks (mp on one node)
+    gpu_memory_utilization: float = Field(engine_default("gpu_memory_utilization"), gt=0.0, le=1.0)  # CUDA: the share of GPU memory vLLM may take
     api_key: str | None = None
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_contexts: int = Field(64, ge=1, le=4096)
@@ -54,7 +56,7 @@ class ServerSettings(BaseSettings):
     grammar_cache_bytes: int = Field(256 * 2**20, ge=2**20, le=2**40)  # compiled structured-output grammars, by their text
     grammar_compile_timeout: float = Field(30.0, gt=0.0, le=3600.0)  # seconds one grammar may take to compile (a 400 past it)
     grammar_compile_memory: int = Field(4 * 2**30, ge=2**28, le=2**40)  # bytes one grammar's compile process may map
-    grammar_step_timeout: float = Field(2.0, gt=0.0, le=3600.0)  # native: seconds a grammar may take to check one token
+    grammar_step_timeout: float = Field(engine_default("grammar_step_timeout"), gt=0.0, le=3600.0)  # native: seconds a grammar may take to check one token
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False  # prompt text in the log; off by default: prompts are the users' data
     # reliability (server/drain.py, server/http_server.py)
@@ -69,3 +71,9 @@ class ServerSettings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        """The engine's share of these settings: every EngineConfig field of the same name."""
+        given = {name: getattr(self, name) for name in EngineConfig.__dataclass_fields__
+                 if name not in ("model_path", "model_name", "data_dir")}
+        return EngineConfig(model_path=model_path, model_name=self.model_name, data_dir=str(self.data_dir), **given)

@@ -1,5 +1,5 @@
-"""The layout's rules, checked on the source: no import circle, patches/ stands alone, server/ does not lean on
-clients/, and no file outgrows one concept."""
+"""The layout's rules, checked on the source: no import circle, patches/ stands alone, the engine does not lean on
+the HTTP layer, server/ does not lean on clients/, and no file outgrows one concept."""
 
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ def test_no_import_circle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_engine_imports_nothing_from_the_http_layer():
+    """server/engine/ takes what it needs as arguments; besides itself it uses only helpers that stand alone too."""
+    alone = ("server.engine", "server.log_ids", "server.extensions.schema_keywords", "server.extensions.guidance")
+    graph = import_graph(top_level_only=False)
+    leaning = {(m, t) for m in graph if m.startswith(alone) for t in graph[m]
+               if t.startswith("server") and not t.startswith(alone) and t != "server.extensions"}
+    assert leaning == set()
 
 
 def test_patches_stand_alone_and_only_the_cli_dispatches_to_clients():

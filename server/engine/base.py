@@ -98,6 +98,7 @@ class GenerationRequest:
     constraint: KeyConstraint | None = None  # the output must be one of its keys
     beam_search: bool = False  # with a constraint: the n best distinct keys, best first
     grammar: GrammarSpec | None = None  # structured output: the text must match it
+    log_id: str = "-"  # the HTTP request's id (X-Request-Id), for the engine's log lines about it
 
     @property
     def num_choices(self) -> int:

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import TOO_DEEP
-
 _tokenizers: dict[int, Any] = {}
 _tokenizers_lock = threading.Lock()
 
@@ -50,11 +48,8 @@ def compile_guidance(tokenizer, vocab_size: int, schema) -> GuidanceGrammar:
     import llguidance
     import llguidance.torch
 
-    try:
-        text = llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps(schema), defaults={"whitespace_flexible": False, "coerce_one_of": True})
-    except RecursionError:
-        raise ValueError(TOO_DEEP) from None
+    text = llguidance.LLMatcher.grammar_from_json_schema(  # RecursionError for JSON too deep: the caller says so
+        json.dumps(schema), defaults={"whitespace_flexible": False, "coerce_one_of": True})
     grammar = GuidanceGrammar(guidance_tokenizer(tokenizer, vocab_size), text)
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, grammar.tokenizer)
     if failed or messages:

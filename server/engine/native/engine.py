@@ -44,7 +44,7 @@ from server.engine.native.positions import Positions
 from server.engine.native.sampler import prompt_logprobs, sample
 from server.engine.native.scheduler import Scheduler, Step
 from server.engine.native.sequence import Sequence
-from server.request_ids import REQUEST_ID, log_context
+from server.log_ids import log_context
 
 log = logging.getLogger("longserve.engine")
 
@@ -178,7 +178,7 @@ class NativeEngine:
             generator=generator,
             constraint=constraint_of(request, self.config.grammar_step_timeout),
             positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
-            log_id=REQUEST_ID.get(),
+            log_id=request.log_id,
         )
 
     def check_grammar(self, spec) -> None:
