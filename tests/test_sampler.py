@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from server.engine.base import SamplingParams
@@ -100,3 +101,57 @@ def test_sampling_respects_top_k(tokenizer):
     seq.generator = torch.Generator().manual_seed(0)
     drawn = {sample(logits, [seq])[0][0] for _ in range(200)}
     assert drawn == {0, 1}
+
+
+def mixed_batch(tokenizer, rows: int = 8) -> list[Sequence]:
+    """Rows with every parameter mixed: greedy and sampled, seeded and not, penalties, biases and logprobs."""
+    seqs = []
+    for row in range(rows):
+        seq = make_seq(tokenizer, temperature=0.0 if row % 3 == 0 else 0.8 + 0.1 * row, top_k=(0, 5, 20)[row % 3],
+                       top_p=(1.0, 0.9)[row % 2], presence_penalty=0.3 * (row % 2), frequency_penalty=0.2 * (row % 4 == 1),
+                       repetition_penalty=(1.0, 1.3)[row % 2], logit_bias={row: 2.5} if row % 4 == 2 else None,
+                       logprobs=(None, 0, 3)[row % 3])
+        seq.output_ids = [row % 7, 11, 11, 40 + row]
+        if row % 2:
+            seq.generator = torch.Generator().manual_seed(100 + row)
+        seqs.append(seq)
+    return seqs
+
+
+def test_batched_penalties_and_logprobs_equal_each_row_alone(tokenizer):
+    torch.manual_seed(3)
+    logits = torch.randn(8, 64) * 2
+    seqs = mixed_batch(tokenizer)
+    together = apply_penalties(logits.clone(), seqs)
+    for row, seq in enumerate(seqs):
+        assert torch.allclose(together[row], apply_penalties(logits[row : row + 1].clone(), [seq])[0])
+    greedy = [make_seq(tokenizer, temperature=0.0, logprobs=(0, 2, 5)[row % 3]) for row in range(8)]
+    tokens, records = sample(logits, greedy)
+    raw = logits.log_softmax(-1)
+    for row, record in enumerate(records):  # the per-row reference: log_softmax, then that row's top-k
+        values, ids = raw[row].topk(greedy[row].params.logprobs) if greedy[row].params.logprobs else (torch.tensor([]), torch.tensor([]))
+        assert record.token_id == tokens[row] == int(raw[row].argmax())
+        assert math.isclose(record.logprob, float(raw[row, tokens[row]]), rel_tol=1e-6)
+        assert [t for t, _ in record.top] == ids.tolist()
+        assert [v for _, v in record.top] == pytest.approx(values.tolist(), rel=1e-6)
+
+
+def test_a_seeded_row_draws_the_same_tokens_alone_and_in_any_batch(tokenizer):
+    torch.manual_seed(4)
+    steps = [torch.randn(8, 64) * 2 for _ in range(10)]
+
+    def draws(order: list[int]) -> dict[int, list[int]]:
+        seqs = mixed_batch(tokenizer)
+        out = {row: [] for row in order}
+        for logits in steps:
+            tokens, _ = sample(logits[order], [seqs[row] for row in order], torch.Generator().manual_seed(9))
+            for row, token in zip(order, tokens):
+                out[row].append(token)
+        return out
+
+    together = draws(list(range(8)))
+    shuffled = draws([5, 2, 7, 0, 3, 6, 1, 4])
+    for row in range(8):
+        alone = draws([row])[row]
+        if row % 2 or row % 3 == 0:  # seeded (odd rows) or greedy: a batch never changes what the row draws
+            assert together[row] == shuffled[row] == alone, row

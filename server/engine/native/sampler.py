@@ -1,4 +1,4 @@
-"""From logits to tokens, one row per sequence, each with its own parameters.
+"""From logits to tokens over the batch, one row per sequence, each with its own parameters.
 
 Order, as in vLLM: logit bias and penalties on the raw logits, then greedy
 rows take the argmax; sampled rows divide by temperature, keep top-k, top-p
@@ -15,27 +15,50 @@ from server.engine.base import TokenLogprob
 from server.engine.native.sequence import Sequence
 
 
+def padded(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lists` as one int64 tensor [rows, longest] and the mask of its real entries."""
+    longest = max((len(ids) for ids in lists), default=0)
+    ids = torch.zeros(len(lists), max(longest, 1), dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, values in enumerate(lists):  # host side: the rows' lists into one buffer, copied once
+        ids[row, : len(values)] = torch.tensor(values, dtype=torch.long)
+        mask[row, : len(values)] = True
+    return ids.to(device), mask.to(device)
+
+
+def token_counts(lists: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """How often each token id occurs in each row's list: [rows, vocab]; ids past the vocabulary are left out."""
+    ids, mask = padded(lists, device)
+    mask &= ids < vocab
+    counts = torch.zeros(len(lists), vocab, device=device)
+    return counts.scatter_add_(1, ids.clamp(max=vocab - 1), mask.to(counts.dtype))
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logit_bias, OpenAI's presence and frequency penalties and vLLM's repetition penalty, in place.
+    """logit_bias, OpenAI's presence and frequency penalties and vLLM's repetition penalty, in place, over the batch.
 
     The repetition penalty (as in vLLM and transformers) covers the prompt and
     the output: a seen token's logit is divided by it where positive and
-    multiplied by it where negative."""
-    for row, seq in enumerate(seqs):
-        params = seq.params
-        if params.logit_bias:
-            ids = torch.tensor(list(params.logit_bias.keys()), device=logits.device)
-            bias = torch.tensor(list(params.logit_bias.values()), device=logits.device, dtype=logits.dtype)
-            logits[row, ids] += bias
-        if (params.presence_penalty or params.frequency_penalty) and seq.output_ids:
-            counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[1])
-            counts = counts[: logits.shape[1]].to(logits.dtype)
-            logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device).unique()
-            seen = seen[seen < logits.shape[1]]
-            values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    multiplied by it where negative. Each is one tensor op over the rows that ask for it, from count tensors."""
+    rows, vocab = logits.shape
+    device, params = logits.device, [seq.params for seq in seqs]
+    biased = [(row, token, bias) for row, p in enumerate(params) if p.logit_bias for token, bias in p.logit_bias.items()]
+    if biased:
+        index = torch.tensor([(row, token) for row, token, _ in biased], device=device).T
+        logits.index_put_((index[0], index[1]), torch.tensor([b for *_, b in biased], dtype=logits.dtype, device=device),
+                          accumulate=True)
+    penalized = [row for row, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+    if penalized:
+        counts = token_counts([seqs[row].output_ids for row in penalized], vocab, device).to(logits.dtype)
+        frequency = torch.tensor([params[row].frequency_penalty for row in penalized], dtype=logits.dtype, device=device)
+        presence = torch.tensor([params[row].presence_penalty for row in penalized], dtype=logits.dtype, device=device)
+        logits[penalized] -= frequency[:, None] * counts + presence[:, None] * (counts > 0).to(logits.dtype)
+    repeated = [row for row, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeated:
+        seen = token_counts([seqs[row].prompt_ids + seqs[row].output_ids for row in repeated], vocab, device) > 0
+        penalty = torch.tensor([params[row].repetition_penalty for row in repeated], dtype=logits.dtype, device=device)[:, None]
+        values = logits[repeated]
+        logits[repeated] = torch.where(seen, torch.where(values > 0, values / penalty, values * penalty), values)
     return logits
 
 
@@ -56,7 +79,11 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator | None = None):
-    """Return (token ids, logprob records or None per row) for logits [rows, vocab]."""
+    """Return (token ids, logprob records or None per row) for logits [rows, vocab].
+
+    Rows without a seed draw together in one call on the engine's generator; a row with a seed draws on its own
+    generator, so its tokens are the same alone and in any batch (torch has no batched call over generators).
+    Tokens, their log-probabilities and the top alternatives reach the host in one copy."""
     want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
     raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
     logits = apply_penalties(logits.clone(), seqs)
@@ -74,15 +101,39 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.
             min_p=torch.tensor([p.min_p for p in params], device=sub.device),
         )
         probs = sub.softmax(dim=-1)
+        unseeded = [i for i, row in enumerate(sampled_rows) if seqs[row].generator is None]
+        if unseeded:
+            drawn = torch.multinomial(probs[unseeded], 1, generator=default_generator)[:, 0]
+            tokens[[sampled_rows[i] for i in unseeded]] = drawn
         for i, row in enumerate(sampled_rows):
-            generator = seqs[row].generator or default_generator
-            tokens[row] = torch.multinomial(probs[i], 1, generator=generator)[0]
+            if seqs[row].generator is not None:
+                tokens[row] = torch.multinomial(probs[i], 1, generator=seqs[row].generator)[0]
 
-    token_list = tokens.tolist()
-    records = [
-        None if seq.params.logprobs is None else logprob_record(raw_logprobs[row], token_list[row], seq.params.logprobs)
-        for row, seq in enumerate(seqs)
-    ]
+    if raw_logprobs is None:
+        return tokens.tolist(), [None] * len(seqs)
+    return logprob_records(raw_logprobs, tokens, [seq.params.logprobs for seq in seqs])
+
+
+def logprob_records(logprobs: torch.Tensor, tokens: torch.Tensor, top_counts: list[int | None]):
+    """(token ids, a TokenLogprob per row that asked, else None) from log-probs [rows, vocab], in one host copy:
+    tokens, their log-probabilities and the widest top-k the batch asked for travel as one float64 tensor (ids
+    are exact in it up to 2^53)."""
+    widest = max((count or 0 for count in top_counts), default=0)
+    chosen = logprobs.gather(1, tokens[:, None])
+    parts = [tokens[:, None].double(), chosen.double()]
+    if widest:
+        values, ids = logprobs.topk(widest, dim=-1)
+        parts += [ids.double(), values.double()]
+    host = torch.cat(parts, dim=1).tolist()
+    token_list, records = [], []
+    for row, count in enumerate(top_counts):
+        token, logprob, rest = int(host[row][0]), host[row][1], host[row][2:]
+        token_list.append(token)
+        if count is None:
+            records.append(None)
+            continue
+        top = [(int(rest[k]), rest[widest + k]) for k in range(count)]
+        records.append(TokenLogprob(token, logprob, top))
     return token_list, records
 
 
