@@ -155,3 +155,15 @@ def test_a_seeded_row_draws_the_same_tokens_alone_and_in_any_batch(tokenizer):
         alone = draws([row])[row]
         if row % 2 or row % 3 == 0:  # seeded (odd rows) or greedy: a batch never changes what the row draws
             assert together[row] == shuffled[row] == alone, row
+
+
+def test_a_row_with_nothing_seen_is_left_alone_beside_rows_that_are_penalized(tokenizer):
+    quiet = make_seq(tokenizer, repetition_penalty=2.0)
+    quiet.prompt_ids = [99]  # past this 20-token vocabulary: nothing seen inside it
+    seen = make_seq(tokenizer, repetition_penalty=2.0, presence_penalty=1.0)
+    seen.output_ids = [0, 0]
+    logits = torch.full((2, 20), 3.0)
+    out = apply_penalties(logits.clone(), [quiet, seen])
+    assert torch.equal(out[0], logits[0])
+    # presence first, then repetition, as before; the prompt [1, 2, 3] counts as seen for repetition only
+    assert out[1, 0] == (3.0 - 1.0) / 2.0 and out[1, 1] == 3.0 / 2.0 and out[1, 5] == 3.0

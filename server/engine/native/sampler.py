@@ -15,23 +15,18 @@ from server.engine.base import TokenLogprob
 from server.engine.native.sequence import Sequence
 
 
-def padded(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lists` as one int64 tensor [rows, longest] and the mask of its real entries."""
-    longest = max((len(ids) for ids in lists), default=0)
-    ids = torch.zeros(len(lists), max(longest, 1), dtype=torch.long)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for row, values in enumerate(lists):  # host side: the rows' lists into one buffer, copied once
-        ids[row, : len(values)] = torch.tensor(values, dtype=torch.long)
-        mask[row, : len(values)] = True
-    return ids.to(device), mask.to(device)
-
-
-def token_counts(lists: list[list[int]], vocab: int, device) -> torch.Tensor:
-    """How often each token id occurs in each row's list: [rows, vocab]; ids past the vocabulary are left out."""
-    ids, mask = padded(lists, device)
-    mask &= ids < vocab
-    counts = torch.zeros(len(lists), vocab, device=device)
-    return counts.scatter_add_(1, ids.clamp(max=vocab - 1), mask.to(counts.dtype))
+def seen_tokens(lists: list[list[int]], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token ids inside the vocabulary as one int64 tensor [rows, longest], padded with a repeat of the
+    row's own first id (so a write at the padding writes what the real entry writes), and how often each entry's
+    token occurs in its row (0 only for the stand-in of a row with no id at all)."""
+    lists = [[token for token in ids if token < vocab] for ids in lists]
+    rows = [ids or [0] for ids in lists]  # a row with no id gets a stand-in, counted 0
+    longest = max(len(ids) for ids in rows)
+    ids = torch.tensor([ids + [ids[0]] * (longest - len(ids)) for ids in rows], dtype=torch.long)  # one host buffer
+    real = torch.tensor([[1.0] * len(ids) + [0.0] * (longest - len(ids)) for ids in lists])
+    ids, real = ids.to(device), real.to(device)
+    counts = torch.zeros(len(lists), vocab, device=device).scatter_add_(1, ids, real)
+    return ids, counts.gather(1, ids)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -39,26 +34,29 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
     The repetition penalty (as in vLLM and transformers) covers the prompt and
     the output: a seen token's logit is divided by it where positive and
-    multiplied by it where negative. Each is one tensor op over the rows that ask for it, from count tensors."""
-    rows, vocab = logits.shape
-    device, params = logits.device, [seq.params for seq in seqs]
+    multiplied by it where negative. Each is a gather and a scatter over the rows that ask for it, touching only
+    the tokens they have seen."""
+    vocab, device, params = logits.shape[1], logits.device, [seq.params for seq in seqs]
     biased = [(row, token, bias) for row, p in enumerate(params) if p.logit_bias for token, bias in p.logit_bias.items()]
     if biased:
         index = torch.tensor([(row, token) for row, token, _ in biased], device=device).T
         logits.index_put_((index[0], index[1]), torch.tensor([b for *_, b in biased], dtype=logits.dtype, device=device),
                           accumulate=True)
-    penalized = [row for row, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+    penalized = [row for row, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and seqs[row].output_ids]
     if penalized:
-        counts = token_counts([seqs[row].output_ids for row in penalized], vocab, device).to(logits.dtype)
-        frequency = torch.tensor([params[row].frequency_penalty for row in penalized], dtype=logits.dtype, device=device)
-        presence = torch.tensor([params[row].presence_penalty for row in penalized], dtype=logits.dtype, device=device)
-        logits[penalized] -= frequency[:, None] * counts + presence[:, None] * (counts > 0).to(logits.dtype)
+        ids, counts = seen_tokens([seqs[row].output_ids for row in penalized], vocab, device)
+        rows = torch.tensor(penalized, device=device)[:, None].expand_as(ids)
+        frequency = torch.tensor([params[row].frequency_penalty for row in penalized], device=device)[:, None]
+        presence = torch.tensor([params[row].presence_penalty for row in penalized], device=device)[:, None]
+        # a repeated id writes the same value; a row's stand-in id (count 0) is left as it is
+        logits[rows, ids] -= (frequency * counts + presence * (counts > 0)).to(logits.dtype)
     repeated = [row for row, p in enumerate(params) if p.repetition_penalty != 1.0]
     if repeated:
-        seen = token_counts([seqs[row].prompt_ids + seqs[row].output_ids for row in repeated], vocab, device) > 0
+        ids, counts = seen_tokens([seqs[row].prompt_ids + seqs[row].output_ids for row in repeated], vocab, device)
+        rows = torch.tensor(repeated, device=device)[:, None].expand_as(ids)
         penalty = torch.tensor([params[row].repetition_penalty for row in repeated], dtype=logits.dtype, device=device)[:, None]
-        values = logits[repeated]
-        logits[repeated] = torch.where(seen, torch.where(values > 0, values / penalty, values * penalty), values)
+        values = logits[rows, ids]
+        logits[rows, ids] = torch.where(counts > 0, torch.where(values > 0, values / penalty, values * penalty), values)
     return logits
 
 
