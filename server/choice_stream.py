@@ -28,7 +28,6 @@ from server.extensions.nbce import Nbce
 from server.extensions.position import Position
 from server.extensions.structured import Structured
 from server.extensions.tools import Tools
-
 from server.log_ids import REQUEST_ID
 from server.protocol import SamplingFields, check_length, now, random_id
 from server.responses import PromptTokensDetails, Usage

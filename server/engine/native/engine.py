@@ -31,8 +31,8 @@ from patches.rope import check_composes
 from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
 from server.engine.native.beam_group import BeamGroup
 from server.engine.native.block_manager import BlockManager
-from server.engine.native.heap import give_back_freed_memory
 from server.engine.native.constraint import constraint_of, mask_logits
+from server.engine.native.heap import give_back_freed_memory
 from server.engine.native.isolation import by_request, is_fatal
 from server.engine.native.kv_cache import sized_pool
 from server.engine.config import EngineConfig
