@@ -61,7 +61,16 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask to -inf what top-k (0 = off), top-p and min-p exclude; one value per row."""
+    """Mask to -inf what top-k (0 = off), top-p and min-p exclude; one value per row. Only the rows that filter
+    are sorted: sorting the vocabulary took 3 ms a row here, most of a sampled step's sampling, for rows that
+    keep every token anyway (top_p 1, no top_k, no min_p: what most requests send)."""
+    filtering = ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0)).nonzero()[:, 0]
+    if len(filtering) == 0:
+        return logits
+    if len(filtering) < len(logits):
+        logits = logits.clone()
+        logits[filtering] = filter_logits(logits[filtering], top_k[filtering], top_p[filtering], min_p[filtering])
+        return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
