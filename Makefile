@@ -62,12 +62,14 @@ abuse: model
 #   bench-positions   position_cost.py: prefill and decode cost of each position type
 #   bench-tries       tries.py: knowledge-base build time, memory and masking cost
 #   bench-structured  structured.py: grammar cost per step, xgrammar against llguidance
+#   bench-gpu         gpu_check.py: on a lent GPU, the CUDA tests and the engine's rate on an 8B-shaped model
 BENCH_engine := engine_rate
 BENCH_engines := compare_engines
 BENCH_load := native_load
 BENCH_positions := position_cost
 BENCH_tries := tries
 BENCH_structured := structured
+BENCH_gpu := gpu_check
 
 bench-%: model
 	$(PY) benchmarks/$(BENCH_$*).py $(ARGS)

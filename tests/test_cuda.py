@@ -1,0 +1,54 @@
+"""The native engine on CUDA, on a tiny random model: greedy equality with transformers in bfloat16, and ReRoPE
+rows beside plain rows giving the CPU engine's tokens. Skipped, saying why, where there is no CUDA device;
+benchmarks/gpu_check.py runs it first on a lent GPU."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from patches.rope import PositionSpec
+from server.engine.base import GenerationRequest, SamplingParams
+from tests.conftest import make_engine, tiny_model
+from tests.test_isolation import run_all
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device here; benchmarks/gpu_check.py runs these on a GPU machine", allow_module_level=True)
+
+TOKENS = 12
+
+
+def greedy(request_id: str, prompt: list[int], position: PositionSpec | None = None) -> GenerationRequest:
+    request = GenerationRequest(request_id, [prompt], SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True))
+    request.position = position
+    return request
+
+
+def test_greedy_equals_transformers_in_bfloat16(tokenizer):
+    model = tiny_model("llama", seed=7).to("cuda", torch.bfloat16)
+    prompt = [5, 6, 7, 8, 9]
+    expected = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=TOKENS, min_new_tokens=TOKENS,
+                              do_sample=False)[0, len(prompt):].tolist()
+    engine = make_engine(model, tokenizer, device="cuda", dtype="bfloat16", max_model_len=128)
+    try:
+        [(tokens, error)] = asyncio.run(run_all(engine, [greedy("g", prompt)]))
+    finally:
+        engine.shutdown()
+    assert error is None and tokens == expected
+
+
+def test_rerope_rows_beside_plain_rows_give_the_cpu_engines_tokens(tokenizer):
+    prompts = [[5 + i, 6, 7, 8] * 20 for i in range(4)]
+    positions = [None, PositionSpec(type="rerope", window=16), None, PositionSpec(type="rerope", window=32)]
+    answers = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_model("llama", seed=11).to(device)
+        engine = make_engine(model, tokenizer, device=device, dtype="float32", max_model_len=256)
+        try:
+            answers[device] = asyncio.run(run_all(engine, [greedy(f"r{i}", p, s) for i, (p, s) in enumerate(zip(prompts, positions))]))
+        finally:
+            engine.shutdown()
+    assert all(error is None for _, error in answers["cuda"])
+    assert answers["cuda"] == answers["cpu"]
