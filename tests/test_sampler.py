@@ -167,3 +167,24 @@ def test_a_row_with_nothing_seen_is_left_alone_beside_rows_that_are_penalized(to
     assert torch.equal(out[0], logits[0])
     # presence first, then repetition, as before; the prompt [1, 2, 3] counts as seen for repetition only
     assert out[1, 0] == (3.0 - 1.0) / 2.0 and out[1, 1] == 3.0 / 2.0 and out[1, 5] == 3.0
+
+
+def test_filters_match_the_reference_whether_the_kept_set_fits_the_candidates_or_not():
+    """A peaked row keeps a few of its most likely tokens (found among the first candidates); a flat row's top-p
+    set reaches past them (it is sorted whole); both agree with the naive reference, beside rows that keep all."""
+    from server.engine.native.sampler import CANDIDATES
+
+    torch.manual_seed(5)
+    vocab = 4 * CANDIDATES
+    peaked = torch.randn(vocab) * 8
+    flat = torch.randn(vocab) * 0.1
+    logits = torch.stack([peaked, flat, flat, peaked, flat])
+    top_k = torch.tensor([0, 0, 3 * CANDIDATES, 0, 0])
+    top_p = torch.tensor([0.9, 0.9, 1.0, 1.0, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5])
+    filtered = filter_logits(logits, top_k, top_p, min_p)
+    for row in range(5):
+        kept = {i for i in range(vocab) if filtered[row, i] != float("-inf")}
+        assert kept == naive_keep(logits[row].tolist(), int(top_k[row]), float(top_p[row]), float(min_p[row])), row
+    assert len({i for i in range(vocab) if filtered[1, i] != float("-inf")}) > CANDIDATES  # the whole-sort path ran
+    assert torch.equal(filtered[3], logits[3])  # nothing to filter: left as it is

@@ -60,29 +60,47 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+CANDIDATES = 128  # the most likely tokens looked at first; a real model's top-p set is almost always among them
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask to -inf what top-k (0 = off), top-p and min-p exclude; one value per row. Only the rows that filter
-    are sorted: sorting the vocabulary took 3 ms a row here, most of a sampled step's sampling, for rows that
-    keep every token anyway (top_p 1, no top_k, no min_p: what most requests send)."""
+    """Mask to -inf what top-k (0 = off), top-p and min-p exclude; one value per row. Sorting the vocabulary took
+    3 ms a row here, most of a sampled step's sampling, so rows that keep every token (top_p 1, no top_k, no
+    min_p: what most requests send) are left as they are, and the others look at their CANDIDATES most likely
+    tokens first; only a row whose kept set reaches past those is sorted whole."""
     filtering = ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0)).nonzero()[:, 0]
     if len(filtering) == 0:
         return logits
-    if len(filtering) < len(logits):
-        logits = logits.clone()
-        logits[filtering] = filter_logits(logits[filtering], top_k[filtering], top_p[filtering], min_p[filtering])
+    logits = logits.clone()
+    if logits.shape[-1] <= CANDIDATES:
+        logits[filtering] = filter_ranked(logits[filtering], top_k[filtering], top_p[filtering], min_p[filtering],
+                                          logits.shape[-1])[0]
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
-    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
-    drop = ranks >= k
-    probs = sorted_logits.softmax(dim=-1)
+    rows = logits[filtering]
+    filtered, decided = filter_ranked(rows, top_k[filtering], top_p[filtering], min_p[filtering], CANDIDATES)
+    undecided = (~decided).nonzero()[:, 0]
+    if len(undecided):
+        filtered[undecided] = filter_ranked(rows[undecided], top_k[filtering][undecided], top_p[filtering][undecided],
+                                            min_p[filtering][undecided], logits.shape[-1])[0]
+    logits[filtering] = filtered
+    return logits
+
+
+def filter_ranked(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, ranked: int):
+    """(logits filtered, whether each row's kept set lies within its `ranked` most likely tokens); a row where it
+    does not is left for a wider call. The kept set ends inside the ranked tokens when the last of them is dropped:
+    rank, the mass before a token and a token's probability only grow or shrink further down the order."""
+    values, order = logits.topk(ranked, dim=-1) if ranked < logits.shape[-1] else logits.sort(dim=-1, descending=True)
+    probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()  # over the whole vocabulary
+    ranks = torch.arange(ranked, device=logits.device).expand_as(values)
+    drop = ranks >= torch.where(top_k > 0, top_k, logits.shape[-1]).unsqueeze(1)
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each token
     drop |= before >= top_p.unsqueeze(1)
     drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
     drop[:, 0] = False  # the most likely token always survives
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    decided = drop[:, -1] | (ranked == logits.shape[-1])
+    kept = torch.full_like(logits, float("-inf")).scatter_(-1, order, values.masked_fill(drop, float("-inf")))
+    return kept, decided
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator | None = None):
