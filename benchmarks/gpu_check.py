@@ -2,7 +2,8 @@
 8B-shaped model, in one table. Nothing is downloaded: the model is built from a Llama-3-8B-shaped config with
 random weights (speed does not depend on the weights), the tokenizer is the bundled model's.
 
-    python benchmarks/gpu_check.py                 # on the GPU machine; fits a 10-minute run
+    python benchmarks/gpu_check.py                 # on the GPU machine (never run on one yet: aimed at 10 minutes;
+                                                   # each cell prints as it ends, so a cut run keeps what it measured)
     python benchmarks/gpu_check.py --tiny --device cpu   # the same flow on a tiny model (the test runs this)
 
 For each context (2k, 32k) and batch (1, 64, 256) it runs the batch twice, all rows plain and with a quarter
