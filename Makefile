@@ -63,6 +63,8 @@ abuse: model
 #   bench-tries       tries.py: knowledge-base build time, memory and masking cost
 #   bench-structured  structured.py: grammar cost per step, xgrammar against llguidance
 #   bench-gpu         gpu_check.py: on a lent GPU, the CUDA tests and the engine's rate on an 8B-shaped model
+#   bench-sampler     sampler.py: the sampler's cost by case (ARGS="--against REV" beside an older one)
+#   bench-output      output_share.py: the share of engine step time spent detokenizing and handing off
 BENCH_engine := engine_rate
 BENCH_engines := compare_engines
 BENCH_load := native_load
@@ -70,6 +72,8 @@ BENCH_positions := position_cost
 BENCH_tries := tries
 BENCH_structured := structured
 BENCH_gpu := gpu_check
+BENCH_sampler := sampler
+BENCH_output := output_share
 
 bench-%: model
 	$(PY) benchmarks/$(BENCH_$*).py $(ARGS)
