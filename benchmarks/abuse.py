@@ -187,9 +187,9 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8401)
     parser.add_argument("--server-args", default="--kv-cache-memory 3 --max-model-len 4096 --log-level warning")
     args = parser.parse_args(argv)
-    cpu = open("/proc/cpuinfo").read()
-    flags = sorted({flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {flag} " in cpu})
-    print(f"abuse: {os.cpu_count()} CPUs, flags {' '.join(flags)}; server flags: {args.server_args}", flush=True)
+    from server.engine.native.loading import speed_flags
+
+    print(f"abuse: {os.cpu_count()} CPUs, flags {speed_flags()}; server flags: {args.server_args}", flush=True)
     process, url = start_server(args)
     try:
         passed = asyncio.run(run(url, process.pid, args))

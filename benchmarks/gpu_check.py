@@ -28,6 +28,7 @@ from patches.rope import PositionSpec  # noqa: E402
 from server.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
 from server.engine.native.engine import NativeEngine  # noqa: E402
+from server.engine.native.loading import speed_flags  # noqa: E402
 
 VOCAB = 49152  # the bundled tokenizer's, so generated ids detokenize (Llama 3 has 128k; the step cost differs little)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -40,8 +41,7 @@ def describe(device: str) -> str:
     if device == "cuda":
         properties = torch.cuda.get_device_properties(0)
         return f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    flags = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in open("/proc/cpuinfo").read()})
-    return f"CPU, {os.cpu_count()} cores, flags {' '.join(flags)}, torch {torch.__version__}"
+    return f"CPU, {os.cpu_count()} cores, flags {speed_flags()}, torch {torch.__version__}"
 
 
 def run_cuda_tests() -> str:

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from server.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
 from server.engine.native.engine import NativeEngine  # noqa: E402
+from server.engine.native.loading import speed_flags  # noqa: E402
 from server.models import DEFAULT_MODEL, resolve  # noqa: E402
 
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt")
@@ -58,8 +59,7 @@ def main(argv=None) -> None:
         asyncio.run(all_at_once())
     finally:
         engine.shutdown()
-    flags = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in open("/proc/cpuinfo").read()})
-    print(f"output_share: CPU flags {' '.join(flags)}, dtype {engine.dtype}, concurrency {args.concurrency}")
+    print(f"output_share: CPU flags {speed_flags()}, dtype {engine.dtype}, concurrency {args.concurrency}")
     print(f"engine steps {spent['steps']:.2f} s, of which output processing {spent['output']:.3f} s "
           f"({100 * spent['output'] / spent['steps']:.1f} %)")
 

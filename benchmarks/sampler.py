@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from server.engine.base import SamplingParams  # noqa: E402
 from server.engine.native import sampler as current  # noqa: E402
+from server.engine.native.loading import speed_flags  # noqa: E402
 from server.engine.native.sequence import Sequence  # noqa: E402
 
 VOCAB = 49152
@@ -81,8 +82,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     then = sampler_at(args.against) if args.against else None
     tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_MODEL))
-    flags = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in open("/proc/cpuinfo").read()})
-    print(f"sampler: {torch.get_num_threads()} threads, CPU flags {' '.join(flags)}")
+    print(f"sampler: {torch.get_num_threads()} threads, CPU flags {speed_flags()}")
     header = f"{'rows':>4} {'case':<28} {'now ms':>8}"
     print(header + (f" {args.against + ' ms':>14} {'now/then':>9}" if then else ""))
     torch.manual_seed(0)

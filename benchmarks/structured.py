@@ -147,7 +147,7 @@ def main() -> None:
     from server.engine.base import GrammarSpec
     from server.engine.config import EngineConfig
     from server.engine.native.engine import NativeEngine
-    from server.extensions.structured import compile_spec, grammar_compiler
+    from server.extensions.grammar_compile import compile_spec, grammar_compiler
     from server.models import resolve
 
     batches = [int(b) for b in args.batches.split(",")]

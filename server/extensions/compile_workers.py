@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from server.engine.base import GrammarSpec
 from server.errors import TOO_DEEP
+from server.extensions.grammar_compile import compile_checked, grammar_compiler
+from server.extensions.guidance import GuidanceGrammar
 
 
 class CompilerBusy(Exception):
@@ -35,9 +37,6 @@ class CompileTimeout(Exception):
 def serve_compiles(conn, tokenizer, vocab_size: int, memory_bytes: int) -> None:
     """A worker's life: compile each spec it is sent and send back ("ok", (backend, serialized)) or
     ("error", message); its own cache is off, the server keeps the compiled grammars."""
-    from server.extensions.guidance import GuidanceGrammar
-    from server.extensions.structured import compile_checked, grammar_compiler
-
     os.nice(10)  # the server's requests come first on the CPU: a costly compile uses what they leave
     compiler = grammar_compiler(tokenizer, vocab_size, cache_bytes=0)
     if memory_bytes:  # on top of what the worker maps once started (its libraries and token tables)

@@ -10,16 +10,12 @@ oneOf is read as anyOf, as xgrammar reads it.
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-_tokenizers: dict[int, Any] = {}
-_tokenizers_lock = threading.Lock()
-
 
 @dataclass(frozen=True)
 class GuidanceGrammar:
@@ -32,14 +28,12 @@ class GuidanceGrammar:
         return llguidance.LLMatcher(self.tokenizer, self.text, log_level=0)
 
 
+@functools.cache
 def guidance_tokenizer(tokenizer, vocab_size: int):
     """llguidance's token table for `tokenizer`, built once (about 0.3 s for a 49k vocabulary)."""
     import llguidance.hf
 
-    with _tokenizers_lock:
-        if id(tokenizer) not in _tokenizers:
-            _tokenizers[id(tokenizer)] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-        return _tokenizers[id(tokenizer)]
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
 
 
 def compile_guidance(tokenizer, vocab_size: int, schema) -> GuidanceGrammar:

@@ -34,6 +34,7 @@ import torch
 
 from patches.trie import END, TokenTrie
 from server.engine.base import KeyConstraint
+from server.extensions.guidance import GuidanceGrammar
 
 
 class SequenceConstraint(Protocol):
@@ -92,15 +93,26 @@ class GrammarTooCostly(ValueError):
 
 
 class TimedMatcher:
-    """A grammar matcher's work for one sequence, timed against `step_budget` seconds per token (fill + advance).
+    """A grammar matcher for one sequence (xgrammar's or llguidance's: the subclasses say how to fill, accept, end
+    and copy), timed against `step_budget` seconds per token (fill + advance).
 
     A matcher call runs in C++ and cannot be stopped once started, and some grammars cost more with each token
     (xgrammar took 0.09, 0.7, 3 and 9 s for successive 5-character pieces of one pattern, measured); so each call is
     timed, and the token after one that went past the budget ends the request with a 400, before the next costs
     more. The loop is held at most for the call that crossed the budget."""
 
-    def __init__(self, step_budget: float, clock=time.monotonic):
-        self.step_budget, self.clock, self.spent = step_budget, clock, 0.0
+    entry = None
+
+    def __init__(self, matcher, step_budget: float, clock=time.monotonic):
+        self.matcher, self.step_budget, self.clock, self.spent = matcher, step_budget, clock, 0.0
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None: ...
+
+    def accept(self, token: int) -> bool: ...
+
+    def complete(self) -> bool: ...
+
+    def copy(self): ...
 
     def timed(self, work):
         started = self.clock()
@@ -108,81 +120,75 @@ class TimedMatcher:
         self.spent += self.clock() - started
         return result
 
-    def check_budget(self) -> None:
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.timed(lambda: self.fill(bitmask, row))
+
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
+        import xgrammar
+
+        bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        self.fill_bitmask(bitmask, 0)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size]
+        return torch.from_numpy(np.flatnonzero(bits))
+
+    def advance(self, token: int) -> bool:
+        if not self.timed(lambda: self.accept(token)):  # the mask makes this unreachable
+            raise RuntimeError(f"token {token} does not continue the grammar")
         spent, self.spent = self.spent, 0.0
         if spent > self.step_budget:
             raise GrammarTooCostly(f"the grammar took {spent:.1f} s to check one token (at most {self.step_budget:g} s, "
                                    "--grammar-step-timeout); simplify it: fewer nested repetitions or optional parts")
+        return self.complete()
 
-
-def allowed_from_bitmask(state, vocab_size: int) -> torch.Tensor:
-    import xgrammar
-
-    bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
-    state.fill_bitmask(bitmask, 0)
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size]
-    return torch.from_numpy(np.flatnonzero(bits))
+    def fork(self):
+        return type(self)(step_budget=self.step_budget, matcher=self.copy())
 
 
 class GrammarState(TimedMatcher):
     """xgrammar's matcher; complete once the grammar ended and the end token was taken."""
 
-    entry = None
-
     def __init__(self, compiled=None, step_budget: float = math.inf, matcher=None):
         import xgrammar
 
-        super().__init__(step_budget)
-        self.matcher = matcher if matcher is not None else xgrammar.GrammarMatcher(compiled)
+        super().__init__(matcher if matcher is not None else xgrammar.GrammarMatcher(compiled), step_budget)
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self.timed(lambda: self.matcher.fill_next_token_bitmask(bitmask, row))
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
 
-    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
-        return allowed_from_bitmask(self, vocab_size)
+    def accept(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
 
-    def advance(self, token: int) -> bool:
-        if not self.timed(lambda: self.matcher.accept_token(token)):  # the mask makes this unreachable
-            raise RuntimeError(f"token {token} does not continue the grammar")
-        self.check_budget()
+    def complete(self) -> bool:
         return self.matcher.is_terminated()
 
-    def fork(self) -> "GrammarState":
-        return GrammarState(step_budget=self.step_budget, matcher=self.matcher.fork())
+    def copy(self):
+        return self.matcher.fork()
 
 
 class GuidanceState(TimedMatcher):
     """llguidance's matcher (server/extensions/guidance.py); complete once nothing but the end can follow."""
 
-    entry = None
-
     def __init__(self, grammar=None, step_budget: float = math.inf, matcher=None):
-        super().__init__(step_budget)
-        self.matcher = matcher if matcher is not None else grammar.matcher()
+        super().__init__(matcher if matcher is not None else grammar.matcher(), step_budget)
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
         import llguidance.torch
 
-        self.timed(lambda: llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row))
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)
 
-    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
-        return allowed_from_bitmask(self, vocab_size)
+    def accept(self, token: int) -> bool:
+        return self.matcher.consume_token(token)
 
-    def advance(self, token: int) -> bool:
-        if not self.timed(lambda: self.matcher.consume_token(token)):  # the mask makes this unreachable
-            raise RuntimeError(f"token {token} does not continue the grammar")
-        self.check_budget()
+    def complete(self) -> bool:
         return self.matcher.is_stopped()
 
-    def fork(self) -> "GuidanceState":
-        return GuidanceState(step_budget=self.step_budget, matcher=self.matcher.deep_copy())
+    def copy(self):
+        return self.matcher.deep_copy()
 
 
 def constraint_of(request, step_budget: float) -> SequenceConstraint | None:
     """A sequence's own constraint state for `request` (a GenerationRequest): the keys of a trie, or a grammar's
     matcher (xgrammar, or llguidance for the grammars compiled there), timed against `step_budget` seconds a token."""
-    from server.extensions.guidance import GuidanceGrammar
-
     if request.constraint is not None:
         return KeyState(request.constraint)
     if request.grammar is None:

@@ -13,14 +13,26 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """AVX512-BF16 or AMX-BF16: bfloat16 matmuls run 1.3-2x faster than float32 (measured in the issue-16 note)."""
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides CPU speed here; printed beside figures
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's flags as /proc/cpuinfo lists them (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+            return set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+
+
+def speed_flags() -> str:
+    """The flags of SPEED_FLAGS this CPU has, for a benchmark's header."""
+    return " ".join(flag for flag in SPEED_FLAGS if flag in cpu_flags())
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """AVX512-BF16 or AMX-BF16: bfloat16 matmuls run 1.3-2x faster than float32 (measured in the issue-16 note)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
