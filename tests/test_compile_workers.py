@@ -8,8 +8,9 @@ of the count), far past every timeout used below on any machine; no assertion is
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
-import threading
+import socket
 
 import httpx
 import pytest
@@ -69,40 +70,57 @@ def test_a_worker_answers_what_the_compilers_refuse_in_words(workers):
                                            "character class that matches nothing, or rules that only refer to each other")
 
 
+def send_and_hold(url: str, body: dict) -> socket.socket:
+    """POST `body` on a raw connection left open: closing it is the client leaving, at a moment the test picks."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    connection = socket.create_connection((host, int(port)), timeout=600)
+    connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(payload), payload))
+    return connection
+
+
+def answered(connection: socket.socket) -> bool:
+    """Whether the server has written anything back, or closed the connection."""
+    connection.setblocking(False)
+    try:
+        connection.recv(1, socket.MSG_PEEK)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        connection.setblocking(True)
+
+
 @pytest.mark.server
-def test_a_plain_request_beside_costly_grammars_is_answered_first_and_their_compiles_end(tokenizer):
-    """Two costly grammars take both workers; a plain request sent after them is answered before either ends.
-    They end with a 400 naming the flag and their processes are gone; a grammar whose client left is killed
-    though its timeout is far away."""
+def test_a_plain_request_beside_costly_grammars_is_answered_first_and_a_compile_whose_client_left_is_killed(tokenizer):
+    """Two costly grammars take both workers; a plain request sent after them is answered while both still
+    compile. Each compile's process is killed when its client leaves, though its timeout is an hour away; the
+    next grammar gets a fresh worker."""
     engine = make_engine(tiny_model("llama", seed=5), tokenizer, max_model_len=128)
-    with running_server(engine, grammar_compile_timeout=5.0) as url:
+    with running_server(engine, grammar_compile_timeout=3600) as url:
         port = url.rsplit(":", 1)[1]
+        costly_body = {"prompt": "Hi", "max_tokens": 3, "structured_outputs": {"grammar": COSTLY}}
+        costly = [send_and_hold(url, costly_body) for _ in range(2)]
+        assert wait_until(lambda: len(alive(f"grammar-compile:{port}")) == 2, timeout=300)
+        plain = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=600)
+        assert plain.status_code == 200
+        assert len(alive(f"grammar-compile:{port}")) == 2 and not any(answered(c) for c in costly)  # still compiling
+        costly[0].close()
+        assert wait_until(lambda: len(alive(f"grammar-compile:{port}")) == 1, timeout=120)
+        costly[1].close()
+        assert wait_until(lambda: alive(f"grammar-compile:{port}") == [], timeout=120)
+        cheap = {"prompt": "Hi", "max_tokens": 3, "structured_outputs": {"grammar": "root ::= \"yes\" | \"no\""}}
+        assert httpx.post(f"{url}/v1/completions", json=cheap, timeout=600).status_code == 200
 
-        def ask(grammar=None, timeout=600):
-            extra = {"structured_outputs": {"grammar": grammar}} if grammar else {}
-            return httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, **extra}, timeout=timeout)
 
-        ended = []
-        costly = [threading.Thread(target=lambda: ended.append(ask(COSTLY))) for _ in range(2)]
-        for thread in costly:
-            thread.start()
-        assert wait_until(lambda: len(alive(f"grammar-compile:{port}")) == 2, timeout=120)
-        assert ask().status_code == 200
-        assert ended == []  # the plain answer came first
-        for thread in costly:
-            thread.join(600)
-        assert [reply.status_code for reply in ended] == [400, 400]
-        assert all("--grammar-compile-timeout" in reply.json()["error"]["message"] for reply in ended)
+@pytest.mark.server
+def test_a_compile_past_its_timeout_ends_its_request_with_a_400_naming_the_flag(tokenizer):
+    engine = make_engine(tiny_model("llama", seed=5), tokenizer, max_model_len=128)
+    with running_server(engine, grammar_compile_timeout=3.0) as url:
+        port = url.rsplit(":", 1)[1]
+        reply = httpx.post(f"{url}/v1/completions", timeout=600,
+                           json={"prompt": "Hi", "max_tokens": 3, "structured_outputs": {"grammar": COSTLY}})
+        assert reply.status_code == 400
+        assert "--grammar-compile-timeout" in reply.json()["error"]["message"]
         assert alive(f"grammar-compile:{port}") == []
-        assert ask("root ::= \"yes\" | \"no\"").status_code == 200
-
-    with running_server(make_engine(tiny_model("llama", seed=5), tokenizer, max_model_len=128), grammar_compile_timeout=3600) as url:
-        port = url.rsplit(":", 1)[1]
-        try:
-            ask_costly = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "structured_outputs": {"grammar": COSTLY}},
-                                    timeout=httpx.Timeout(600, read=1.0))
-        except httpx.ReadTimeout:
-            ask_costly = None
-        assert ask_costly is None  # the client gave up waiting
-        assert wait_until(lambda: len(alive(f"grammar-compile:{port}")) == 1, timeout=120)  # its worker was busy...
-        assert wait_until(lambda: alive(f"grammar-compile:{port}") == [], timeout=120)  # ...and was killed when it left

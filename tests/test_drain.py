@@ -85,7 +85,7 @@ def test_sigterm_lets_a_stream_finish_and_refuses_new_requests(bundled_path, tmp
         stream = Stream(url, max_tokens=40, request_id="drain-finish-1")
         assert stream.next_event()["choices"][0]["finish_reason"] is None
         process.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10)
+        assert wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=120)
         refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert refused.status_code == 503 and refused.headers["connection"] == "close"
         assert "shutting down" in refused.json()["error"]["message"]

@@ -138,13 +138,13 @@ def test_metrics_use_vllm_names(server, client):
 def test_disconnect_frees_the_sequence(server):
     aborted_before = metric_value(server, "vllm:request_success_total", finished_reason="abort")
     body = {"prompt": "a", "max_tokens": 250, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as response:
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=600) as response:
         lines = response.iter_lines()
         for line in lines:
             if line.startswith("data:"):
                 break
         assert metric_value(server, "vllm:num_requests_running") == 1
-    assert wait_until(lambda: metric_value(server, "vllm:num_requests_running") == 0, timeout=10)
+    assert wait_until(lambda: metric_value(server, "vllm:num_requests_running") == 0, timeout=120)
     assert wait_until(lambda: metric_value(server, "vllm:request_success_total", finished_reason="abort") == aborted_before + 1, timeout=10)
 
 

@@ -27,16 +27,16 @@ def test_a_trie_changed_through_one_replica_is_served_by_the_other(tokenizer, tm
     with running_server(engines[0], data_dir=str(tmp_path)) as a, running_server(engines[1], data_dir=str(tmp_path)) as b:
         assert httpx.post(f"{a}/v1/tries", json={"name": "capitals", "entries": FIRST}).status_code == 200
         started = time.time()
-        assert wait_until(lambda: answer(b).status_code == 200, timeout=30), "B never served the trie uploaded to A"
+        assert wait_until(lambda: answer(b).status_code == 200, timeout=120), "B never served the trie uploaded to A"
         print(f"B served A's upload after {time.time() - started:.2f} s")
         assert answer(b).json()["choices"][0]["key"] in {"Paris", "Rome"}
 
         assert httpx.post(f"{b}/v1/tries", json={"name": "capitals", "entries": SECOND}).status_code == 200
-        assert wait_until(lambda: answer(a).json()["choices"][0]["key"] == "Oslo", timeout=30), "A kept the old trie"
+        assert wait_until(lambda: answer(a).json()["choices"][0]["key"] == "Oslo", timeout=120), "A kept the old trie"
         assert httpx.get(f"{a}/v1/tries/capitals").json()["keys"] == 1
 
         assert httpx.delete(f"{a}/v1/tries/capitals").json()["deleted"] is True
-        assert wait_until(lambda: answer(b).status_code == 404, timeout=30), "B still serves a deleted trie"
+        assert wait_until(lambda: answer(b).status_code == 404, timeout=120), "B still serves a deleted trie"
         assert httpx.get(f"{b}/v1/tries").json()["data"] == []
 
 

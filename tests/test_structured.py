@@ -247,7 +247,7 @@ def test_beam_search_under_a_grammar_gives_the_best_distinct_valid_answers(serve
                extra_body={"use_beam_search": True})
     if engine == "vllm":
         body = {name: value for name, value in ask.items() if name != "extra_body"} | ask["extra_body"]
-        reply = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+        reply = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=600)
         assert reply.status_code == 400 and "--engine native" in reply.json()["error"]["message"]
         return
     for stream in (False, True):
@@ -348,13 +348,13 @@ BAD = [
 def test_bad_structured_requests_get_a_400_naming_the_field(server, path, fields, param, words):
     body = {"model": MODEL, "max_tokens": 5, **fields}
     body.update({"messages": ASK_WEATHER} if path.endswith("chat/completions") else {"prompt": "Hi"})
-    reply = httpx.post(f"{server}{path}", json=body, timeout=60)
+    reply = httpx.post(f"{server}{path}", json=body, timeout=600)
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert any(alternative in error["message"] for alternative in ((words,) if isinstance(words, str) else words)), error
     if param is not None:
         assert error["param"] == param, error
-    assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200
+    assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=600).status_code == 200
 
 
 def test_a_beam_keeps_one_entry_per_text_with_its_best_tokenization():

@@ -147,7 +147,7 @@ def test_an_upload_is_parsed_and_built_in_another_process(tokenizer, tmp_path, m
         try:
             assert wait_until(lambda: (tmp_path / "pid").exists(), timeout=120)
             assert int((tmp_path / "pid").read_text()) != os.getpid()
-            assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30).status_code == 200
+            assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=600).status_code == 200
         finally:
             (tmp_path / "release").touch()
             upload.join(120)
@@ -312,9 +312,9 @@ def test_beam_search_returns_the_best_distinct_keys_with_their_scores(tokenizer,
         no_constraint = httpx.post(f"{url}/v1/completions", json={"prompt": "A", "n": 2, "use_beam_search": True})
         assert no_constraint.status_code == 400 and "constraint" in no_constraint.json()["error"]["message"]
         two_prompts = httpx.post(f"{url}/v1/completions", json={"prompt": ["A", "B"], "n": 2, "use_beam_search": True,
-                                                                "constraint": {"choices": choices}}, timeout=30)
+                                                                "constraint": {"choices": choices}}, timeout=600)
         assert two_prompts.status_code == 400 and two_prompts.json()["error"]["param"] == "prompt"  # it hung before
         with_contexts = httpx.post(f"{url}/v1/completions", json={"prompt": "A", "n": 2, "use_beam_search": True, "contexts": ["x", "y"],
-                                                                  "constraint": {"choices": choices}}, timeout=30)
+                                                                  "constraint": {"choices": choices}}, timeout=600)
         assert with_contexts.status_code == 400 and "contexts" in with_contexts.json()["error"]["message"]
         assert wait_until(lambda: engine.scheduler.num_running == 0 and engine.blocks.in_use == 0)
