@@ -100,10 +100,12 @@ def fused_kernel_for(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def flash_cpu(q, k, v, additive_mask: torch.Tensor | None, scale: float):
+def flash_cpu(q, k, v, additive_mask: torch.Tensor | None, scale: float, causal: bool = False):
     # Public SDPA does not return the log-sum-exp that merging needs; this is
     # the kernel SDPA itself runs on CPU, and returns it (torch is pinned).
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive_mask, scale=scale)
+    # It takes grouped-query heads as they are (q's heads a multiple of k's).
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=additive_mask,
+                                                                          scale=scale)
     return out, lse.float()
 
 

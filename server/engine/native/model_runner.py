@@ -9,11 +9,12 @@ per-head RMSNorm of q and k runs before the rotation, and Phi-3, whose q/k/v
 and gate/up projections come fused already (its `longrope` table is
 positions.py's).
 
-One entry point, run(decode, chunks): a whole step in one forward pass. The
-decoding rows each add one token, whatever their lengths (a length mask per
-row); each prefill chunk is causal within itself and attends to everything
-already cached for its sequence. How positions enter attention, and what the
-cache keeps, is attention.py's.
+One entry point, run(decode, chunks): a whole step in one forward pass, its
+tokens flat. The decoding rows each add one token, whatever their lengths;
+each prefill chunk is causal within itself and attends to everything already
+cached for its sequence. How positions enter attention, and what the cache
+keeps, is attention.py's; how attention runs over the paged cache is
+attention_backend.py's.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from patches.model_facts import ModelFacts
-from server.engine.native.attention import DecodeAttention, PrefillAttention
+from server.engine.native.attention import StepAttention
+from server.engine.native.attention_backend import GatherBackend
 from server.engine.native.kv_cache import KvPool
 from server.engine.native.positions import Positions
 from server.engine.native.scheduler import Chunk
 from server.engine.native.sequence import Sequence
+from server.engine.native.step_inputs import StepInputs, StepRow
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 
@@ -38,20 +41,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 class StepLogits:
     decode: torch.Tensor | None  # [decoding rows, vocab]
     chunks: list[torch.Tensor | None]  # per chunk: [vocab], [chunk tokens, vocab] or None
-
-
-def attend_segments(segments: list[tuple[int, object]], layer: int, q, k, v) -> torch.Tensor:
-    """Split q, k, v [1, heads, tokens, d] by segment, attend each, join the outputs."""
-    outs, at = [], 0
-    for size, attend in segments:
-        part = slice(at, at + size)
-        q_part, k_part, v_part = q[:, :, part], k[:, :, part], v[:, :, part]
-        if isinstance(attend, DecodeAttention):  # tokens are rows here: [rows, heads, 1, d]
-            outs.append(attend(layer, q_part.transpose(0, 2), k_part.transpose(0, 2), v_part.transpose(0, 2)).transpose(0, 2))
-        else:
-            outs.append(attend(layer, q_part, k_part, v_part))
-        at += size
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def fused(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,6 +98,7 @@ class ModelRunner:
         self.dtype = model.dtype
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.act = ACT2FN[config.hidden_act]
+        self.backend = GatherBackend(self.num_heads, self.num_kv_heads, self.scale, self.device, self.dtype)
         # Fewer, larger matmuls: q/k/v as one projection, gate/up as another (Phi-3 ships them so: the same order).
         self.qkv = [fused(l.self_attn.qkv_proj) if hasattr(l.self_attn, "qkv_proj")
                     else fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.decoder.layers]
@@ -122,27 +112,18 @@ class ModelRunner:
     def run(self, decode: list[Sequence], chunks: list[Chunk]) -> StepLogits:
         """One forward pass over every token of a step: one new token per decoding row, then each prefill chunk.
 
-        Every linear layer sees all the step's tokens at once; attention runs per
-        segment (the decode rows together, each chunk alone). Returns the logits
-        the step's sequences need: one row per decoding sequence, and per chunk the
-        logits after its last position (every position for prompt_logprobs),
-        or None for a chunk that does not end its prompt and needs no scores.
+        The step's tokens go through every layer flat and together (step_inputs.py), attention included
+        (attention.py). Returns the logits the step's sequences need: one row per decoding sequence, and per
+        chunk the logits after its last position (every position for prompt_logprobs), or None for a chunk
+        that does not end its prompt and needs no scores.
         """
-        ids, segments = [], []
-        if decode:
-            ids += [seq.last_token for seq in decode]
-            lengths = torch.tensor([seq.num_cached for seq in decode], device=self.device)
-            encoding = self.positions.encode([seq.positions for seq in decode], lengths.unsqueeze(1), self.dtype)
-            segments.append((len(decode), DecodeAttention(self.pool, [seq.block_table for seq in decode], lengths, encoding,
-                                                          self.num_heads, self.scale)))
-        for chunk in chunks:
-            seq, start, end = chunk.seq, chunk.start, chunk.end
-            ids += seq.all_ids[start:end]
-            positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-            encoding = self.positions.encode([seq.positions], positions, self.dtype)
-            segments.append((end - start, PrefillAttention(self.pool, seq.block_table, start, end, encoding,
-                                                           self.num_heads // self.num_kv_heads, self.scale)))
-        hidden = self._forward(torch.tensor([ids], device=self.device), segments)[0]
+        rows = [StepRow(seq, seq.num_cached, seq.num_cached + 1) for seq in decode]
+        rows += [StepRow(chunk.seq, chunk.start, chunk.end) for chunk in chunks]
+        if any(row.seq.positions.window is not None for row in rows):
+            self.pool.ensure_near_keys()  # before the forward pass: its allocation never fails inside one
+        step = StepInputs.build(rows, self.device)
+        encoding = self.positions.encode([row.seq.positions for row in rows], step.positions, step.row_of_token, self.dtype)
+        hidden = self._forward(step.ids, StepAttention(self.pool, step, encoding, self.backend))
         wanted, spans = [], []  # rows of `hidden` to project, and each owner's share of them
         if decode:
             wanted.append(torch.arange(len(decode), device=self.device))
@@ -175,24 +156,20 @@ class ModelRunner:
         """One decode step alone for `seqs`: logits [len(seqs), vocab]."""
         return self.run(seqs, []).decode
 
-    def _forward(self, ids: torch.Tensor, segments: list[tuple[int, object]]) -> torch.Tensor:
-        """The decoder stack over ids [1, tokens]; each segment (its token count, an attention step) places
-        its tokens' positions and attends, `attend(layer, q, k, v)`."""
-        batch, tokens = ids.shape
+    def _forward(self, ids: torch.Tensor, attention: StepAttention) -> torch.Tensor:
+        """The decoder stack over the step's flat ids [tokens]; `attention(layer, q, k, v)` places and attends."""
+        tokens = ids.shape[0]
         hidden = self.decoder.embed_tokens(ids)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, layer in enumerate(self.decoder.layers):
             x = layer.input_layernorm(hidden)
             q, k, v = F.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(batch, tokens, self.num_heads, self.head_dim)
-            k = k.view(batch, tokens, self.num_kv_heads, self.head_dim)
+            q = q.view(tokens, self.num_heads, self.head_dim)
+            k = k.view(tokens, self.num_kv_heads, self.head_dim)
             if self.qk_norms[index] is not None:
                 q, k = self.qk_norms[index][0](q), self.qk_norms[index][1](k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            out = attend_segments(segments, index, q, k, v)
-            out = out.transpose(1, 2).reshape(batch, tokens, q_size)
-            hidden = hidden + layer.self_attn.o_proj(out)
+            out = attention(index, q, k, v.view(tokens, self.num_kv_heads, self.head_dim))
+            hidden = hidden + layer.self_attn.o_proj(out.reshape(tokens, q_size))
             gate, up = F.linear(layer.post_attention_layernorm(hidden), *self.gate_up[index]).chunk(2, dim=-1)
             hidden = hidden + layer.mlp.down_proj(self.act(gate) * up)
         return self.decoder.norm(hidden)

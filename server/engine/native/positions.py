@@ -28,7 +28,7 @@ from patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_ta
 
 @dataclass
 class Rotation:
-    cos: torch.Tensor  # [rows, 1, tokens, d]
+    cos: torch.Tensor  # [tokens, 1, d]: q and k are [tokens, heads, d]
     sin: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +39,8 @@ class Rotation:
 class Clipping:
     """The rows that use ReRoPE or Leaky ReRoPE, and their settings."""
 
-    rows: torch.Tensor  # bool [rows]
-    window: torch.Tensor  # long [rows]
+    rows: torch.Tensor  # bool [tokens]: the token's row is clipped
+    window: torch.Tensor  # long [tokens]: its row's window (1 for rows that are not clipped)
     far_query: Rotation  # R_{p(i)}: the query for scores past the window
 
 
@@ -50,7 +50,7 @@ class Encoding:
 
     query: Rotation  # R_i
     key: Rotation  # what the cache keeps: R_i, or R_{i*leak} for clipped rows
-    query_scale: torch.Tensor | None  # [rows, 1, tokens, 1]; None when no row uses log-n
+    query_scale: torch.Tensor | None  # [tokens, 1, 1]; None when no row uses log-n
     clipping: Clipping | None  # None when no row is clipped
 
     def scale(self, q: torch.Tensor) -> torch.Tensor:
@@ -151,38 +151,39 @@ class Positions:
             return seq_len <= self.trained_len
         return spec.type == "rope" or spec.factor == 1.0
 
-    def encode(self, rows: list[SequencePositions], positions: torch.Tensor, dtype: torch.dtype) -> Encoding:
-        """Encoding for positions [rows, tokens], row i using rows[i]."""
-        inv_freq, factor = self._tables_of(rows, positions.device)
+    def encode(self, rows: list[SequencePositions], positions: torch.Tensor, row_of_token: torch.Tensor,
+               dtype: torch.dtype) -> Encoding:
+        """Encoding for a step's flat tokens at `positions` [tokens], token t using rows[row_of_token[t]].
+
+        The per-row settings travel as one small tensor (one copy); every rotation is per token, so rows with
+        different tables, windows, leaks and groups share each call."""
+        tables = list({id(row.table): row.table for row in rows}.values())
+        settings = torch.tensor([[tables.index(row.table) for row in rows], [row.window is not None for row in rows],
+                                 [row.window or 1 for row in rows], [row.leak for row in rows],
+                                 [row.group for row in rows], [row.logn for row in rows],
+                                 [row.table.attention_factor for row in rows]], dtype=torch.float64)
+        table_of, clipped, window, leak, group, logn, factor = settings.to(positions.device, non_blocking=True)[:, row_of_token]
+        if len(tables) == 1:
+            inv_freq, factor = tables[0].inv_freq, tables[0].attention_factor
+        else:
+            inv_freq = torch.stack([table.inv_freq for table in tables])[table_of.long()]  # [tokens, d/2]
+            factor = factor.float().unsqueeze(-1)
         query = self._rotation(inv_freq, positions, factor, dtype)
         key, clipping = query, None
         if any(row.window is not None for row in rows):
-            clipped = torch.tensor([row.window is not None for row in rows], device=positions.device)
-            window = torch.tensor([row.window or 1 for row in rows], device=positions.device)  # unclipped rows: any valid window
-            leak = torch.tensor([row.leak for row in rows], device=positions.device)
-            group = torch.tensor([row.group for row in rows], device=positions.device).unsqueeze(1) if any(row.group for row in rows) else None
-            key_at = torch.where(clipped.unsqueeze(1), far_key_positions(positions, leak.unsqueeze(1), group), positions)
+            clipped, window, group, leak = clipped.bool(), window.long(), group.long(), leak.float()
+            grouped = group if any(row.group for row in rows) else None
+            key_at = torch.where(clipped, far_key_positions(positions, leak, grouped), positions)
             key = self._rotation(inv_freq, key_at, factor, dtype)
-            far_at = far_query_positions(positions, window.unsqueeze(1), leak.unsqueeze(1), group)
-            far_query = self._rotation(inv_freq, far_at, factor, dtype)
+            far_query = self._rotation(inv_freq, far_query_positions(positions, window, leak, grouped), factor, dtype)
             clipping = Clipping(clipped, window, far_query)
         query_scale = None
         if any(row.logn for row in rows):
             scale = logn_factors(positions, self.trained_len)
-            wanted = torch.tensor([row.logn for row in rows], device=positions.device).unsqueeze(1)
-            query_scale = torch.where(wanted, scale, torch.ones_like(scale))[:, None, :, None].to(dtype)
+            query_scale = torch.where(logn.bool(), scale, torch.ones_like(scale))[:, None, None].to(dtype)
         return Encoding(query, key, query_scale, clipping)
 
     @staticmethod
-    def _tables_of(rows: list[SequencePositions], device: torch.device):
-        """One table for all rows where they share it; else per-row stacks."""
-        if all(row.table is rows[0].table for row in rows):
-            return rows[0].table.inv_freq, rows[0].table.attention_factor
-        inv_freq = torch.stack([row.table.inv_freq for row in rows]).unsqueeze(1)  # [rows, 1, d/2]
-        factor = torch.tensor([row.table.attention_factor for row in rows], device=device).view(-1, 1, 1)
-        return inv_freq, factor
-
-    @staticmethod
     def _rotation(inv_freq, positions: torch.Tensor, factor, dtype: torch.dtype) -> Rotation:
-        cos, sin = cos_sin(inv_freq, positions, factor)
+        cos, sin = cos_sin(inv_freq, positions, factor)  # [tokens, d]: one angle per token, shared by its heads
         return Rotation(cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype))

@@ -1,0 +1,239 @@
+"""The attention backend: one call per layer per key plane over a whole step, returning output and log-sum-exp.
+
+A call is planned once per step and run by every layer. Its rows are any of
+the step's rows, decode rows and prefill chunks together, each with a band of
+relative distances it may see, lo <= i - j < hi: plain rows [0, inf), the near
+form of a clipped row [0, w), its far form [w, inf). Rows with different
+windows share one call; the bounds are per row.
+
+How this backend runs a call (gather + dense kernels; CPU and CUDA alike):
+- each row reads only the keys its band can reach: a ReRoPE row's near call
+  reads its last w keys, not its whole length;
+- one-query rows (decode) are sorted by how many keys they read and grouped
+  so that a group, padded to its longest row, holds at most twice the keys
+  its rows read (or is small): memory follows the step's tokens, never rows x
+  longest, and a 16k-token row beside 31 short ones is a group of its own;
+- a multi-query row (a prefill chunk) is a group of its own, with a mask only
+  where its band cuts through the keys (none for a first chunk: causal);
+- keys are gathered with index_select from the pool through the block table
+  (a slice, no copy, where one row's blocks are consecutive).
+
+Kernels: SDPA where no log-sum-exp is needed (plain rows); on CPU the flash
+kernel SDPA itself runs, which also returns it; elsewhere the scores made
+explicit, a block of query rows at a time. One-query groups on CPU in bf16 run
+as two bf16 matmuls and a float32 softmax, 2.5x faster than SDPA's bf16
+kernel there (the issue-16 note), and that path returns the log-sum-exp too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from patches.rerope import flash_cpu
+from server.engine.native.kv_cache import BLOCK_SIZE
+from server.engine.native.step_inputs import StepInputs
+
+UNBOUNDED = 1 << 62  # hi for a band with no upper distance
+SMALL_GROUP_KEYS = 256  # a group this short in keys is not split for padding
+EXPLICIT_QUERY_ROWS = 256  # query rows per block on the explicit path: bounds its score memory
+
+
+@dataclass(frozen=True)
+class RowBand:
+    """One row of a call: the step row, and the distances i - j its queries see: lo <= i - j < hi."""
+
+    row: int
+    lo: int
+    hi: int
+
+
+@dataclass
+class Group:
+    """Rows run by one kernel call: several one-query rows, or one multi-query row."""
+
+    queries: torch.Tensor | slice  # the call's query tokens: long [rows] for one-query rows, a slice for one row
+    keys: torch.Tensor | slice  # pool slots, long [rows * width] (row-major), or a slice for one row
+    rows: int
+    width: int  # keys per row, padded
+    visible: torch.Tensor | None  # bool [rows, 1, queries, width]; None: every key for every query
+    causal: bool  # one row whose queries are all its keys: SDPA's causal mask
+    empty: torch.Tensor | None  # bool [queries]: queries that see no key (their output 0, log-sum-exp -inf)
+    into: torch.Tensor | slice  # where its outputs go among the call's tokens
+    _additive: torch.Tensor | None = None
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.visible is not None and self._additive is None:
+            zeros = torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device)
+            self._additive = zeros.masked_fill_(~self.visible, float("-inf"))
+        return self._additive
+
+
+@dataclass
+class CallPlan:
+    tokens: torch.Tensor | None  # long [call tokens]: the step tokens this call answers; None: all, in order
+    count: int
+    groups: list[Group]
+    need_lse: bool
+
+
+def key_span(first: int, end: int, band: RowBand) -> tuple[int, int]:
+    """The keys [k0, k1) that queries at positions [first, end) can see within `band`."""
+    return max(0, first - band.hi + 1), max(0, end - band.lo)
+
+
+def consecutive(block_table: list[int], k0: int, k1: int) -> bool:
+    blocks = block_table[k0 // BLOCK_SIZE : (k1 - 1) // BLOCK_SIZE + 1]
+    return blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+
+
+class GatherBackend:
+    def __init__(self, num_heads: int, num_kv_heads: int, scale: float, device: torch.device, dtype: torch.dtype):
+        self.num_heads, self.num_kv_heads, self.scale = num_heads, num_kv_heads, scale
+        self.device, self.dtype = device, dtype
+
+    def plan(self, step: StepInputs, bands: list[RowBand], need_lse: bool) -> CallPlan:
+        """Groups for `bands` (rows in step order); host arithmetic and a few small copies, once per step."""
+        offsets, count = [], 0
+        for band in bands:
+            offsets.append(count)
+            count += step.rows[band.row].count
+        every_row = [band.row for band in bands] == list(range(len(step.rows)))
+        tokens = None if every_row else torch.cat([
+            torch.arange(step.query_start[band.row], step.query_start[band.row + 1]) for band in bands]).to(self.device)
+        groups, decode = [], []
+        for band, offset in zip(bands, offsets):
+            row = step.rows[band.row]
+            k0, k1 = key_span(row.first, row.end, band)
+            if k1 <= k0:
+                continue  # sees nothing in this call: output 0, log-sum-exp -inf
+            if row.count == 1:
+                decode.append((k1 - k0, band, offset, k0))
+            else:
+                groups.append(self._one_row(step, band, offset, k0, k1))
+        decode.sort(key=lambda item: -item[0])
+        while decode:
+            width, taken, held = decode[0][0], 0, 0
+            while taken < len(decode) and (width <= SMALL_GROUP_KEYS or (taken + 1) * width <= 2 * (held + decode[taken][0])):
+                held += decode[taken][0]
+                taken += 1
+            groups.append(self._one_query_rows(step, decode[:taken], width))
+            decode = decode[taken:]
+        return CallPlan(tokens, count, groups, need_lse)
+
+    def _one_query_rows(self, step: StepInputs, members: list, width: int) -> Group:
+        """Decode rows: row b reads keys [k0_b, k0_b + length_b), padded to `width` and masked past its length."""
+        rows = torch.tensor([[band.row, k0, length, offset, step.query_start[band.row]]
+                             for length, band, offset, k0 in members]).to(self.device, non_blocking=True)
+        row, k0, length, into, query = rows.unbind(1)
+        if len(members) == 1 and consecutive(step.rows[members[0][1].row].seq.block_table, members[0][3], members[0][3] + width):
+            keys = self._slice(step, members[0][1].row, members[0][3], members[0][3] + width)
+            return Group(query, keys, 1, width, None, False, None, into)
+        at = torch.arange(width, device=self.device)
+        reach = torch.minimum(at, (length - 1).unsqueeze(1))  # padding reads the row's last key, masked below
+        where = k0.unsqueeze(1) + reach
+        table = step.block_table[row].long()
+        keys = (table.gather(1, where // BLOCK_SIZE) * BLOCK_SIZE + where % BLOCK_SIZE).flatten()
+        uneven = len({length for length, *_ in members}) > 1
+        visible = (at.unsqueeze(0) < length.unsqueeze(1))[:, None, None, :] if uneven else None
+        return Group(query, keys, len(members), width, visible, False, None, into)
+
+    def _one_row(self, step: StepInputs, band: RowBand, offset: int, k0: int, k1: int) -> Group:
+        """A prefill chunk: queries at positions [first, end) over keys [k0, k1), masked to the band."""
+        row = step.rows[band.row]
+        queries = slice(step.query_start[band.row], step.query_start[band.row + 1])
+        into = slice(offset, offset + row.count)
+        if consecutive(row.seq.block_table, k0, k1):
+            keys = self._slice(step, band.row, k0, k1)
+        else:
+            where = torch.arange(k0, k1, device=self.device)
+            table = step.block_table[band.row].long()
+            keys = table[where // BLOCK_SIZE] * BLOCK_SIZE + where % BLOCK_SIZE
+        causal = band.lo == 0 and band.hi >= row.end and k0 == 0 and row.first == 0
+        visible = empty = None
+        if not causal:
+            distance = (torch.arange(row.first, row.end, device=self.device).unsqueeze(1)
+                        - torch.arange(k0, k1, device=self.device).unsqueeze(0))
+            seen = (distance >= band.lo) & (distance < band.hi)
+            visible = seen[None, None]
+            empty = ~seen.any(-1) if band.lo > 0 else None  # a far band: queries within w of the start see nothing
+        return Group(queries, keys, 1, k1 - k0, visible, causal, empty, into)
+
+    @staticmethod
+    def _slice(step: StepInputs, row: int, k0: int, k1: int) -> slice:
+        table = step.rows[row].seq.block_table
+        start = table[k0 // BLOCK_SIZE] * BLOCK_SIZE + k0 % BLOCK_SIZE
+        return slice(start, start + k1 - k0)
+
+    def attend(self, plan: CallPlan, query: torch.Tensor, key_plane: torch.Tensor, value_plane: torch.Tensor):
+        """query [step tokens, heads, d] (turned); planes [slots, kv_heads, d]. Returns the output [call tokens,
+        heads, d] and, when planned so, the log-sum-exp [call tokens, heads] (float32)."""
+        out = query.new_zeros(plan.count, self.num_heads, query.shape[-1])
+        lse = torch.full((plan.count, self.num_heads), float("-inf"), device=query.device) if plan.need_lse else None
+        for group in plan.groups:
+            q = query[group.queries]  # [rows, heads, d] or [queries, heads, d]
+            keys, values = self._gather(key_plane, group), self._gather(value_plane, group)
+            if isinstance(group.queries, slice):  # one row, its queries along the query axis
+                part, part_lse = self._kernel(q.transpose(0, 1).unsqueeze(0), keys, values, group, plan.need_lse)
+                part = part[0].transpose(0, 1)
+                part_lse = None if part_lse is None else part_lse[0].transpose(0, 1)
+            else:
+                part, part_lse = self._one_query(q, keys, values, group, plan.need_lse)
+            if group.empty is not None:
+                part = part.masked_fill(group.empty[:, None, None], 0.0)
+                part_lse = part_lse.masked_fill(group.empty[:, None], float("-inf"))
+            out[group.into] = part
+            if lse is not None:
+                lse[group.into] = part_lse
+        return out, lse
+
+    def _gather(self, plane: torch.Tensor, group: Group) -> torch.Tensor:
+        """[rows, kv_heads, width, d]: a view for a slice, else index_select (10x faster than plane[index] on CPU)."""
+        if isinstance(group.keys, slice):
+            return plane[group.keys].transpose(0, 1).unsqueeze(0)
+        return plane.index_select(0, group.keys).view(group.rows, group.width, *plane.shape[1:]).permute(0, 2, 1, 3)
+
+    def _one_query(self, q, keys, values, group: Group, need_lse: bool):
+        """One query per row: the query heads that share a KV head fold into the query axis."""
+        rows, heads, dim = q.shape
+        folded = q.view(rows, self.num_kv_heads, heads // self.num_kv_heads, dim)
+        if need_lse or (q.device.type == "cpu" and q.dtype == torch.bfloat16):
+            scores = torch.matmul(folded, keys.transpose(-1, -2)).float() * self.scale
+            if group.visible is not None:
+                scores = scores.masked_fill(~group.visible, float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1)
+            out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(values.dtype), values)
+            return out.reshape(rows, heads, dim), lse.reshape(rows, heads)
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=group.visible, scale=self.scale)
+        return out.reshape(rows, heads, dim), None
+
+    def _kernel(self, q, keys, values, group: Group, need_lse: bool):
+        """q [1, heads, queries, d] over keys [1, kv_heads, width, d]."""
+        if not need_lse:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=group.visible, is_causal=group.causal,
+                                                  scale=self.scale, enable_gqa=True), None
+        if q.device.type == "cpu":
+            return flash_cpu(q, keys, values, group.additive(q.dtype), self.scale, causal=group.causal)
+        visible = group.visible
+        if group.causal:
+            visible = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
+        return explicit(q, keys, values, visible, self.scale)
+
+
+def explicit(q, k, v, visible: torch.Tensor | None, scale: float):
+    """Attention with materialized scores and its log-sum-exp, a block of query rows at a time (for devices
+    whose fused kernels do not return it). q [1, heads, queries, d]; k, v [1, kv_heads, width, d]."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    outs, lses = [], []
+    for first in range(0, q.shape[2], EXPLICIT_QUERY_ROWS):
+        block = slice(first, first + EXPLICIT_QUERY_ROWS)
+        scores = (q[:, :, block] @ k.transpose(-1, -2)).float() * scale
+        if visible is not None:
+            scores = scores.masked_fill(~visible[..., block, :], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        outs.append(torch.exp(scores - lse).nan_to_num(0.0).to(v.dtype) @ v)
+        lses.append(lse.squeeze(-1))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
