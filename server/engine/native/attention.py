@@ -3,7 +3,8 @@
 Built once per step from its inputs (step_inputs.py) and its Encoding
 (positions.py); the model runner calls it once per layer with the step's flat
 q [tokens, heads, d], k and v [tokens, kv_heads, d]. It turns q and k, writes
-every token's key and value into its slot in one index_copy per plane, and
+every token's key and value into its slot in one index_copy per plane
+(planes are [kv_heads, slots, d], kv_cache.py), and
 runs the backend's calls (attention_backend.py):
 
 - plain and scaled-RoPE rows: one call over the keys cached after rotation,
@@ -45,14 +46,14 @@ class StepAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         encoding, pool, slots = self.encoding, self.pool, self.step.slot_mapping
-        pool.keys[layer].index_copy_(0, slots, encoding.rotate_key(k))
-        pool.values[layer].index_copy_(0, slots, v)
+        pool.keys[layer].index_copy_(1, slots, encoding.rotate_key(k).transpose(0, 1))
+        pool.values[layer].index_copy_(1, slots, v.transpose(0, 1))
         query = encoding.rotate_query(q)
         plain = None if self.plain is None else self.backend.attend(self.plain, query, pool.keys[layer], pool.values[layer])[0]
         if self.near is None:
             return plain
-        near_keys = encoding.rotate_near_key(k)
-        pool.near_keys[layer].index_copy_(0, self.near_slots, near_keys if self.near.tokens is None else near_keys[self.near.tokens])
+        near_keys = encoding.rotate_near_key(k if self.near.tokens is None else k[self.near.tokens], self.near.tokens)
+        pool.near_keys[layer].index_copy_(1, self.near_slots, near_keys.transpose(0, 1))
         clipped = merge_attention([
             self.backend.attend(self.near, query, pool.near_keys[layer], pool.values[layer]),
             self.backend.attend(self.far, encoding.rotate_far_query(q), pool.keys[layer], pool.values[layer]),

@@ -62,7 +62,8 @@ class NativeEngine:
         self.model_name = config.model_name
         self.max_num_seqs = config.max_num_seqs
         self.device = pick_device(config.device)
-        if model is None:
+        owns_model = model is None
+        if owns_model:
             model, tokenizer = load_model(config.model_path, self.device, pick_dtype(config.dtype, self.device))
         self.dtype = model.dtype
         self.model, self.tokenizer = model, tokenizer
@@ -87,7 +88,7 @@ class NativeEngine:
                                near_keys=self.position.clipped, budget_near_keys=config.request_rerope)
         self.blocks = BlockManager(self.pool, prefix_caching=config.enable_prefix_caching)
         self.observe.watch(self.blocks)
-        self.runner = ModelRunner(model, self.pool, self.positions)
+        self.runner = ModelRunner(model, self.pool, self.positions, owns_model=owns_model)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_waiting, config.max_num_batched_tokens,
                                    config.prefill_chunk, self.max_model_len)
         self.generator = torch.Generator(device=self.device)

@@ -1,11 +1,15 @@
 """The KV cache: a fixed pool of blocks, allocated once, sized by a memory budget.
 
-Per layer, keys and values are one tensor of shape [num_blocks * BLOCK_SIZE,
-kv_heads, head_dim]: token slot `block * BLOCK_SIZE + offset`. Which blocks a
-sequence holds is block_manager.py's business; this file only stores, reads
-and copies. A read gathers a sequence's slots into a dense [kv_heads, tokens,
-head_dim] view for SDPA (a plain slice, no copy, when its blocks are
-consecutive, as a long prompt's usually are).
+Per layer, keys and values are one tensor of shape [kv_heads, num_blocks *
+BLOCK_SIZE, head_dim]: token slot `block * BLOCK_SIZE + offset` of each KV
+head. Which blocks a sequence holds is block_manager.py's business; this file
+only allocates, zeroes and copies. Heads first, because attention reads them
+so: a gather of a step's slots (attention_backend.py) comes out as [kv_heads,
+tokens, head_dim] with every head's keys contiguous, and the batched matmuls
+over it ran 2 to 3x faster than over slots-first planes gathered and permuted
+(32 decode rows x 320 keys, 3 KV heads of 64, one thread: 0.76 against 1.69
+ms in bf16, 1.25 against 3.71 ms in float32). A long prompt's consecutive
+blocks are a plain slice, no copy at all.
 
 What the cache holds is decided by the position scheme (attention.py): with
 plain and scaled RoPE the keys are stored *after* rotation, because they never
@@ -72,7 +76,7 @@ class KvPool:
             self.prepare(num_blocks - 1)
 
     def _planes(self) -> list[torch.Tensor]:
-        shape = (self.num_blocks * BLOCK_SIZE, self.num_kv_heads, self.head_dim)
+        shape = (self.num_kv_heads, self.num_blocks * BLOCK_SIZE, self.head_dim)
         return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
     def ensure_near_keys(self) -> None:
@@ -87,7 +91,7 @@ class KvPool:
         with torch.inference_mode(False):  # called inside the forward pass: plain tensors, which prepare() zeroes later
             self.near_keys = self._planes()
         for plane in self.near_keys:
-            plane[: self.ready * BLOCK_SIZE].zero_()
+            plane[:, : self.ready * BLOCK_SIZE].zero_()
         self.with_near_keys = True
 
     def prepare(self, block_id: int) -> None:
@@ -96,7 +100,7 @@ class KvPool:
             return
         ready = min(self.num_blocks, max(block_id + 1, self.ready + self.ZERO_RUN))
         for plane in self.keys + self.values + self.near_keys:
-            plane[self.ready * BLOCK_SIZE : ready * BLOCK_SIZE].zero_()
+            plane[:, self.ready * BLOCK_SIZE : ready * BLOCK_SIZE].zero_()
         self.ready = ready
 
     @property
@@ -116,7 +120,7 @@ class KvPool:
         dst = slice(destination * BLOCK_SIZE, (destination + 1) * BLOCK_SIZE)
         for planes in (self.keys, self.values, self.near_keys):
             for plane in planes:
-                plane[dst] = plane[src]
+                plane[:, dst] = plane[:, src]
 
 
 def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memory_gib: float | None, max_model_len: int,
@@ -142,20 +146,3 @@ def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memo
              total / 2**30, kept, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / max_model_len, max_model_len)
     return pool
 
-
-def slot_index(block_table: list[int], length: int, device: torch.device) -> torch.Tensor | slice:
-    """The pool slots of positions [0, length): a slice when the blocks are consecutive, else an index tensor."""
-    needed = -(-length // BLOCK_SIZE)
-    first = block_table[0] if needed else 0
-    if block_table[:needed] == list(range(first, first + needed)):
-        return slice(first * BLOCK_SIZE, first * BLOCK_SIZE + length)
-    blocks = torch.tensor(block_table[:needed], device=device)
-    return (blocks[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).flatten()[:length]
-
-
-def write_slots(block_table: list[int], start: int, end: int, device: torch.device) -> torch.Tensor | slice:
-    """The pool slots of positions [start, end)."""
-    slots = slot_index(block_table, end, device)
-    if isinstance(slots, slice):
-        return slice(slots.start + start, slots.stop)
-    return slots[start:end]

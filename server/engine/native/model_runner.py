@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from patches.model_facts import ModelFacts
 from server.engine.native.attention import StepAttention
 from server.engine.native.attention_backend import GatherBackend
 from server.engine.native.kv_cache import KvPool
+from server.engine.native.linear import Linear, linear_maker
 from server.engine.native.positions import Positions
 from server.engine.native.scheduler import Chunk
 from server.engine.native.sequence import Sequence
@@ -67,6 +67,18 @@ def fuse_linears(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
+def release_plain_weights(model) -> None:
+    """Drop the projections' plain weights once packed copies run them (the embedding keeps its own, and a
+    head tied to it); the model cannot run outside the engine after this."""
+    embedding = model.model.embed_tokens.weight
+    modules = [model.lm_head] if model.lm_head.weight is not embedding else []
+    for layer in model.model.layers:
+        modules += [module for module in (*layer.self_attn.children(), *layer.mlp.children())
+                    if isinstance(module, torch.nn.Linear)]
+    for module in modules:
+        module.weight = torch.nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+
+
 def check_servable(config, max_model_len: int) -> None:
     """Refuse, in one line each, the models this forward pass would get wrong."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -86,7 +98,7 @@ def check_servable(config, max_model_len: int) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model, pool: KvPool, positions: Positions):
+    def __init__(self, model, pool: KvPool, positions: Positions, owns_model: bool = False):
         config = model.config
         self.model = model
         self.decoder = model.model
@@ -98,12 +110,19 @@ class ModelRunner:
         self.dtype = model.dtype
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.act = ACT2FN[config.hidden_act]
-        self.backend = GatherBackend(self.num_heads, self.num_kv_heads, self.scale, self.device, self.dtype)
+        self.backend = GatherBackend(self.num_heads, self.num_kv_heads, self.scale, pool.num_blocks, self.device,
+                                     self.dtype)
         # Fewer, larger matmuls: q/k/v as one projection, gate/up as another (Phi-3 ships them so: the same order).
-        self.qkv = [fused(l.self_attn.qkv_proj) if hasattr(l.self_attn, "qkv_proj")
-                    else fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.decoder.layers]
-        self.gate_up = [fused(l.mlp.gate_up_proj) if hasattr(l.mlp, "gate_up_proj")
-                        else fuse_linears(l.mlp.gate_proj, l.mlp.up_proj) for l in self.decoder.layers]
+        make = linear_maker(self.device, self.dtype)
+        self.qkv = [make(*fused(l.self_attn.qkv_proj)) if hasattr(l.self_attn, "qkv_proj")
+                    else make(*fuse_linears(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)) for l in self.decoder.layers]
+        self.gate_up = [make(*fused(l.mlp.gate_up_proj)) if hasattr(l.mlp, "gate_up_proj")
+                        else make(*fuse_linears(l.mlp.gate_proj, l.mlp.up_proj)) for l in self.decoder.layers]
+        self.o = [make(*fused(l.self_attn.o_proj)) for l in self.decoder.layers]
+        self.down = [make(*fused(l.mlp.down_proj)) for l in self.decoder.layers]
+        self.head = make(*fused(model.lm_head))
+        if owns_model and make is not Linear:
+            release_plain_weights(model)
         # Qwen3: RMSNorm over each head's q and k, before the rotation; None for the other families
         self.qk_norms = [(l.self_attn.q_norm, l.self_attn.k_norm) if hasattr(l.self_attn, "q_norm") else None
                          for l in self.decoder.layers]
@@ -163,16 +182,16 @@ class ModelRunner:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, layer in enumerate(self.decoder.layers):
             x = layer.input_layernorm(hidden)
-            q, k, v = F.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = self.qkv[index](x).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(tokens, self.num_heads, self.head_dim)
             k = k.view(tokens, self.num_kv_heads, self.head_dim)
             if self.qk_norms[index] is not None:
                 q, k = self.qk_norms[index][0](q), self.qk_norms[index][1](k)
             out = attention(index, q, k, v.view(tokens, self.num_kv_heads, self.head_dim))
-            hidden = hidden + layer.self_attn.o_proj(out.reshape(tokens, q_size))
-            gate, up = F.linear(layer.post_attention_layernorm(hidden), *self.gate_up[index]).chunk(2, dim=-1)
-            hidden = hidden + layer.mlp.down_proj(self.act(gate) * up)
+            hidden = hidden + self.o[index](out.reshape(tokens, q_size))
+            gate, up = self.gate_up[index](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+            hidden = hidden + self.down[index](self.act(gate) * up)
         return self.decoder.norm(hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        return self.head(hidden).float()

@@ -31,8 +31,11 @@ class Rotation:
     cos: torch.Tensor  # [tokens, 1, d]: q and k are [tokens, heads, d]
     sin: torch.Tensor
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return rotate(x, self.cos, self.sin)
+    def apply(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [tokens, heads, d] turned; x holds only the step's tokens `tokens` where given."""
+        if tokens is None:
+            return rotate(x, self.cos, self.sin)
+        return rotate(x, self.cos[tokens], self.sin[tokens])
 
 
 @dataclass
@@ -65,9 +68,9 @@ class Encoding:
     def rotate_key(self, k: torch.Tensor) -> torch.Tensor:
         return self.key.apply(k)
 
-    def rotate_near_key(self, k: torch.Tensor) -> torch.Tensor:
-        """R_j k: the near form that clipped rows also keep."""
-        return self.query.apply(k)
+    def rotate_near_key(self, k: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """R_j k: the near form that clipped rows also keep (for the step's tokens `tokens` where given)."""
+        return self.query.apply(k, tokens)
 
 
 @dataclass(frozen=True)
