@@ -65,6 +65,7 @@ abuse: model
 #   bench-gpu         gpu_check.py: on a lent GPU, the CUDA tests and the engine's rate on an 8B-shaped model
 #   bench-sampler     sampler.py: the sampler's cost by case (ARGS="--against REV" beside an older one)
 #   bench-output      output_share.py: the share of engine step time spent detokenizing and handing off
+#   bench-step        step_rate.py: the native step against the machine's limits (ARGS="--against REV" beside an older one)
 BENCH_engine := engine_rate
 BENCH_engines := compare_engines
 BENCH_load := native_load
@@ -74,6 +75,7 @@ BENCH_structured := structured
 BENCH_gpu := gpu_check
 BENCH_sampler := sampler
 BENCH_output := output_share
+BENCH_step := step_rate
 
 bench-%: model
 	$(PY) benchmarks/$(BENCH_$*).py $(ARGS)

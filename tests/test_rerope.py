@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from patches.rerope import KeyMask, attention_lse, explicit, flash_cpu
+from patches.rerope import flash_cpu
 from patches.rope import PositionSpec
 from server.engine.base import SamplingParams
 from server.engine.native.sequence import Sequence
@@ -158,10 +158,11 @@ def test_prefill_and_every_decode_step_match_the_naive_reference(tokenizer, spec
 
 
 def test_the_explicit_attention_path_used_off_cpu_matches_the_reference_too(tokenizer, monkeypatch):
-    """CUDA runs patches/rerope.py's explicit path; drive the whole engine through it here."""
-    import patches.rerope as rerope
+    """Devices without a fused kernel that returns the log-sum-exp run the backend's explicit path; drive the
+    whole engine through it here."""
+    from server.engine.native import attention_backend
 
-    monkeypatch.setattr(rerope, "fused_kernel_for", lambda device: False)
+    monkeypatch.setattr(attention_backend, "fused_kernel_for", lambda device: False)
     spec = PositionSpec(type="leaky-rerope", window=16, k=8, logn=True)
     driver = Driver(engine_for(15, tokenizer, position=spec))
     seq, prefill = driver.start(prompt(tokenizer, 90), spec, chunk=32)
@@ -204,22 +205,20 @@ def test_rerope_and_plain_sequences_decode_together(tokenizer):
 
 
 def test_the_explicit_path_equals_the_cpu_kernel():
-    """Devices other than CPU use the explicit path; both give the same output and log-sum-exp."""
+    """Devices other than CPU use the explicit path; both give the same output and log-sum-exp, grouped-query
+    heads included (4 query heads over 2 KV heads)."""
+    from server.engine.native.attention_backend import explicit
+
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
-    allowed = torch.rand(300, 90) > 0.5
-    allowed[7] = False  # a query with nothing to look at
-    mask = KeyMask.build(allowed, 1, torch.float32)
-    fast, slow = flash_cpu(q, k, v, mask.additive, 0.25), explicit(q, k, v, mask.allowed, 0.25)
-    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
-    fast, slow = flash_cpu(q, k, v, None, 0.25), explicit(q, k, v, None, 0.25)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    grouped = torch.randn(1, 4, 300, 16)  # 4 query heads over 2 KV heads
-    out, lse = attention_lse(grouped, k, v, KeyMask.build(allowed, 2, torch.float32), 0.25)
-    assert torch.all(out[:, :, 7] == 0) and torch.all(lse[:, :, 7] == float("-inf"))
-    assert torch.isfinite(lse[:, :, :7]).all()
-    one_head = attention_lse(grouped[:, 3:4], k[:, 1:2], v[:, 1:2], mask, 0.25)  # head 3 reads KV head 1
-    torch.testing.assert_close(out[:, 3:4], one_head[0], rtol=1e-5, atol=1e-5)
+    q, k, v = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
+    visible = (torch.rand(300, 90) > 0.5)[None, None]
+    visible[..., 7, :] = True
+    additive = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    masked = explicit(q, k, v, visible, 0.25)
+    torch.testing.assert_close(flash_cpu(q, k, v, additive, 0.25), masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flash_cpu(q, k, v, None, 0.25), explicit(q, k, v, None, 0.25), rtol=1e-5, atol=1e-5)
+    one_head = explicit(q[:, 3:4], k[:, 1:2], v[:, 1:2], visible, 0.25)  # head 3 reads KV head 1
+    torch.testing.assert_close(masked[0][:, 3:4], one_head[0], rtol=1e-5, atol=1e-5)
 
 
 def test_bundled_model_answers_with_a_window_shorter_than_the_prompt(bundled_model, tokenizer):
@@ -233,7 +232,7 @@ def test_bundled_model_answers_with_a_window_shorter_than_the_prompt(bundled_mod
 
 
 def test_a_clipped_request_on_a_plain_server_adds_near_keys_and_the_pool_stays_usable(tokenizer, monkeypatch):
-    """The near-key plane is added inside the forward pass; blocks zeroed after it (here: every new block) must
+    """The near-key plane is added at the first clipped step, before its forward pass; blocks zeroed after it (here: every new block) must
     not hit an inference-mode tensor. This once stopped the engine on the next request that needed fresh blocks."""
     import asyncio
 

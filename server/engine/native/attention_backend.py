@@ -252,12 +252,17 @@ class GatherBackend:
         if not need_lse:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=group.visible, is_causal=group.causal,
                                                   scale=self.scale, enable_gqa=True), None
-        if q.device.type == "cpu":
+        if fused_kernel_for(q.device):
             return flash_cpu(q, keys, values, group.additive(q.dtype), self.scale, causal=group.causal)
         visible = group.visible
         if group.causal:
             visible = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
         return explicit(q, keys, values, visible, self.scale)
+
+
+def fused_kernel_for(device: torch.device) -> bool:
+    """Whether a fused kernel that returns the log-sum-exp serves this device; elsewhere the explicit path does."""
+    return device.type == "cpu"
 
 
 def explicit(q, k, v, visible: torch.Tensor | None, scale: float):
