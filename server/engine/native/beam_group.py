@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.native.constraint import SequenceConstraint
-from server.engine.native.row_group import RowGroup
+from server.engine.native.row_group import GroupActions, RowGroup
 from server.engine.native.sequence import Sequence
 
 
@@ -48,22 +48,17 @@ class BeamGroup(RowGroup):
         """The leader's prompt is every beam's prompt: the search starts at once."""
         return logits.unsqueeze(0)
 
-    def advance(self, logits: torch.Tensor, engine, first: bool = False) -> None:
+    def advance(self, logits: torch.Tensor, sample, tokenizer, first: bool = False) -> GroupActions:
         """One search step; every row's blocks and tokens then follow the beam it now holds."""
-        sources = self.step(logits, engine.tokenizer, first)
-        moves = [(row, self.rows[src]) for row, src in zip(self.rows, sources) if first or row is not self.rows[src]]
-        if moves:
-            engine.fork([row for row, _ in moves], [source for _, source in moves])
+        sources = self.step(logits, tokenizer, first)
+        forks = [(row, self.rows[src]) for row, src in zip(self.rows, sources) if first or row is not self.rows[src]]
         fallback = next((h for h in self.live if h is not None), None)
         for row, hypothesis in zip(self.rows, self.live):
             row.output_ids = list((hypothesis or fallback).tokens) if (hypothesis or fallback) else row.output_ids
         if not self.done():
-            return
-        self.finish(engine.tokenizer)
-        engine.retire(self.rows, "stop")
-        for row in self.rows:
-            engine.observe.finished(row)
-            engine.emit(row)
+            return GroupActions(self.rows, forks)
+        self.finish(tokenizer)
+        return GroupActions(self.rows, forks, finished="stop")
 
     def finish(self, tokenizer) -> None:
         """Write the answers into the rows, best first; rows beyond the answers end empty."""

@@ -44,12 +44,12 @@ from server.engine.native.positions import Positions
 from server.engine.native.sampler import prompt_logprobs, sample
 from server.engine.native.scheduler import Scheduler, Step
 from server.engine.native.sequence import Sequence
+from server.engine.native.step_threads import StepThreads
 from server.log_ids import log_context
 
 log = logging.getLogger("longserve.engine")
 
 
-SMALL_STEP_TOKENS = 8  # steps of at most this many tokens run on one CPU thread (_threads_for)
 
 
 def ignore(delta: SeqDelta) -> None:
@@ -94,7 +94,7 @@ class NativeEngine:
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
 
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _end takes it, also inside _fail_requests, which holds it
         self._wakeup = threading.Event()
         self._aborts: set[str] = set()
         self._fail_all_pending: tuple[str, int] | None = None  # fail_all's message and status, for the thread
@@ -103,7 +103,7 @@ class NativeEngine:
         self._dead_reason: str | None = None
         self._heartbeat = time.monotonic()  # the loop's last sign of progress: a finished step, or an idle look
         self.on_dead: Callable[[str], None] | None = None  # the server's hook: exit so a supervisor restarts us
-        self._cpu_threads = torch.get_num_threads()
+        self._threads = StepThreads(self.device)
         self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
         self._thread.start()
 
@@ -222,7 +222,7 @@ class NativeEngine:
                         give_back_freed_memory()
                         worked_since_trim = False
                     continue
-                self._threads_for(step)
+                self._threads.set_for(step.num_tokens)
                 self._step(step)
                 self._heartbeat = time.monotonic()
                 worked_since_trim = True
@@ -234,27 +234,13 @@ class NativeEngine:
             if self.on_dead is not None:
                 self.on_dead(self._dead_reason)
 
-    def _threads_for(self, step: Step) -> None:
-        """On CPU, one torch thread for a small step, every core for a large one. A one-row decode step is
-        a chain of small ops, and a second thread waits at each op's barrier whenever the HTTP side or a
-        client takes a core. On the 2-core CPU (make bench-engines, 256 in, 64 out): one thread for steps of
-        up to 8 tokens took concurrency 1 from 14.4 to 21.6 tok/s and concurrency 8 from 57.9 to 88.1, while
-        32-row steps ran 16 % slower on one thread than on two (100.5 against 119.8 tok/s)."""
-        if self.device.type != "cpu":
-            return
-        wanted = 1 if step.num_tokens <= SMALL_STEP_TOKENS else self._cpu_threads
-        if wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
-
     def _fail_requests(self, request_ids: list[str], message: str, status: int) -> None:
         """End these requests with an error delta and free their blocks (the lock is held)."""
         for request_id in request_ids:
             for seq in self._requests.pop(request_id, []):
                 if seq.finish_reason is None or seq.block_table:  # not ended yet, or ended but not yet out
-                    seq.finish_reason = "error"
-                    self.scheduler.remove(seq)
-                    self.observe.finished(seq)
-                    self.emit(seq, error=message, status=status)
+                    seq.finish_reason = None  # an error overrides a reason the sequence had set itself
+                    self._end([seq], "error", error=message, status=status)
 
     def _isolated(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run `work` for the requests of `seqs`; if it raises, those requests fail and the loop goes on."""
@@ -277,9 +263,7 @@ class NativeEngine:
         for request_id in self._aborts:
             for seq in self._requests.pop(request_id, []):
                 if seq.finish_reason is None:
-                    seq.finish_reason = "abort"
-                    self.scheduler.remove(seq)
-                    self.observe.finished(seq)
+                    self._end([seq], "abort", tell_client=False)  # the client left
         self._aborts.clear()
 
     def _step(self, step: Step) -> None:
@@ -311,7 +295,7 @@ class NativeEngine:
             if group.leader.finish_reason is not None:  # its request failed earlier in this step
                 continue
             rows_logits = logits.decode[[row_of[row] for row in group.rows]]
-            self._isolated(group.rows, lambda group=group, rows_logits=rows_logits: group.advance(rows_logits, self))
+            self._isolated(group.rows, lambda group=group, rows_logits=rows_logits: self._advance(group, rows_logits))
         for chunk, chunk_logits in zip(step.chunks, logits.chunks):
             seq = chunk.seq
             if chunk.every_position:  # scores of the prompt's own tokens 1..P-1, chunk by chunk
@@ -321,9 +305,7 @@ class NativeEngine:
             if not chunk.ends_prompt or seq.output_ids or seq.finish_reason is not None:  # mid-prompt, or resumed
                 continue
             if seq.params.max_tokens == 0:  # scoring only (echo): nothing to sample
-                self.retire([seq], "length")
-                self.observe.finished(seq)
-                self.emit(seq)
+                self._end([seq], "length")
             elif seq.group is None:
                 ready.append(seq)
                 ready_logits.append(chunk_logits)
@@ -332,7 +314,7 @@ class NativeEngine:
                 if first is not None:
                     with self._lock:
                         self.scheduler.start_decoding(seq.group.rows)
-                    self._isolated(seq.group.rows, lambda group=seq.group, first=first: group.advance(first, self, first=True))
+                    self._isolated(seq.group.rows, lambda group=seq.group, first=first: self._advance(group, first, first=True))
         if ready:
             self._accept(ready, torch.stack(ready_logits))
 
@@ -366,28 +348,41 @@ class NativeEngine:
         previous = seq.last_token_time
         seq.append(token, record)
         if seq.constraint is not None and seq.constraint.advance(token):
-            seq.finish_reason = "stop"  # a whole key, or the grammar's end: the answer, even on the last allowed token
+            seq.finish("stop")  # a whole key, or the grammar's end: the answer, even on the last allowed token
         self.observe.token(seq, previous)
         if seq.finish_reason is not None:
-            self.retire([seq], seq.finish_reason)
+            self._end([seq], seq.finish_reason)
+        else:
+            self.emit(seq)
+
+    def _advance(self, group, logits: torch.Tensor, first: bool = False) -> None:
+        """One step of a group of rows (row_group.py), and what it asks for done."""
+        actions = group.advance(logits, self.sample, self.tokenizer, first)
+        if actions.forks:
+            with self._lock:
+                self.scheduler.fork([row for row, _ in actions.forks], [source for _, source in actions.forks])
+        for row, previous in actions.took_token:
+            self.observe.token(row, previous)
+        if actions.finished is not None:
+            self._end(group.rows, actions.finished, shown=actions.shown)
+        else:
+            for row in actions.shown:
+                self.emit(row)
+
+    def _end(self, seqs: list[Sequence], reason: str, shown: list[Sequence] | None = None, error: str | None = None,
+             status: int = 500, tell_client: bool = True) -> None:
+        """Every way a sequence ends passes here: the scheduler takes `seqs` out (scheduler.finish), a request
+        whose sequences have all ended is forgotten, and the metrics and (unless it left) the client hear of
+        the `shown` ones (all of `seqs` unless told)."""
+        with self._lock:
+            self.scheduler.finish(seqs, reason)
+            for request_id in dict.fromkeys(seq.request_id for seq in seqs):
+                if all(other.finish_reason is not None for other in self._requests.get(request_id, [])):
+                    self._requests.pop(request_id, None)
+        for seq in seqs if shown is None else shown:
             self.observe.finished(seq)
-        self.emit(seq)
-
-    # ---- what groups of rows (row_group.py) call back -------------------------
-
-    def retire(self, rows: list[Sequence], reason: str) -> None:
-        """Finished rows of one request leave the batch and free their blocks."""
-        with self._lock:
-            for row in rows:
-                row.finish_reason = row.finish_reason or reason
-                self.scheduler.remove(row)
-            seqs = self._requests.get(rows[0].request_id, [])
-            if all(s.finish_reason is not None for s in seqs):
-                self._requests.pop(rows[0].request_id, None)
-
-    def fork(self, rows: list[Sequence], sources: list[Sequence]) -> None:
-        with self._lock:
-            self.scheduler.fork(rows, sources)
+            if tell_client:
+                self.emit(seq, error=error, status=status)
 
     def emit(self, seq: Sequence, error: str | None = None, status: int = 500) -> None:
         delta = seq.take_delta(error=error, error_status=status)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from patches.nbce import NbceParams, nbce_merge
-from server.engine.native.row_group import RowGroup
+from server.engine.native.row_group import GroupActions, RowGroup
 from server.engine.native.sequence import Sequence
 
 
@@ -36,18 +36,14 @@ class NbceGroup(RowGroup):
         self.leader.cached_tokens = sum(row.cached_tokens for row in self.rows)  # usage counts every row's prompt
         return torch.stack([self.prompt_logits.pop(row) for row in range(len(self.rows))])
 
-    def advance(self, logits: torch.Tensor, engine, first: bool = False) -> None:
-        """Sample the group's token from its merged distribution; every row takes it."""
+    def advance(self, logits: torch.Tensor, sample, tokenizer, first: bool = False) -> GroupActions:
+        """Sample the group's token from its merged distribution; every row takes it. The client sees the leader."""
         leader = self.leader
-        tokens, records = engine.sample(self.merge(logits), [leader])
+        tokens, records = sample(self.merge(logits), [leader])
         previous = leader.last_token_time
         leader.append(tokens[0], records[0])
         self.follow(tokens[0])
-        engine.observe.token(leader, previous)
-        if leader.finish_reason is not None:
-            engine.retire(self.rows, leader.finish_reason)
-            engine.observe.finished(leader)
-        engine.emit(leader)
+        return GroupActions([leader], took_token=[(leader, previous)], finished=leader.finish_reason)
 
     def merge(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] in row order -> merged log-probabilities [1, vocab]; remembers the choice."""

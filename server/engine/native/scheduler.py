@@ -238,8 +238,15 @@ class Scheduler:
         self.num_preempted += 1
         self.waiting.appendleft(seq)
 
+    def finish(self, seqs: list[Sequence], reason: str) -> None:
+        """Every sequence ends here, finished, failed or aborted: its finish reason (the first one set wins),
+        out of every queue, its blocks freed."""
+        for seq in seqs:
+            seq.finish(reason)
+            self.remove(seq)
+
     def remove(self, seq: Sequence) -> None:
-        """Take a finished, failed or aborted sequence out of every queue and free its blocks."""
+        """Take a sequence out of every queue and free its blocks (finish() is how a sequence ends)."""
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
