@@ -14,6 +14,7 @@ import sys
 from pydantic import ValidationError
 
 from patches.rope import POSITION_TYPES
+from server.engine.config import DEFAULT_STEP_TOKENS
 from server.models import DEFAULT_MODEL, ModelError
 
 EXIT_USAGE = 2
@@ -62,8 +63,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--prefill-chunk", type=int,
         help=f"native engine: most prompt tokens one sequence prefills in a step (default {default('prefill_chunk')})")
     add("--max-num-batched-tokens", type=int,
-        help="tokens in one step: every decode, then prefill chunks of as many prompts as fit "
-        f"(default {default('max_num_batched_tokens')})")
+        help="tokens in one step: every decode, then prefill chunks of as many prompts as fit (default: native, "
+        f"sized at start-up so a step takes about 0.5 s, at most {DEFAULT_STEP_TOKENS}; vllm {DEFAULT_STEP_TOKENS})")
     add("--kv-cache-memory", type=float,
         help="GiB of KV-cache blocks (default: half the memory available on CPU, 90%% of free GPU memory)")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,

@@ -34,7 +34,7 @@ class ServerSettings(BaseSettings):
     position: PositionSpec = Field(default_factory=PositionSpec)
     max_waiting: int = Field(engine_default("max_waiting"), ge=0)
     prefill_chunk: int = Field(engine_default("prefill_chunk"), ge=16, le=2**20)
-    max_num_batched_tokens: int = Field(engine_default("max_num_batched_tokens"), ge=16, le=2**20)
+    max_num_batched_tokens: int | None = Field(engine_default("max_num_batched_tokens"), ge=16, le=2**20)
     kv_cache_memory: float | None = Field(engine_default("kv_cache_memory"), gt=0.0, le=4096.0)  # GiB; None: half the memory available (CPU)
     enable_prefix_caching: bool = engine_default("enable_prefix_caching")
     request_rerope: bool = engine_default("request_rerope")  # native: per-request rerope/leaky-rerope/self-extend; their near-key plane counts in the KV budget

@@ -114,6 +114,7 @@ def tiny_llama():
 
 def make_engine(model, tokenizer, name="tiny", **config) -> NativeEngine:
     config.setdefault("kv_cache_memory", 1.0)  # GiB: 15k tokens of the bundled model in float32 (3 planes); far more of a tiny one
+    config.setdefault("max_num_batched_tokens", 2048)  # not sized from a timed pass: steps the same on any machine
     metrics = Metrics(name)
     _started["native engines"] += 1
     return NativeEngine(EngineConfig(model_path="", model_name=name, **config), metrics=metrics, model=model, tokenizer=tokenizer)

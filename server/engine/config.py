@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from patches.rope import PositionSpec
 
+DEFAULT_STEP_TOKENS = 2048  # the most tokens a step holds unless --max-num-batched-tokens says otherwise
+
 
 @dataclass
 class EngineConfig:
@@ -18,7 +20,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: trained length x position factor
     max_waiting: int = 256
     prefill_chunk: int = 512  # the most prompt tokens one sequence prefills in a step (native)
-    max_num_batched_tokens: int = 2048  # tokens in one step, decodes and prefill chunks
+    # tokens in one step, decodes and prefill chunks; None: the native engine sizes it from a profiled forward pass
+    # (native/step_budget.py), at most DEFAULT_STEP_TOKENS, which vLLM gets
+    max_num_batched_tokens: int | None = None
     kv_cache_memory: float | None = None  # GiB of KV-cache blocks; None: the engine's own share
     enable_prefix_caching: bool = True
     request_rerope: bool = True  # native: a request may ask for a clipped position (near-key plane budgeted)

@@ -30,7 +30,7 @@ from typing import AsyncIterator
 
 from patches.model_facts import ModelFacts
 from patches.rope import PositionSpec, check_composes
-from server.engine.config import EngineConfig
+from server.engine.config import DEFAULT_STEP_TOKENS, EngineConfig
 from server.engine.trie_files import TrieFiles
 from server.extensions.schema_keywords import xgrammar_misses
 from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, GrammarSpec, KeyConstraint, SamplingParams, SeqDelta,
@@ -151,7 +151,7 @@ class VllmEngine:
         args = AsyncEngineArgs(model=config.model_path, served_model_name=config.model_name, dtype=config.dtype,
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                hf_overrides=overrides, enforce_eager=True, disable_log_stats=True,
-                               logits_processors=[KeyLogitsProcessor], max_num_batched_tokens=config.max_num_batched_tokens,
+                               logits_processors=[KeyLogitsProcessor], max_num_batched_tokens=config.max_num_batched_tokens or DEFAULT_STEP_TOKENS,
                                enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config), **config.distributed,
                                # compact JSON, as the native engine writes it: no whitespace runs to sample into
                                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})

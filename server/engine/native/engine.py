@@ -44,6 +44,7 @@ from server.engine.native.positions import Positions
 from server.engine.native.sampler import prompt_logprobs, sample
 from server.engine.native.scheduler import Scheduler, Step
 from server.engine.native.sequence import Sequence
+from server.engine.native.step_budget import profiled_budget
 from server.engine.native.step_threads import StepThreads
 from server.log_ids import log_context
 
@@ -89,7 +90,8 @@ class NativeEngine:
         self.blocks = BlockManager(self.pool, prefix_caching=config.enable_prefix_caching)
         self.observe.watch(self.blocks)
         self.runner = ModelRunner(model, self.pool, self.positions, owns_model=owns_model)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_waiting, config.max_num_batched_tokens,
+        step_tokens = config.max_num_batched_tokens or profiled_budget(self.runner, self.max_model_len, config.max_num_seqs)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_waiting, step_tokens,
                                    config.prefill_chunk, self.max_model_len)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()

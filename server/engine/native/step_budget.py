@@ -1,0 +1,60 @@
+"""The default token budget of a step, sized from a profiled forward pass.
+
+A short chat that arrives beside a long prompt waits for the step in flight
+before its first token. On the 2-core AVX2 machine of issue 30, one step of
+2,048 prefill tokens took seconds there, and a short chat beside a 7k-token
+prompt waited 6.9 s (p50) for its first token. So unless
+--max-num-batched-tokens is given, the engine times one forward pass of
+PROBE_TOKENS prompt tokens at start-up (after a small one to warm up) and
+scales the budget so that a step takes about STEP_TARGET_SECONDS, never above
+DEFAULT_STEP_TOKENS (where steps are fast already) nor below what one decode
+step of --max-num-seqs rows needs. A step's cost is nearly linear in its
+tokens at these sizes (the projections and MLP dominate), so a quarter-size
+probe keeps start-up short. The choice goes to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import SimpleNamespace
+
+from server.engine.config import DEFAULT_STEP_TOKENS
+from server.engine.native.kv_cache import BLOCK_SIZE
+from server.engine.native.scheduler import Chunk
+
+log = logging.getLogger("longserve.engine")
+
+STEP_TARGET_SECONDS = 0.5
+PROBE_TOKENS = 512
+WARM_UP_TOKENS = 32
+
+
+def budget_for(probe_tokens: int, probe_seconds: float, least: int) -> int:
+    """Tokens a step may hold so that it takes about STEP_TARGET_SECONDS, if `probe_tokens` took `probe_seconds`:
+    a multiple of BLOCK_SIZE in [least, DEFAULT_STEP_TOKENS]."""
+    fitting = int(probe_tokens * STEP_TARGET_SECONDS / max(probe_seconds, 1e-9)) // BLOCK_SIZE * BLOCK_SIZE
+    return max(least, min(DEFAULT_STEP_TOKENS, fitting))
+
+
+def time_a_step(runner, tokens: int) -> float:
+    """Seconds for one forward pass of a `tokens`-token prompt chunk in the pool's first blocks (nothing is
+    cached yet; later writes overwrite them), after a small pass to warm up."""
+    blocks = -(-tokens // BLOCK_SIZE)
+    runner.pool.prepare(blocks - 1)
+    probe = SimpleNamespace(all_ids=[0] * tokens, block_table=list(range(blocks)),
+                            positions=runner.positions.for_sequence(None, tokens))
+    runner.run([], [Chunk(probe, 0, min(tokens, WARM_UP_TOKENS))])
+    started = time.perf_counter()
+    runner.run([], [Chunk(probe, 0, tokens)])
+    return time.perf_counter() - started
+
+
+def profiled_budget(runner, max_model_len: int, max_num_seqs: int) -> int:
+    probe_tokens = min(PROBE_TOKENS, max_model_len, runner.pool.num_tokens)
+    seconds = time_a_step(runner, probe_tokens)
+    budget = budget_for(probe_tokens, seconds, least=max_num_seqs)
+    log.info("step budget: a forward pass of %d tokens took %.3f s here; --max-num-batched-tokens %d, so that a "
+             "step takes about %.1f s at most (pass --max-num-batched-tokens to choose)", probe_tokens, seconds, budget,
+             STEP_TARGET_SECONDS)
+    return budget
