@@ -236,11 +236,9 @@ class GatherBackend:
             scores = torch.matmul(folded, keys.transpose(-1, -2)).float() * self.scale
             if visible is not None:
                 scores = scores.masked_fill(~visible, float("-inf"))
-            if need_lse:
-                lse = torch.logsumexp(scores, dim=-1)
-                weights = torch.exp(scores - lse.unsqueeze(-1))
-            else:
-                weights = scores.softmax(dim=-1)
+            weights = scores.softmax(dim=-1)
+            if need_lse:  # from the softmax: at the top score s, weight w = exp(s - lse); one exp pass, not two
+                lse = scores.amax(dim=-1) - weights.amax(dim=-1).log()
             out = torch.matmul(weights.to(values.dtype), values)
         else:
             out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=visible, scale=self.scale)
