@@ -1,6 +1,6 @@
-"""The native engine on CUDA, on a tiny random model: greedy equality with transformers in bfloat16, and ReRoPE
-rows beside plain rows giving the CPU engine's tokens. Skipped, saying why, where there is no CUDA device;
-benchmarks/gpu_check.py runs it first on a lent GPU."""
+"""The native engine on CUDA, on a tiny random model: greedy equality with transformers in bfloat16, ReRoPE rows
+beside plain rows giving the CPU engine's tokens, and the attention backend against its naive reference on mixed
+steps. Skipped, saying why, where there is no CUDA device; benchmarks/gpu_check.py runs it first on a lent GPU."""
 
 from __future__ import annotations
 
@@ -52,3 +52,12 @@ def test_rerope_rows_beside_plain_rows_give_the_cpu_engines_tokens(tokenizer):
             engine.shutdown()
     assert all(error is None for _, error in answers["cuda"])
     assert answers["cuda"] == answers["cpu"]
+
+
+def test_the_attention_backend_matches_the_naive_reference_on_mixed_steps_in_bfloat16():
+    """tests/test_attention_backend.py's mixed steps (decode rows and prefill chunks, plain, ReRoPE with two windows,
+    Leaky ReRoPE with log-n, Self-Extend, shared and beam blocks), on CUDA through the explicit path."""
+    from tests.test_attention_backend import check_mixed_steps
+
+    check_mixed_steps("cuda", torch.bfloat16, 0.05)
+    check_mixed_steps("cuda", torch.float32, 1e-4)
