@@ -126,7 +126,7 @@ def check_mixed_steps(device: str, dtype: torch.dtype, tolerance: float) -> None
     inv_freq = positions.model_table.inv_freq.cpu()
     pool = KvPool(1, KV_HEADS, DIM, 200, dtype, device, near_keys=False, budgets_near_keys=True)
     pool.prepare(199)
-    backend = GatherBackend(HEADS, KV_HEADS, DIM**-0.5, pool.num_blocks, device, dtype)
+    backend = GatherBackend(HEADS, KV_HEADS, DIM**-0.5, pool.num_blocks, device)
     rows = build_rows(seed=1)
     for row in rows:
         row.positions = positions.for_sequence(row.spec, row.length)
@@ -159,7 +159,7 @@ def test_one_query_rows_are_grouped_so_padding_stays_within_a_quarter_of_the_blo
     rows = [SimpleNamespace(all_ids=[0] * n, block_table=list(range(1, 1 + -(-n // BLOCK_SIZE))), positions=None)
             for n in lengths]
     step = StepInputs.build([StepRow(row, n - 1, n) for row, n in zip(rows, lengths)], torch.device("cpu"))
-    backend = GatherBackend(4, 2, 0.25, 2000, torch.device("cpu"), torch.float32)
+    backend = GatherBackend(4, 2, 0.25, 2000, torch.device("cpu"))
     plan = backend.plan(step, [RowBand(index, 0, UNBOUNDED) for index in range(len(lengths))], need_lse=False)
     padded = sum(group.rows * group.width for group in plan.groups)
     assert padded <= PADDING * sum(-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in lengths)  # whole blocks move
@@ -194,8 +194,7 @@ for n in lengths:
                                 positions=positions.for_sequence(None, n)))
 step = StepInputs.build([StepRow(row, n - 1, n) for row, n in zip(rows, lengths)], torch.device("cpu"))
 encoding = positions.encode([row.positions for row in rows], step.positions, step.row_of_token, torch.float32)
-attention = StepAttention(pool, step, encoding, GatherBackend(heads, kv_heads, dim**-0.5, blocks, torch.device("cpu"),
-                                                                     torch.float32))
+attention = StepAttention(pool, step, encoding, GatherBackend(heads, kv_heads, dim**-0.5, blocks, torch.device("cpu")))
 q, k, v = torch.randn(32, heads, dim), torch.randn(32, kv_heads, dim), torch.randn(32, kv_heads, dim)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 attention(0, q, k, v)

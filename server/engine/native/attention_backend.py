@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from patches.rerope import flash_cpu
 from server.engine.native.kv_cache import BLOCK_SIZE
-from server.engine.native.step_inputs import StepInputs
+from server.engine.native.step_inputs import StepInputs, to_device
 
 UNBOUNDED = 1 << 62  # hi for a band with no upper distance
 PADDING = 1.25  # a group of one-query rows gathers at most this many times the blocks its rows read...
@@ -95,10 +95,9 @@ def consecutive(block_table: list[int], k0: int, k1: int) -> bool:
 
 
 class GatherBackend:
-    def __init__(self, num_heads: int, num_kv_heads: int, scale: float, num_blocks: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, num_heads: int, num_kv_heads: int, scale: float, num_blocks: int, device: torch.device):
         self.num_heads, self.num_kv_heads, self.scale, self.num_blocks = num_heads, num_kv_heads, scale, num_blocks
-        self.device, self.dtype = device, dtype
+        self.device = device
 
     def plan(self, step: StepInputs, bands: list[RowBand], need_lse: bool) -> CallPlan:
         """Groups for `bands` (rows in step order); host arithmetic and a few small copies, once per step."""
@@ -108,7 +107,8 @@ class GatherBackend:
             count += step.rows[band.row].count
         every_row = [band.row for band in bands] == list(range(len(step.rows)))
         tokens = None if every_row else torch.cat([
-            torch.arange(step.query_start[band.row], step.query_start[band.row + 1]) for band in bands]).to(self.device)
+            torch.arange(step.query_start[band.row], step.query_start[band.row + 1]) for band in bands])
+        tokens = None if tokens is None else to_device(tokens, self.device)
         groups, decode = [], []
         for band, offset in zip(bands, offsets):
             row = step.rows[band.row]
@@ -145,10 +145,10 @@ class GatherBackend:
         spans = [(band.row, k0, k1, offset, step.query_start[band.row]) for _, band, offset, k0, k1 in members]
         if len(members) == 1 and consecutive(step.rows[spans[0][0]].seq.block_table, spans[0][1], spans[0][2]):
             row, k0, k1, offset, query = spans[0]
-            into, queries = torch.tensor([offset], device=self.device), torch.tensor([query], device=self.device)
+            into, queries = to_device(torch.tensor([[offset], [query]]), self.device)
             return Group(queries, self._slice(step, row, k0, k1), 1, k1 - k0, None, False, None, into)
         blocks = max((k1 - 1) // BLOCK_SIZE - k0 // BLOCK_SIZE + 1 for _, k0, k1, _, _ in spans)
-        facts = torch.tensor(spans).to(self.device, non_blocking=True)
+        facts = to_device(torch.tensor(spans), self.device)
         row, k0, k1, into, queries = facts.unbind(1)
         first = k0 // BLOCK_SIZE
         keys = self._block_rows(step, row, first, (k1 - 1) // BLOCK_SIZE, blocks)
@@ -166,7 +166,7 @@ class GatherBackend:
             keys = self._slice(step, band.row, k0, k1)
         else:
             first, last = k0 // BLOCK_SIZE, (k1 - 1) // BLOCK_SIZE
-            at = torch.tensor([band.row, first, last], device=self.device)
+            at = to_device(torch.tensor([band.row, first, last]), self.device)
             keys = self._block_rows(step, at[:1], at[1:2], at[2:], last - first + 1)
             skip = k0 - first * BLOCK_SIZE
         causal = band.lo == 0 and band.hi >= row.end and k0 == 0 and row.first == 0

@@ -110,8 +110,7 @@ class ModelRunner:
         self.dtype = model.dtype
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.act = ACT2FN[config.hidden_act]
-        self.backend = GatherBackend(self.num_heads, self.num_kv_heads, self.scale, pool.num_blocks, self.device,
-                                     self.dtype)
+        self.backend = GatherBackend(self.num_heads, self.num_kv_heads, self.scale, pool.num_blocks, self.device)
         # Fewer, larger matmuls: q/k/v as one projection, gate/up as another (Phi-3 ships them so: the same order).
         make = linear_maker(self.device, self.dtype)
         self.qkv = [make(*fused(l.self_attn.qkv_proj)) if hasattr(l.self_attn, "qkv_proj")

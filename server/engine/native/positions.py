@@ -24,6 +24,7 @@ import torch
 from patches.model_facts import ModelFacts
 from patches.rerope import far_key_positions, far_query_positions
 from patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table, rotate
+from server.engine.native.step_inputs import to_device
 
 
 @dataclass
@@ -165,7 +166,7 @@ class Positions:
                                  [row.window or 1 for row in rows], [row.leak for row in rows],
                                  [row.group for row in rows], [row.logn for row in rows],
                                  [row.table.attention_factor for row in rows]], dtype=torch.float64)
-        table_of, clipped, window, leak, group, logn, factor = settings.to(positions.device, non_blocking=True)[:, row_of_token]
+        table_of, clipped, window, leak, group, logn, factor = to_device(settings, positions.device)[:, row_of_token]
         if len(tables) == 1:
             inv_freq, factor = tables[0].inv_freq, tables[0].attention_factor
         else:

@@ -23,6 +23,14 @@ from server.engine.native.kv_cache import BLOCK_SIZE
 from server.engine.native.sequence import Sequence
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a stream sync: through pinned memory on CUDA (a copy from pageable
+    memory waits for the stream), as it is on CPU."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class StepRow:
     """One row of a step on the host: its sequence and the positions [first, end) it adds."""
@@ -70,9 +78,7 @@ class StepInputs:
         slot_mapping = table[row_of_token, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         seq_lens = torch.tensor([row.end for row in rows])
         parts = [ids, positions, row_of_token, slot_mapping, torch.tensor(query_start), seq_lens, table.flatten()]
-        packed = torch.cat(parts)
-        if device.type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
+        packed = to_device(torch.cat(parts), device)
         ids, positions, row_of_token, slot_mapping, cu, lens, flat_table = packed.split([len(part) for part in parts])
         return cls(rows, query_start, ids, positions, row_of_token, slot_mapping, cu.to(torch.int32), lens.to(torch.int32),
                    flat_table.view(len(rows), width).to(torch.int32))
