@@ -51,8 +51,6 @@ from server.log_ids import log_context
 log = logging.getLogger("longserve.engine")
 
 
-
-
 def ignore(delta: SeqDelta) -> None:
     """Where the silent rows of an NBCE request send their deltas."""
 
@@ -350,7 +348,7 @@ class NativeEngine:
         previous = seq.last_token_time
         seq.append(token, record)
         if seq.constraint is not None and seq.constraint.advance(token):
-            seq.finish("stop")  # a whole key, or the grammar's end: the answer, even on the last allowed token
+            seq.finish_reason = "stop"  # a whole key, or the grammar's end: the answer, even on the last allowed token
         self.observe.token(seq, previous)
         if seq.finish_reason is not None:
             self._end([seq], seq.finish_reason)
