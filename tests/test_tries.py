@@ -226,6 +226,17 @@ def test_a_key_cut_by_max_tokens_is_no_answer_and_streaming_carries_the_value(co
     assert chat.choices[0].message.content in KEYS and chat.choices[0].model_extra["key"] == chat.choices[0].message.content
 
 
+def test_a_key_completed_on_the_last_allowed_token_is_the_answer(constrained_server):
+    from tests.conftest import openai_client
+
+    client = openai_client(constrained_server)
+    ask = {"model": "tiny", "prompt": "Q:", "temperature": 0, "extra_body": {"constraint": {"choices": ["Paris"]}}}
+    whole = client.completions.create(max_tokens=32, **ask)
+    assert whole.choices[0].finish_reason == "stop" and whole.choices[0].model_extra["key"] == "Paris"
+    exact = client.completions.create(max_tokens=whole.usage.completion_tokens, **ask)  # the key's last token is the last allowed
+    assert exact.choices[0].finish_reason == "stop" and exact.choices[0].model_extra["key"] == "Paris"
+
+
 @pytest.mark.parametrize(
     "constraint,status,param",
     [
