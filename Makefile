@@ -66,6 +66,7 @@ abuse: model
 #   bench-sampler     sampler.py: the sampler's cost by case (ARGS="--against REV" beside an older one)
 #   bench-output      output_share.py: the share of engine step time spent detokenizing and handing off
 #   bench-step        step_rate.py: the native step against the machine's limits (ARGS="--against REV" beside an older one)
+#   bench-kernels     step_kernels.py: the gather, attention and linear kernels the native step chose among
 BENCH_engine := engine_rate
 BENCH_engines := compare_engines
 BENCH_load := native_load
@@ -76,6 +77,7 @@ BENCH_gpu := gpu_check
 BENCH_sampler := sampler
 BENCH_output := output_share
 BENCH_step := step_rate
+BENCH_kernels := step_kernels
 
 bench-%: model
 	$(PY) benchmarks/$(BENCH_$*).py $(ARGS)

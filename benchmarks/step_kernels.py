@@ -1,0 +1,134 @@
+"""The measurements behind the native step's kernel choices, each candidate on the same tensors, in one run.
+
+    python benchmarks/step_kernels.py [--threads 2]    (or: make bench-kernels)
+
+1. Gathering a decode group's keys from the pool (32 rows x 320 keys, 3 KV heads of 64, rows' blocks scattered):
+   token slots from a slots-first pool [slots, kv, d] (the old layout, then permuted), token slots from a
+   heads-first pool [kv, slots, d] over its slot axis, and whole blocks of the heads-first pool as rows of
+   [kv * blocks, 16 * d] (what attention_backend.py does).
+2. Attention for that group (each row a different length): two matmuls with a float32 softmax, public SDPA with
+   a bool mask, SDPA's CPU flash kernel with an additive mask (what the backend runs; it returns the
+   log-sum-exp), and compiled FlexAttention with a block mask (its compile time printed beside it).
+3. A prefill chunk's attention (512 queries over 1,024 keys): public SDPA with a bool mask against the flash
+   kernel with an additive one.
+4. The bundled model's 121 linear weights in a chain at 1, 8 and 32 rows: F.linear against oneDNN-packed weights
+   (linear.py), bfloat16 and float32.
+Times are the mean of repeated calls after warm-up, in microseconds (ms for the linear chain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROWS, KEYS, KV_HEADS, GROUP, DIM, BLOCK = 32, 320, 3, 3, 64, 16
+LINEARS = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # the bundled model's
+
+
+def mean_us(call, repeats: int = 50) -> float:
+    for _ in range(3):
+        call()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - started) / repeats * 1e6
+
+
+def gathers(dtype: torch.dtype) -> dict[str, float]:
+    blocks_total = 20000
+    blocks = torch.randperm(blocks_total)[: ROWS * KEYS // BLOCK]
+    slots = (blocks[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+    slots_first = torch.randn(blocks_total * BLOCK, KV_HEADS, DIM, dtype=dtype)
+    heads_first = torch.randn(KV_HEADS, blocks_total * BLOCK, DIM, dtype=dtype)
+    block_rows = (torch.arange(KV_HEADS)[:, None] * blocks_total + blocks).flatten()
+    as_blocks = heads_first.view(KV_HEADS * blocks_total, BLOCK * DIM)
+    return {
+        "token slots, slots-first pool, permuted": mean_us(
+            lambda: slots_first.index_select(0, slots).view(ROWS, KEYS, KV_HEADS, DIM).permute(2, 0, 1, 3).contiguous()),
+        "token slots, heads-first pool": mean_us(lambda: heads_first.index_select(1, slots)),
+        "whole blocks, heads-first pool": mean_us(lambda: as_blocks.index_select(0, block_rows)),
+    }
+
+
+def decode_attention(dtype: torch.dtype) -> dict[str, float]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    keys, values = torch.randn(KV_HEADS, ROWS, KEYS, DIM, dtype=dtype), torch.randn(KV_HEADS, ROWS, KEYS, DIM, dtype=dtype)
+    query = torch.randn(KV_HEADS, ROWS, GROUP, DIM, dtype=dtype)  # [kv, rows, query heads per kv head, d]
+    lengths = torch.randint(KEYS // 2, KEYS + 1, (ROWS,))
+    visible = (torch.arange(KEYS)[None] < lengths[:, None]).view(ROWS, 1, KEYS)
+    additive = torch.zeros(1, ROWS, 1, KEYS, dtype=dtype).masked_fill(~visible.view(1, ROWS, 1, KEYS), float("-inf"))
+
+    def matmuls():
+        scores = torch.matmul(query, keys.transpose(-1, -2)).float().masked_fill(~visible, float("-inf"))
+        return torch.matmul(scores.softmax(-1).to(dtype), values)
+
+    figures = {
+        "two matmuls, float32 softmax": mean_us(matmuls),
+        "public SDPA, bool mask": mean_us(lambda: F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)),
+        "SDPA's CPU flash kernel, additive mask": mean_us(
+            lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, 0.0, False,
+                                                                               attn_mask=additive)),
+    }
+    rows_first = [t.permute(1, 0, 2, 3).contiguous() for t in (keys, values)]  # [rows, kv, keys, d]
+    flex_query = query.permute(1, 0, 2, 3).reshape(ROWS, KV_HEADS * GROUP, 1, DIM)
+    block_mask = create_block_mask(lambda b, h, q, k: k < lengths[b], ROWS, None, 1, KEYS, device="cpu")
+    compiled = torch.compile(flex_attention)
+    started = time.perf_counter()
+    compiled(flex_query, *rows_first, block_mask=block_mask, enable_gqa=True)
+    compile_seconds = time.perf_counter() - started
+    figures[f"FlexAttention, compiled ({compile_seconds:.1f} s to compile)"] = mean_us(
+        lambda: compiled(flex_query, *rows_first, block_mask=block_mask, enable_gqa=True))
+    return figures
+
+
+def prefill_attention(dtype: torch.dtype) -> dict[str, float]:
+    queries, keys_count = 512, 1024
+    q = torch.randn(1, KV_HEADS * GROUP, queries, DIM, dtype=dtype)
+    k, v = torch.randn(1, KV_HEADS, keys_count, DIM, dtype=dtype), torch.randn(1, KV_HEADS, keys_count, DIM, dtype=dtype)
+    visible = (torch.arange(keys_count)[None] <= torch.arange(keys_count - queries, keys_count)[:, None])[None, None]
+    additive = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+    return {
+        "public SDPA, bool mask": mean_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True), 10),
+        "SDPA's CPU flash kernel, additive mask": mean_us(
+            lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive), 10),
+    }
+
+
+def linear_chain(dtype: torch.dtype) -> dict[str, float]:
+    from server.engine.native.linear import PackedLinear
+
+    weights = [torch.randn(out_features, in_features, dtype=dtype) for out_features, in_features in LINEARS]
+    packed = [PackedLinear(weight, None) for weight in weights]
+    figures = {}
+    for rows in (1, 8, 32):
+        inputs = {width: torch.randn(rows, width, dtype=dtype) for width in (576, 1536)}
+        plain_ms = mean_us(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], 5) / 1000
+        packed_ms = mean_us(lambda: [p(inputs[w.shape[1]]) for w, p in zip(weights, packed)], 5) / 1000
+        figures[f"{rows} rows: F.linear / packed (ms)"] = (plain_ms, packed_ms)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="step_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from server.engine.native.loading import speed_flags
+
+    print(f"step_kernels: CPU flags {speed_flags()}; {args.threads} threads")
+    with torch.inference_mode():
+        for dtype in (torch.bfloat16, torch.float32):
+            name = str(dtype).removeprefix("torch.")
+            for title, figures in (("gather", gathers(dtype)), ("decode attention", decode_attention(dtype)),
+                                   ("prefill attention", prefill_attention(dtype)), ("linears", linear_chain(dtype))):
+                for label, value in figures.items():
+                    shown = f"{value[0]:.1f} / {value[1]:.1f}" if isinstance(value, tuple) else f"{value:.0f} us"
+                    print(f"{name:<9} {title:<18} {label:<52} {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
