@@ -37,6 +37,7 @@ class ServerSettings(BaseSettings):
     max_num_batched_tokens: int | None = Field(engine_default("max_num_batched_tokens"), ge=16, le=2**20)
     kv_cache_memory: float | None = Field(engine_default("kv_cache_memory"), gt=0.0, le=4096.0)  # GiB; None: half the memory available (CPU)
     enable_prefix_caching: bool = engine_default("enable_prefix_caching")
+    enforce_eager: bool = engine_default("enforce_eager")  # vLLM: skip torch.compile and CUDA graphs
     request_rerope: bool = engine_default("request_rerope")  # native: per-request rerope/leaky-rerope/self-extend; their near-key plane counts in the KV budget
     # vLLM engine only: its own distributed runtime (multiprocessing or Ray), as `vllm serve` takes these
     tensor_parallel_size: int = Field(engine_default("tensor_parallel_size"), ge=1, le=1024)

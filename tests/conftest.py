@@ -219,7 +219,8 @@ def vllm_server(bundled_path):
 
     if not vllm_available():
         pytest.skip("vllm is not installed (make setup installs it unless SKIP_VLLM=1)")
-    engine = VllmEngine(EngineConfig(model_path=str(bundled_path), model_name=DEFAULT_MODEL, dtype="float32", max_num_seqs=8),
+    engine = VllmEngine(EngineConfig(model_path=str(bundled_path), model_name=DEFAULT_MODEL, dtype="float32", max_num_seqs=8,
+                                     enforce_eager=True),  # compiling takes minutes; the tests are about behaviour
                         metrics=Metrics(DEFAULT_MODEL))
     with running_server(engine) as url:
         yield url

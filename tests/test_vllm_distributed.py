@@ -66,7 +66,7 @@ def tensor_parallel_answers(model_dir: Path, tensor_parallel: int, tmp_path: Pat
     server = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny", "--engine", "vllm",
          "--dtype", "float32", "--port", str(port), "--max-num-seqs", "4", "--tensor-parallel-size", str(tensor_parallel),
-         "--max-model-len", str(LONGEST),
+         "--max-model-len", str(LONGEST), "--enforce-eager",  # compiling takes minutes; this test is about the runtime
          "--data-dir", str(tmp_path / "data"), "--position", json.dumps(POSITION)],
         env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "LONGSERVE_API_KEY": API_KEY},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -27,6 +27,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     request_rerope: bool = True  # native: a request may ask for a clipped position (near-key plane budgeted)
     grammar_step_timeout: float = 2.0  # native: seconds a grammar may take to check one token
+    enforce_eager: bool = False  # vLLM: no torch.compile or CUDA graphs (vLLM's flag); the native engine runs eagerly
     # vLLM only (the native engine refuses other values at start-up: server/cli.py)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1

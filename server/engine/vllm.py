@@ -150,7 +150,7 @@ class VllmEngine:
             os.environ.pop(LOGN_ENV, None)
         args = AsyncEngineArgs(model=config.model_path, served_model_name=config.model_name, dtype=config.dtype,
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
-                               hf_overrides=overrides, enforce_eager=True, disable_log_stats=True,
+                               hf_overrides=overrides, enforce_eager=config.enforce_eager, disable_log_stats=True,
                                logits_processors=[KeyLogitsProcessor], max_num_batched_tokens=config.max_num_batched_tokens or DEFAULT_STEP_TOKENS,
                                enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config), **config.distributed,
                                # compact JSON, as the native engine writes it: no whitespace runs to sample into
