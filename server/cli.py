@@ -70,9 +70,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
         help="reuse the KV cache of prompt blocks seen before (default on; --no-enable-prefix-caching to turn off)")
     add("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-        help="vLLM engine: run eagerly, without torch.compile or CUDA graphs (vLLM's flag): it starts in a quarter "
-        "of the time (29 against 110 s for the bundled model on a 2-core CPU) and serves 0.7x as fast; the native "
-        "engine always runs eagerly (default off)")
+        help="vLLM engine: run eagerly, without torch.compile or CUDA graphs (vLLM's flag): the bundled model starts "
+        "in 26-29 s instead of 69-110 s on a 2-core CPU and serves about 0.7x as fast; the native engine always runs "
+        "eagerly (default off)")
     add("--request-rerope", action=argparse.BooleanOptionalAction, default=None,
         help="native engine: let a request ask for rerope, leaky-rerope or self-extend when --position is not clipped; "
         "a third of --kv-cache-memory then stays free for the near-key plane they add (default on; "
