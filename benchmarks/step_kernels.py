@@ -11,8 +11,8 @@
    log-sum-exp), and compiled FlexAttention with a block mask (its compile time printed beside it).
 3. A prefill chunk's attention (512 queries over 1,024 keys): public SDPA with a bool mask against the flash
    kernel with an additive one.
-4. The bundled model's 121 linear weights in a chain at 1, 8 and 32 rows: F.linear against oneDNN-packed weights
-   (linear.py), bfloat16 and float32.
+4. The bundled model's 121 linear weights in a chain at 1, 8 and 32 rows: F.linear, oneDNN-packed weights
+   (linear.py) and the chain compiled by torch.compile with inductor's weight freezing, bfloat16 and float32.
 Times are the mean of repeated calls after warm-up, in microseconds (ms for the linear chain).
 """
 
@@ -98,17 +98,37 @@ def prefill_attention(dtype: torch.dtype) -> dict[str, float]:
     }
 
 
-def linear_chain(dtype: torch.dtype) -> dict[str, float]:
+def linear_chain(dtype: torch.dtype) -> dict[str, tuple]:
+    """F.linear, packed weights, and the same chain compiled by torch.compile with inductor's weight freezing
+    (which prepacks too, and is what compiling the decoder layers would give their linears)."""
+    import torch._inductor.config as inductor
+
     from server.engine.native.linear import PackedLinear
 
     weights = [torch.randn(out_features, in_features, dtype=dtype) for out_features, in_features in LINEARS]
     packed = [PackedLinear(weight, None) for weight in weights]
+
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.ParameterList([torch.nn.Parameter(w, requires_grad=False) for w in weights])
+
+        def forward(self, narrow, wide):
+            return [F.linear(narrow if w.shape[1] == 576 else wide, w) for w in self.weights]
+
+    inductor.freezing = True
+    compiled = torch.compile(Chain().eval())
     figures = {}
     for rows in (1, 8, 32):
         inputs = {width: torch.randn(rows, width, dtype=dtype) for width in (576, 1536)}
         plain_ms = mean_us(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], 5) / 1000
         packed_ms = mean_us(lambda: [p(inputs[w.shape[1]]) for w, p in zip(weights, packed)], 5) / 1000
-        figures[f"{rows} rows: F.linear / packed (ms)"] = (plain_ms, packed_ms)
+        started = time.perf_counter()
+        compiled(inputs[576], inputs[1536])
+        compile_seconds = time.perf_counter() - started
+        compiled_ms = mean_us(lambda: compiled(inputs[576], inputs[1536]), 5) / 1000
+        figures[f"{rows} rows: F.linear / packed / compiled ({compile_seconds:.0f} s to compile), ms"] = (
+            plain_ms, packed_ms, compiled_ms)
     return figures
 
 
@@ -126,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
             for title, figures in (("gather", gathers(dtype)), ("decode attention", decode_attention(dtype)),
                                    ("prefill attention", prefill_attention(dtype)), ("linears", linear_chain(dtype))):
                 for label, value in figures.items():
-                    shown = f"{value[0]:.1f} / {value[1]:.1f}" if isinstance(value, tuple) else f"{value:.0f} us"
-                    print(f"{name:<9} {title:<18} {label:<52} {shown}", flush=True)
+                    shown = " / ".join(f"{v:.1f}" for v in value) if isinstance(value, tuple) else f"{value:.0f} us"
+                    print(f"{name:<9} {title:<18} {label:<62} {shown}", flush=True)
 
 
 if __name__ == "__main__":
