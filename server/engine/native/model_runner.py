@@ -32,7 +32,7 @@ from server.engine.native.linear import Linear, linear_maker
 from server.engine.native.positions import Positions
 from server.engine.native.scheduler import Chunk
 from server.engine.native.sequence import Sequence
-from server.engine.native.step_inputs import StepInputs, StepRow
+from server.engine.native.step_inputs import StepInputs, StepRow, to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 
@@ -142,22 +142,22 @@ class ModelRunner:
         step = StepInputs.build(rows, self.device)
         encoding = self.positions.encode([row.seq.positions for row in rows], step.positions, step.row_of_token, self.dtype)
         hidden = self._forward(step.ids, StepAttention(self.pool, step, encoding, self.backend))
-        wanted, spans = [], []  # rows of `hidden` to project, and each owner's share of them
-        if decode:
-            wanted.append(torch.arange(len(decode), device=self.device))
+        wanted, spans = list(range(len(decode))), []  # rows of `hidden` to project, and each owner's share of them
         offset = len(decode)
         for chunk in chunks:
             size = chunk.end - chunk.start
             if chunk.every_position:
-                wanted.append(torch.arange(offset, offset + size, device=self.device))
+                wanted += range(offset, offset + size)
                 spans.append(size)
             elif chunk.ends_prompt:
-                wanted.append(torch.tensor([offset + size - 1], device=self.device))
+                wanted.append(offset + size - 1)
                 spans.append(1)
             else:
                 spans.append(0)
             offset += size
-        logits = self._logits(hidden[torch.cat(wanted)]) if wanted else None
+        if wanted and len(wanted) < step.num_tokens:  # one copy of the indices, none when every token is wanted
+            hidden = hidden.index_select(0, to_device(torch.tensor(wanted), self.device))
+        logits = self._logits(hidden) if wanted else None
         decode_logits = logits[: len(decode)] if decode else None
         chunk_logits, at = [], len(decode)
         for chunk, span in zip(chunks, spans):
