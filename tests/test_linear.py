@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.engine.base import GenerationRequest, SamplingParams
 from server.engine.config import EngineConfig
 from server.engine.native.engine import NativeEngine
 from server.engine.native.linear import PackedLinear, packs
 from tests.conftest import make_engine, tiny_model
+from tests.test_engine import engine_greedy
 
 pytestmark = pytest.mark.skipif(not packs(torch.device("cpu"), torch.bfloat16),
                                 reason="this torch build does not pack bf16 weights with oneDNN")
@@ -32,14 +32,7 @@ def test_a_packed_bf16_linear_gives_what_f_linear_gives(rows):
 
 
 def greedy(engine, prompt: list[int]) -> list[int]:
-    async def run():
-        tokens = []
-        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-        async for delta in engine.generate(GenerationRequest("g", [prompt], params)):
-            tokens += delta.token_ids
-        return tokens
-
-    return asyncio.run(run())
+    return asyncio.run(engine_greedy(engine, [prompt], 12, ignore_eos=True))[0]
 
 
 def test_an_engine_that_loads_its_bf16_model_drops_the_plain_weights_and_answers_the_same(tmp_path, tokenizer):
