@@ -5,11 +5,11 @@ BLOCK_SIZE, head_dim]: token slot `block * BLOCK_SIZE + offset` of each KV
 head. Which blocks a sequence holds is block_manager.py's business; this file
 only allocates, zeroes and copies. Heads first, because attention reads them
 so: a gather of a step's slots (attention_backend.py) comes out as [kv_heads,
-tokens, head_dim] with every head's keys contiguous, and the batched matmuls
-over it ran 2 to 3x faster than over slots-first planes gathered and permuted
-(32 decode rows x 320 keys, 3 KV heads of 64, one thread: 0.76 against 1.69
-ms in bf16, 1.25 against 3.71 ms in float32). A long prompt's consecutive
-blocks are a plain slice, no copy at all.
+tokens, head_dim] with every head's keys contiguous, ready for the kernels,
+and whole blocks move as one piece (32 decode rows x 320 keys: 249 us in
+bf16 against 577 us for slots-first planes gathered and permuted; `make
+bench-kernels`, docs/engine.md). A long prompt's consecutive blocks are a
+plain slice, no copy at all.
 
 What the cache holds is decided by the position scheme (attention.py): with
 plain and scaled RoPE the keys are stored *after* rotation, because they never
@@ -88,7 +88,7 @@ class KvPool:
             raise RuntimeError("the KV cache has no room for a near-key plane")
         log.info("a clipped request: the KV cache adds its near-key plane, %.2f GiB, inside --kv-cache-memory",
                  self.bytes_allocated() / 2 / 2**30)
-        with torch.inference_mode(False):  # called inside the forward pass: plain tensors, which prepare() zeroes later
+        with torch.inference_mode(False):  # called in the runner's inference-mode step: plain tensors, which prepare() zeroes later
             self.near_keys = self._planes()
         for plane in self.near_keys:
             plane[:, : self.ready * BLOCK_SIZE].zero_()
