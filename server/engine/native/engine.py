@@ -239,8 +239,7 @@ class NativeEngine:
         for request_id in request_ids:
             for seq in self._requests.pop(request_id, []):
                 if seq.finish_reason is None or seq.block_table:  # not ended yet, or ended but not yet out
-                    seq.finish_reason = None  # an error overrides a reason the sequence had set itself
-                    self._end([seq], "error", error=message, status=status)
+                    self._end([seq], "error", error=message, status=status, override=True)  # over its own reason
 
     def _isolated(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run `work` for the requests of `seqs`; if it raises, those requests fail and the loop goes on."""
@@ -348,7 +347,7 @@ class NativeEngine:
         previous = seq.last_token_time
         seq.append(token, record)
         if seq.constraint is not None and seq.constraint.advance(token):
-            seq.finish_reason = "stop"  # a whole key, or the grammar's end: the answer, even on the last allowed token
+            seq.finish("stop", override=True)  # a whole key, or the grammar's end: the answer, even on the last allowed token
         self.observe.token(seq, previous)
         if seq.finish_reason is not None:
             self._end([seq], seq.finish_reason)
@@ -370,12 +369,12 @@ class NativeEngine:
                 self.emit(row)
 
     def _end(self, seqs: list[Sequence], reason: str, shown: list[Sequence] | None = None, error: str | None = None,
-             status: int = 500, tell_client: bool = True) -> None:
+             status: int = 500, tell_client: bool = True, override: bool = False) -> None:
         """Every way a sequence ends passes here: the scheduler takes `seqs` out (scheduler.finish), a request
         whose sequences have all ended is forgotten, and the metrics and (unless it left) the client hear of
         the `shown` ones (all of `seqs` unless told)."""
         with self._lock:
-            self.scheduler.finish(seqs, reason)
+            self.scheduler.finish(seqs, reason, override)
             for request_id in dict.fromkeys(seq.request_id for seq in seqs):
                 if all(other.finish_reason is not None for other in self._requests.get(request_id, [])):
                     self._requests.pop(request_id, None)

@@ -1,8 +1,17 @@
-"""What the native engine starts from, past its EngineConfig: the device and dtype, the model and its end tokens."""
+"""What the native engine starts from, past its EngineConfig: the device and dtype, the model and its end tokens,
+and how host tensors reach the device."""
 
 from __future__ import annotations
 
 import torch
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a stream sync: through pinned memory on CUDA (a copy from pageable
+    memory waits for the stream), as it is on CPU."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def pick_device(name: str) -> torch.device:

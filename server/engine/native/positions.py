@@ -24,7 +24,7 @@ import torch
 from patches.model_facts import ModelFacts
 from patches.rerope import far_key_positions, far_query_positions
 from patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table, rotate
-from server.engine.native.step_inputs import to_device
+from server.engine.native.loading import to_device
 
 
 @dataclass

@@ -238,11 +238,11 @@ class Scheduler:
         self.num_preempted += 1
         self.waiting.appendleft(seq)
 
-    def finish(self, seqs: list[Sequence], reason: str) -> None:
-        """Every sequence ends here, finished, failed or aborted: its finish reason (the first one set wins),
-        out of every queue, its blocks freed."""
+    def finish(self, seqs: list[Sequence], reason: str, override: bool = False) -> None:
+        """Every sequence ends here, finished, failed or aborted: its finish reason (the first one set wins,
+        unless `override`: an error), out of every queue, its blocks freed."""
         for seq in seqs:
-            seq.finish(reason)
+            seq.finish(reason, override)
             self.remove(seq)
 
     def remove(self, seq: Sequence) -> None:

@@ -114,9 +114,10 @@ class Sequence:
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.params.stop), default=0)
 
-    def finish(self, reason: str) -> None:
-        """Why the output ends (the first reason wins); the scheduler takes the sequence out."""
-        self.finish_reason = self.finish_reason or reason
+    def finish(self, reason: str, override: bool = False) -> None:
+        """Why the output ends: the first reason wins, unless this one overrides it; the scheduler takes the
+        sequence out."""
+        self.finish_reason = reason if override else self.finish_reason or reason
 
     def take_delta(self, error: str | None = None, error_status: int = 500) -> SeqDelta | None:
         """The text and tokens not yet sent; None when there is nothing new."""

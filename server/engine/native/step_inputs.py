@@ -20,15 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.native.kv_cache import BLOCK_SIZE
+from server.engine.native.loading import to_device
 from server.engine.native.sequence import Sequence
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without a stream sync: through pinned memory on CUDA (a copy from pageable
-    memory waits for the stream), as it is on CPU."""
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
