@@ -3,13 +3,12 @@
 On CPU in bfloat16, each weight is reordered once into oneDNN's blocked layout
 (the layout torch.compile's CPU backend prepacks weights into; the ops are
 torch's own, called eagerly). A decode step is a chain of matrix-vector
-products, and a bf16 F.linear there runs at a third of the memory bandwidth.
-Measured on this 2-core AVX512-BF16/AMX CPU over the bundled model's 121
-weights (python benchmarks/step_rate.py prints the step figures): 1 thread,
-1 / 8 / 32 rows, 51 / 52 / 53 ms plain against 35 / 32 / 41 ms packed; 2
-threads 28 / 31 / 35 against 20 / 24 / 25 ms; equal at 512 rows. In float32
-the packed layout is slower for one row (59 against 48 ms), so float32, CUDA
-and any build without oneDNN keep F.linear.
+products, and bf16 F.linear is slow there. The bundled model's 121 weights at
+1 / 8 / 32 rows, 2 threads (`make bench-kernels`, docs/engine.md): 27.5 /
+31.1 / 32.0 ms plain against 20.2 / 20.8 / 24.0 packed; torch.compile with
+inductor's freezing gives what packing gives. In float32 the packed layout is
+slower for one row (33.2 against 26.4 ms), so float32, CUDA and any build
+without oneDNN keep F.linear.
 
 Packing makes a second copy of a weight; where the engine loaded the model
 itself, the plain copy is released (the model is the engine's alone).
