@@ -91,7 +91,7 @@ class NativeEngine:
         step_tokens = config.max_num_batched_tokens or profiled_budget(self.runner, self.max_model_len, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_waiting, step_tokens,
                                    config.prefill_chunk, self.max_model_len)
-        self.generator = torch.Generator(device=self.device)
+        self.generator = torch.Generator()  # on the host: it gives each unseeded sampled row one uniform number
         self.generator.seed()
 
         self._lock = threading.RLock()  # _end takes it, also inside _fail_requests, which holds it
@@ -164,10 +164,6 @@ class NativeEngine:
         return choice_deltas(queue, request.num_choices, lambda: self.abort(request.request_id))
 
     def _new_sequence(self, request: GenerationRequest, prompt: list[int], index: int, emit) -> Sequence:
-        generator = None
-        if request.params.seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(request.params.seed + index)
         return Sequence(
             request_id=request.request_id,
             index=index,
@@ -176,7 +172,7 @@ class NativeEngine:
             emit=emit,
             tokenizer_backend=self.tokenizer.backend_tokenizer,
             eos_token_ids=self.eos_token_ids,
-            generator=generator,
+            seed=None if request.params.seed is None else request.params.seed + index,
             constraint=constraint_of(request, self.config.grammar_step_timeout),
             positions=self.positions.for_sequence(request.position, len(prompt) + request.params.max_tokens),
             log_id=request.log_id,

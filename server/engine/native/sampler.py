@@ -2,12 +2,17 @@
 
 Order, as in vLLM: logit bias and penalties on the raw logits, then greedy
 rows take the argmax; sampled rows divide by temperature, keep top-k, top-p
-and min-p, and draw with the sequence's own generator when it has a seed.
+and min-p, and draw by inverting each row's cumulative distribution at one
+uniform number: the engine's generator gives it to rows without a seed, and
+a row with a seed gets a number that depends only on its seed and how many
+tokens it has drawn (seeded_uniform), so the whole batch draws in one pass.
 Log-probabilities reported to clients are those of the raw model
 distribution, before any of these steps.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -103,12 +108,29 @@ def filter_ranked(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return kept, decided
 
 
+def seeded_uniform(seed: int, draw: int) -> float:
+    """A uniform number in [0, 1) that depends only on a row's seed and the index of its draw: counter-based, as
+    Philox is, so a seeded row draws the same tokens alone, in any batch, and after a preemption. torch has no
+    batched call over per-row generators (vLLM loops over them); a hash of (seed, draw) needs no state at all."""
+    digest = hashlib.blake2b(f"{seed}:{draw}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) / 2**53  # 53 bits: exact in a float64, never 1.0
+
+
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` [rows, vocab] at the inverse of its cumulative distribution: the first token
+    whose cumulative mass passes uniform x total. A token of probability zero adds nothing to the running sum,
+    so it is never the first to pass; float64 keeps the sum exact enough over a large vocabulary."""
+    cumulative = probs.double().cumsum(dim=-1)
+    targets = uniforms.to(cumulative) * cumulative[:, -1]
+    return torch.searchsorted(cumulative, targets[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator | None = None):
     """Return (token ids, logprob records or None per row) for logits [rows, vocab].
 
-    Rows without a seed draw together in one call on the engine's generator; a row with a seed draws on its own
-    generator, so its tokens are the same alone and in any batch (torch has no batched call over generators).
-    Tokens, their log-probabilities and the top alternatives reach the host in one copy."""
+    Every sampled row draws in one pass (draw_tokens); a row with a seed takes its uniform number from
+    seeded_uniform, the others from `default_generator`. Tokens, their log-probabilities and the top
+    alternatives reach the host in one copy."""
     want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
     raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
     logits = apply_penalties(logits.clone(), seqs)
@@ -125,14 +147,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.
             top_p=torch.tensor([p.top_p for p in params], device=sub.device),
             min_p=torch.tensor([p.min_p for p in params], device=sub.device),
         )
-        probs = sub.softmax(dim=-1)
-        unseeded = [i for i, row in enumerate(sampled_rows) if seqs[row].generator is None]
-        if unseeded:
-            drawn = torch.multinomial(probs[unseeded], 1, generator=default_generator)[:, 0]
-            tokens[[sampled_rows[i] for i in unseeded]] = drawn
-        for i, row in enumerate(sampled_rows):
-            if seqs[row].generator is not None:
-                tokens[row] = torch.multinomial(probs[i], 1, generator=seqs[row].generator)[0]
+        uniforms = torch.rand(len(sampled_rows), dtype=torch.float64, generator=default_generator)
+        seeded = [(i, seqs[row]) for i, row in enumerate(sampled_rows) if seqs[row].seed is not None]
+        if seeded:
+            uniforms[[i for i, _ in seeded]] = torch.tensor([seeded_uniform(seq.seed, len(seq.output_ids))
+                                                             for _, seq in seeded], dtype=torch.float64)
+        tokens[sampled_rows] = draw_tokens(sub.softmax(dim=-1), uniforms.to(sub.device))
 
     if raw_logprobs is None:
         return tokens.tolist(), [None] * len(seqs)

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from tokenizers.decoders import DecodeStream
 
 from server.engine.base import SamplingParams, SeqDelta, TokenLogprob
@@ -40,7 +39,7 @@ class Sequence:
     tokenizer_backend: object  # a `tokenizers.Tokenizer`, for incremental decoding
     eos_token_ids: frozenset[int]
     positions: SequencePositions | None = None  # this sequence's rotary table, fixed for its life
-    generator: torch.Generator | None = None  # per-sequence RNG when a seed is given
+    seed: int | None = None  # the request's seed plus the choice index: its sampled tokens' only source of chance
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)  # the KV-cache blocks holding positions 0, 16, 32, ...
     num_cached: int = 0  # tokens whose keys and values are in the cache
