@@ -82,7 +82,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add("--data-parallel-size", type=int, help="vLLM engine: model replicas in one server (default 1)")
     add("--distributed-executor-backend", choices=["mp", "ray"], help="vLLM engine: its workers' runtime (default: vLLM picks)")
     add("--gpu-memory-utilization", type=float,
-        help=f"vLLM engine on CUDA: the share of GPU memory it may take (default {default('gpu_memory_utilization')})")
+        help=f"on CUDA: the share of GPU memory the engine may take, weights, activations and KV cache together "
+             f"(default {default('gpu_memory_utilization')})")
     add("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or LONGSERVE_API_KEY)")
     add("--max-body-bytes", type=int, help=f"largest request body (default {default('max_body_bytes')})")
     add("--max-contexts", type=int,

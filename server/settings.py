@@ -44,7 +44,7 @@ class ServerSettings(BaseSettings):
     pipeline_parallel_size: int = Field(engine_default("pipeline_parallel_size"), ge=1, le=1024)
     data_parallel_size: int = Field(engine_default("data_parallel_size"), ge=1, le=1024)
     distributed_executor_backend: Literal["mp", "ray"] | None = engine_default("distributed_executor_backend")  # None: vLLM picks (mp on one node)
-    gpu_memory_utilization: float = Field(engine_default("gpu_memory_utilization"), gt=0.0, le=1.0)  # CUDA: the share of GPU memory vLLM may take
+    gpu_memory_utilization: float = Field(engine_default("gpu_memory_utilization"), gt=0.0, le=1.0)  # CUDA: the share of GPU memory the engine may take
     api_key: str | None = None
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_contexts: int = Field(64, ge=1, le=4096)

@@ -33,7 +33,7 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = 0.9  # CUDA, both engines: weights, activations and KV cache together
     position: PositionSpec = field(default_factory=PositionSpec)
     data_dir: str | None = None  # the volume replicas share; vLLM: where large tries go for workers on other nodes
 

@@ -35,7 +35,7 @@ from server.engine.native.constraint import constraint_of, mask_logits
 from server.engine.native.heap import give_back_freed_memory
 from server.engine.native.isolation import by_request, is_fatal
 from server.engine.native.kv_cache import sized_pool
-from server.engine.config import EngineConfig
+from server.engine.config import DEFAULT_STEP_TOKENS, EngineConfig
 from server.engine.native.loading import eos_ids, load_model, pick_device, pick_dtype
 from server.engine.native.model_runner import ModelRunner, StepLogits, check_servable
 from server.engine.native.observe import SequenceMetrics
@@ -44,7 +44,7 @@ from server.engine.native.positions import Positions
 from server.engine.native.sampler import prompt_logprobs, sample
 from server.engine.native.scheduler import Scheduler, Step
 from server.engine.native.sequence import Sequence
-from server.engine.native.step_budget import profiled_budget
+from server.engine.native.step_budget import probe_pool, profile_start_up
 from server.engine.native.step_threads import StepThreads
 from server.log_ids import log_context
 
@@ -83,12 +83,19 @@ class NativeEngine:
         self.observe = SequenceMetrics(metrics)
 
         self.positions = Positions(model, self.position, self.device)
+        # the start-up passes run on a probe pool; the real one is sized from what they took (memory_profile.py)
+        self.runner = ModelRunner(model, probe_pool(self.facts, self.dtype, self.device, self.position.clipped,
+                                                    min(self.max_model_len, config.max_num_batched_tokens or DEFAULT_STEP_TOKENS)),
+                                  self.positions, owns_model=owns_model)
+        step_tokens, activation_bytes = profile_start_up(self.runner, config.max_num_batched_tokens, config.kv_cache_memory,
+                                                         self.max_model_len, config.max_num_seqs)
         self.pool = sized_pool(self.facts, self.dtype, self.device, config.kv_cache_memory, self.max_model_len,
-                               near_keys=self.position.clipped, budget_near_keys=config.request_rerope)
+                               near_keys=self.position.clipped, budget_near_keys=config.request_rerope,
+                               activation_bytes=activation_bytes,
+                               utilization=config.gpu_memory_utilization)
+        self.runner.use_pool(self.pool)
         self.blocks = BlockManager(self.pool, prefix_caching=config.enable_prefix_caching)
         self.observe.watch(self.blocks)
-        self.runner = ModelRunner(model, self.pool, self.positions, owns_model=owns_model)
-        step_tokens = config.max_num_batched_tokens or profiled_budget(self.runner, self.max_model_len, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_waiting, step_tokens,
                                    config.prefill_chunk, self.max_model_len)
         self.generator = torch.Generator()  # on the host: it gives each unseeded sampled row one uniform number

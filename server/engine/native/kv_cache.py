@@ -41,17 +41,27 @@ def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: to
     return num_layers * num_kv_heads * head_dim * planes * torch.empty((), dtype=dtype).element_size()
 
 
-def default_budget_bytes(device: torch.device) -> int:
-    """With the model loaded: half the memory available now on CPU, 90 % of the free device memory on CUDA."""
+def default_budget_bytes(device: torch.device, activation_bytes: int, utilization: float) -> int:
+    """With the model loaded and its activations measured (memory_profile.py): on CUDA, `utilization` of the
+    device's memory less what is in use and what a step's activations take; on CPU, half of what is still
+    available once the activations are set aside."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
+        free, total = torch.cuda.mem_get_info(device)
+        return cuda_budget(free, total, activation_bytes, utilization)
     available = 0
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("MemAvailable:"):
                 available = int(line.split()[1]) * 1024
-    return max(available // 2, 64 << 20)
+    return cpu_budget(available, activation_bytes)
+
+
+def cuda_budget(free: int, total: int, activation_bytes: int, utilization: float) -> int:
+    return max(int(total * utilization) - (total - free) - activation_bytes, 0)
+
+
+def cpu_budget(available: int, activation_bytes: int) -> int:
+    return max((available - activation_bytes) // 2, 64 << 20)
 
 
 class KvPool:
@@ -124,13 +134,14 @@ class KvPool:
 
 
 def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memory_gib: float | None, max_model_len: int,
-               near_keys: bool, budget_near_keys: bool = False) -> KvPool:
+               near_keys: bool, budget_near_keys: bool = False, activation_bytes: int = 0,
+               utilization: float = 0.9) -> KvPool:
     """The block pool, sized by --kv-cache-memory (or default_budget_bytes); says how many tokens fit.
     near_keys: the plane from the start; budget_near_keys: room kept for it, added at the first clipped request."""
     budgeted = near_keys or budget_near_keys
     waiting = budget_near_keys and not near_keys  # a third kept, the plane not made yet
     token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype, 3 if budgeted else 2)
-    budget = int(memory_gib * 2**30) if memory_gib else default_budget_bytes(device)
+    budget = int(memory_gib * 2**30) if memory_gib else default_budget_bytes(device, activation_bytes, utilization)
     num_blocks = budget // (token_bytes * BLOCK_SIZE)
     if num_blocks * BLOCK_SIZE < max_model_len:
         kept = ", or pass --no-request-rerope (a third is kept for clipped requests)" if waiting else ""

@@ -103,7 +103,6 @@ class ModelRunner:
         config = model.config
         self.model = model
         self.decoder = model.model
-        self.pool = pool
         self.positions = positions
         facts = ModelFacts.of(config)
         self.num_heads, self.num_kv_heads, self.head_dim = facts.num_heads, facts.num_kv_heads, facts.head_dim
@@ -111,7 +110,7 @@ class ModelRunner:
         self.dtype = model.dtype
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.act = ACT2FN[config.hidden_act]
-        self.backend = GatherBackend(self.num_heads, self.num_kv_heads, self.scale, pool.num_blocks, self.device)
+        self.use_pool(pool)
         # Fewer, larger matmuls: q/k/v as one projection, gate/up as another (Phi-3 ships them so: the same order).
         make = linear_maker(self.device, self.dtype)
         self.qkv = [make(*fused(l.self_attn.qkv_proj)) if hasattr(l.self_attn, "qkv_proj")
@@ -126,6 +125,11 @@ class ModelRunner:
         # Qwen3: RMSNorm over each head's q and k, before the rotation; None for the other families
         self.qk_norms = [(l.self_attn.q_norm, l.self_attn.k_norm) if hasattr(l.self_attn, "q_norm") else None
                          for l in self.decoder.layers]
+
+    def use_pool(self, pool: KvPool) -> None:
+        """Run on `pool` from now on: the engine's real pool, once the start-up passes ran on a probe pool."""
+        self.pool = pool
+        self.backend = GatherBackend(self.num_heads, self.num_kv_heads, self.scale, pool.num_blocks, self.device)
 
     @torch.inference_mode()
     def run(self, decode: list[Sequence], chunks: list[Chunk]) -> StepLogits:

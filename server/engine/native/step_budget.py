@@ -11,6 +11,11 @@ DEFAULT_STEP_TOKENS (where steps are fast already) nor below what one decode
 step of --max-num-seqs rows needs. A step's cost is nearly linear in its
 tokens at these sizes (the projections and MLP dominate), so a quarter-size
 probe keeps start-up short. The choice goes to the log.
+
+Unless --kv-cache-memory is given, one more pass at the chosen budget
+measures what a step's activations take (memory_profile.py), and the KV
+cache is sized from what is left. Both passes run on a small probe pool,
+before the real one exists.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import time
 from types import SimpleNamespace
 
 from server.engine.config import DEFAULT_STEP_TOKENS
-from server.engine.native.kv_cache import BLOCK_SIZE
+from server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from server.engine.native.memory_profile import PeakMemory
 from server.engine.native.scheduler import Chunk
 
 log = logging.getLogger("longserve.engine")
@@ -58,3 +64,26 @@ def profiled_budget(runner, max_model_len: int, max_num_seqs: int) -> int:
              "step takes about %.1f s at most (pass --max-num-batched-tokens to choose)", probe_tokens, seconds, budget,
              STEP_TARGET_SECONDS)
     return budget
+
+
+def probe_pool(facts, dtype, device, near_keys: bool, tokens: int) -> KvPool:
+    """A pool just large enough for the start-up passes of `tokens` tokens."""
+    return KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, -(-tokens // BLOCK_SIZE), dtype, device,
+                  near_keys=near_keys)
+
+
+def profile_start_up(runner, max_num_batched_tokens: int | None, kv_cache_memory: float | None, max_model_len: int,
+                     max_num_seqs: int) -> tuple[int, int]:
+    """(the step's token budget, the bytes a step of that many tokens takes beyond the weights): the budget as
+    given or from profiled_budget; the bytes 0 when --kv-cache-memory is given, else the peak over these passes,
+    scaled up linearly where the probe pool holds fewer tokens than the budget."""
+    with PeakMemory(runner.device) as peak:
+        step_tokens = max_num_batched_tokens or profiled_budget(runner, max_model_len, max_num_seqs)
+        measured = 0 if kv_cache_memory else min(step_tokens, runner.pool.num_tokens)
+        if measured:
+            time_a_step(runner, measured)
+    activation_bytes = peak.bytes * step_tokens // measured if measured else 0
+    if measured:
+        log.info("activations: a step of %d tokens took %.0f MiB beyond the weights (a pass of %d measured); the KV "
+                 "cache leaves them room", step_tokens, activation_bytes / 2**20, measured)
+    return step_tokens, activation_bytes
