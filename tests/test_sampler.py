@@ -219,3 +219,23 @@ def test_filters_match_the_reference_whether_the_kept_set_fits_the_candidates_or
         assert kept == naive_keep(logits[row].tolist(), int(top_k[row]), float(top_p[row]), float(min_p[row])), row
     assert len({i for i in range(vocab) if filtered[1, i] != float("-inf")}) > CANDIDATES  # the whole-sort path ran
     assert torch.equal(filtered[3], logits[3])  # nothing to filter: left as it is
+
+
+def test_the_two_level_draw_equals_a_whole_vocabulary_inverse_cdf():
+    """Blocks of DRAW_BLOCK tokens, the last one padded, some tokens and a whole block of probability zero: each
+    draw is the first token whose float64 cumulative mass passes uniform x total, as a plain cumulative sum finds."""
+    from server.engine.native.sampler import DRAW_BLOCK, draw_tokens
+
+    generator = torch.Generator().manual_seed(6)
+    vocab = 3 * DRAW_BLOCK - 100
+    probs = torch.rand(64, vocab, generator=generator) ** 8  # peaked rows, as a model's are
+    probs[:, ::7] = 0.0
+    probs[::2, DRAW_BLOCK : 2 * DRAW_BLOCK] = 0.0  # even rows: the middle block has no mass
+    probs /= probs.sum(dim=-1, keepdim=True)
+    uniforms = torch.rand(64, dtype=torch.float64, generator=generator)
+    drawn = draw_tokens(probs, uniforms)
+    cumulative = probs.double().cumsum(dim=-1)
+    for row in range(64):
+        target = float(uniforms[row]) * float(cumulative[row, -1])
+        assert int(drawn[row]) == int((cumulative[row] <= target).sum()), row
+        assert probs[row, drawn[row]] > 0

@@ -116,13 +116,31 @@ def seeded_uniform(seed: int, draw: int) -> float:
     return (int.from_bytes(digest, "little") >> 11) / 2**53  # 53 bits: exact in a float64, never 1.0
 
 
+DRAW_BLOCK = 1024  # tokens per block of the two-level cumulative sum
+
+
 def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row of `probs` [rows, vocab] at the inverse of its cumulative distribution: the first token
-    whose cumulative mass passes uniform x total. A token of probability zero adds nothing to the running sum,
-    so it is never the first to pass; float64 keeps the sum exact enough over a large vocabulary."""
-    cumulative = probs.double().cumsum(dim=-1)
+    whose cumulative mass passes uniform x total. In two levels, because a cumulative sum over the whole
+    vocabulary runs one element at a time (2.9 ms of a 9 ms 32-row draw here, 49k tokens): the mass of each block of
+    DRAW_BLOCK tokens (a vectorized sum), the block where the target falls, then the cumulative sum inside that
+    block alone. Sums are float64. A token of probability zero adds nothing to a running sum, so it is never the
+    first to pass; where rounding would pass the last token (or block) with mass, the draw stays on it."""
+    rows, vocab = probs.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    if blocks * DRAW_BLOCK != vocab:
+        probs = torch.nn.functional.pad(probs, (0, blocks * DRAW_BLOCK - vocab))
+    padded = probs.view(rows, blocks, DRAW_BLOCK)
+    block_mass = padded.sum(dim=-1).double()  # a block's float32 sum is exact enough; float64 from here
+    cumulative = block_mass.cumsum(dim=-1)
     targets = uniforms.to(cumulative) * cumulative[:, -1]
-    return torch.searchsorted(cumulative, targets[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+    last_block = (cumulative < cumulative[:, -1:]).sum(dim=-1, keepdim=True)  # the last block with mass
+    block = torch.searchsorted(cumulative, targets[:, None], right=True).minimum(last_block)
+    inside = targets[:, None] - (cumulative.gather(1, block) - block_mass.gather(1, block))
+    running = padded[torch.arange(rows, device=probs.device), block[:, 0]].double().cumsum(dim=-1)
+    last_token = (running < running[:, -1:]).sum(dim=-1, keepdim=True)
+    token = torch.searchsorted(running, inside.clamp(min=0.0), right=True).minimum(last_token)
+    return (block * DRAW_BLOCK + token)[:, 0]
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator | None = None):
@@ -135,14 +153,17 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.
     raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
     logits = apply_penalties(logits.clone(), seqs)
 
-    tokens = logits.argmax(dim=-1)
     sampled_rows = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
+    if len(sampled_rows) < len(seqs):
+        tokens = logits.argmax(dim=-1)
+    else:  # every row draws: no argmax over the vocabulary (1.5 ms for 32 rows here)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
     if sampled_rows:
-        sub = logits[sampled_rows]
+        sub = logits[sampled_rows] if len(sampled_rows) < len(seqs) else logits  # the clone above: its own copy
         params = [seqs[row].params for row in sampled_rows]
         temperature = torch.tensor([p.temperature for p in params], device=sub.device).unsqueeze(1)
         sub = filter_logits(
-            sub / temperature,
+            sub.div_(temperature),
             top_k=torch.tensor([p.top_k for p in params], device=sub.device),
             top_p=torch.tensor([p.top_p for p in params], device=sub.device),
             min_p=torch.tensor([p.min_p for p in params], device=sub.device),
