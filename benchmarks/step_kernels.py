@@ -13,6 +13,9 @@
    kernel with an additive one.
 4. The bundled model's 121 linear weights in a chain at 1, 8 and 32 rows: F.linear, oneDNN-packed weights
    (linear.py) and the chain compiled by torch.compile with inductor's weight freezing, bfloat16 and float32.
+5. Drawing one token for each of 32 sampled rows over the bundled model's 49,152 tokens (float32, whatever the
+   model's dtype): torch.multinomial (the sampler before), the inverse of a float64 cumulative sum over the
+   whole vocabulary, and sampler.draw_tokens (the same inverse in two levels, what the sampler does).
 Times are the mean of repeated calls after warm-up, in microseconds (ms for the linear chain).
 """
 
@@ -132,6 +135,23 @@ def linear_chain(dtype: torch.dtype) -> dict[str, tuple]:
     return figures
 
 
+def draws() -> dict[str, float]:
+    from server.engine.native.sampler import draw_tokens
+
+    probs = (torch.randn(ROWS, LINEARS[-1][0]) * 3).softmax(dim=-1)
+    uniforms = torch.rand(ROWS, dtype=torch.float64)
+
+    def whole_cumsum():
+        cumulative = probs.double().cumsum(dim=-1)
+        return torch.searchsorted(cumulative, (uniforms * cumulative[:, -1])[:, None], right=True)
+
+    return {
+        "torch.multinomial": mean_us(lambda: torch.multinomial(probs, 1)),
+        "inverse CDF, one float64 cumsum over the vocabulary": mean_us(whole_cumsum),
+        "inverse CDF in two levels (sampler.draw_tokens)": mean_us(lambda: draw_tokens(probs, uniforms)),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="step_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -148,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                 for label, value in figures.items():
                     shown = " / ".join(f"{v:.1f}" for v in value) if isinstance(value, tuple) else f"{value:.0f} us"
                     print(f"{name:<9} {title:<18} {label:<62} {shown}", flush=True)
+        for label, value in draws().items():
+            print(f"{'float32':<9} {'draw, 32 rows':<18} {label:<62} {value:.0f} us", flush=True)
 
 
 if __name__ == "__main__":
