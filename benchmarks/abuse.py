@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8401)
     parser.add_argument("--server-args", default="--kv-cache-memory 3 --max-model-len 4096 --log-level warning")
     args = parser.parse_args(argv)
-    from server.engine.native.loading import speed_flags
+    from longserve.server.engine.native.loading import speed_flags
 
     print(f"abuse: {os.cpu_count()} CPUs, flags {speed_flags()}; server flags: {args.server_args}", flush=True)
     process, url = start_server(args)

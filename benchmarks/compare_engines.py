@@ -48,7 +48,7 @@ def server_command(kind: str, model_path: str, name: str, port: int, args) -> li
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name", name,
                 "--max-model-len", "8192", *eager, "--host", "127.0.0.1", *common]
     engine = kind.split("-")[1]
-    return [sys.executable, "-m", "server.cli", "serve", "--model", model_path, "--served-model-name", name,
+    return [sys.executable, "-m", "longserve.server.cli", "serve", "--model", model_path, "--served-model-name", name,
             "--engine", engine, *common]
 
 
@@ -126,7 +126,7 @@ def table(results: dict[str, dict[int, dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from server.models import DEFAULT_MODEL, resolve
+    from longserve.server.models import DEFAULT_MODEL, resolve
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     model_path = str(resolve(args.model))
-    from server.engine.native.loading import speed_flags
+    from longserve.server.engine.native.loading import speed_flags
 
     print(f"compare_engines: CPU flags {speed_flags()}; --dtype {args.dtype}", flush=True)
     results = {}

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from server.engine.base import GenerationRequest, SamplingParams
-from server.engine.config import EngineConfig
-from server.engine.native.engine import NativeEngine
-from server.models import DEFAULT_MODEL, resolve
+from longserve.server.engine.base import GenerationRequest, SamplingParams
+from longserve.server.engine.config import EngineConfig
+from longserve.server.engine.native.engine import NativeEngine
+from longserve.server.models import DEFAULT_MODEL, resolve
 
 PROMPTS = [
     "The history of the Roman Empire",

@@ -24,11 +24,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from patches.rope import PositionSpec  # noqa: E402
-from server.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from server.engine.config import EngineConfig  # noqa: E402
-from server.engine.native.engine import NativeEngine  # noqa: E402
-from server.engine.native.loading import speed_flags  # noqa: E402
+from longserve.patches.rope import PositionSpec  # noqa: E402
+from longserve.server.engine.base import GenerationRequest, SamplingParams  # noqa: E402
+from longserve.server.engine.config import EngineConfig  # noqa: E402
+from longserve.server.engine.native.engine import NativeEngine  # noqa: E402
+from longserve.server.engine.native.loading import speed_flags  # noqa: E402
 
 VOCAB = 49152  # the bundled tokenizer's, so generated ids detokenize (Llama 3 has 128k; the step cost differs little)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from server.models import DEFAULT_MODEL, resolve
+    from longserve.server.models import DEFAULT_MODEL, resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_MODEL))
     model = build_model(shape, args.device, dtype)

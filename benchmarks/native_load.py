@@ -2,7 +2,7 @@
 
     python benchmarks/native_load.py --scenario mixed [--cwd /other/checkout] [--server-args "..."]
 
-Starts `python -m server.cli serve` on a free 127.0.0.1 port (run in --cwd,
+Starts `python -m longserve.server.cli serve` on a free 127.0.0.1 port (run in --cwd,
 so another checkout's code can be measured), waits for GET /health, runs one
 scenario with concurrent streaming clients, samples the server's RSS (with
 its children) every 0.2 s, prints a markdown table, writes DIR/SCENARIO.json
@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import httpx
+from revisions import cli_module  # benchmarks/, on the path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -105,10 +106,10 @@ class Server:
     """`longserve serve` in a subprocess, with an RSS sampler thread."""
 
     def __init__(self, args, extra: list[str], log: Path):
-        from server.models import DEFAULT_MODEL, resolve
+        from longserve.server.models import DEFAULT_MODEL, resolve
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "server.cli", "serve", "--model", str(resolve(DEFAULT_MODEL)),
+        self.command = [sys.executable, "-m", cli_module(args.cwd), "serve", "--model", str(resolve(DEFAULT_MODEL)),
                         "--served-model-name", DEFAULT_MODEL, "--host", "127.0.0.1", "--port", str(self.port),
                         "--dtype", args.dtype, *extra]
         self.log = open(log, "w")
@@ -320,7 +321,7 @@ def main(argv=None) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 
-    from server.models import DEFAULT_MODEL, resolve
+    from longserve.server.models import DEFAULT_MODEL, resolve
     model_path = resolve(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(str(model_path))
     trained_len = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings", 8192)

@@ -15,11 +15,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from server.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from server.engine.config import EngineConfig  # noqa: E402
-from server.engine.native.engine import NativeEngine  # noqa: E402
-from server.engine.native.loading import speed_flags  # noqa: E402
-from server.models import DEFAULT_MODEL, resolve  # noqa: E402
+from longserve.server.engine.base import GenerationRequest, SamplingParams  # noqa: E402
+from longserve.server.engine.config import EngineConfig  # noqa: E402
+from longserve.server.engine.native.engine import NativeEngine  # noqa: E402
+from longserve.server.engine.native.loading import speed_flags  # noqa: E402
+from longserve.server.models import DEFAULT_MODEL, resolve  # noqa: E402
 
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt")
 

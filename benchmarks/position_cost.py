@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-from patches.rope import PositionSpec
+from longserve.patches.rope import PositionSpec
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # beside the checkout
 
 
 def measure(model: str, text: Path, length: int, spec: PositionSpec, tokens: int) -> dict:
     """In this process: one prompt of `length` tokens under `spec`."""
-    from server.engine.base import GenerationRequest, SamplingParams
-    from server.engine.config import EngineConfig
-    from server.engine.native.engine import NativeEngine
-    from server.models import resolve
+    from longserve.server.engine.base import GenerationRequest, SamplingParams
+    from longserve.server.engine.config import EngineConfig
+    from longserve.server.engine.native.engine import NativeEngine
+    from longserve.server.models import resolve
 
     engine = NativeEngine(EngineConfig(model_path=str(resolve(model)), model_name=model, max_num_seqs=1,
                                        max_model_len=length + tokens + 1, position=spec))
@@ -67,7 +67,7 @@ def label(spec: PositionSpec) -> str:
 
 
 def main() -> None:
-    from clients.prompts import length_label, parse_lengths
+    from longserve.clients.prompts import length_label, parse_lengths
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")

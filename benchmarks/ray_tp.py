@@ -40,7 +40,7 @@ def tiny_model_dir(directory: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from server.models import DEFAULT_MODEL, resolve
+    from longserve.server.models import DEFAULT_MODEL, resolve
 
     torch.manual_seed(7)
     config = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
@@ -56,7 +56,7 @@ def tiny_model_dir(directory: Path) -> Path:
 def serve_and_ask(model_dir: Path, extra: list[str], env: dict, log_path: Path) -> tuple[list[str], float, list[str]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny",
+    command = [sys.executable, "-m", "longserve.server.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny",
                "--engine", "vllm", "--dtype", "float32", "--port", str(port), "--data-dir", str(log_path.parent / "data"), *extra]
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

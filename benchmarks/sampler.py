@@ -20,12 +20,13 @@ import tempfile
 import time
 
 import torch
+from revisions import old_names_to_new  # benchmarks/, on the path when run as a script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from server.engine.base import SamplingParams  # noqa: E402
-from server.engine.native import sampler as current  # noqa: E402
-from server.engine.native.loading import speed_flags  # noqa: E402
-from server.engine.native.sequence import Sequence  # noqa: E402
+from longserve.server.engine.base import SamplingParams  # noqa: E402
+from longserve.server.engine.native import sampler as current  # noqa: E402
+from longserve.server.engine.native.loading import speed_flags  # noqa: E402
+from longserve.server.engine.native.sequence import Sequence  # noqa: E402
 
 VOCAB = 49152
 CASES = [
@@ -41,6 +42,8 @@ CASES = [
 def sampler_at(revision: str):
     source = subprocess.run(["git", "show", f"{revision}:server/engine/native/sampler.py"], capture_output=True, text=True,
                             check=True).stdout
+    if "from server." in source:  # before the longserve package: its imports name this tree's modules the old way
+        old_names_to_new()
     path = os.path.join(tempfile.mkdtemp(), "sampler_then.py")
     with open(path, "w") as file:
         file.write(source)
@@ -56,6 +59,7 @@ def batch(rows: int, tokenizer, params: dict) -> list[Sequence]:
         seq = Sequence("r", row, list(range(100, 400)), SamplingParams(**params), lambda delta: None,
                        tokenizer.backend_tokenizer, frozenset({2}))
         seq.output_ids = list(range(500, 564))
+        seq.generator = None  # what samplers before the counter-based seeds read (--against)
         seqs.append(seq)
     return seqs
 
@@ -74,7 +78,7 @@ def best_ms(module, logits, seqs) -> float:
 def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
-    from server.models import DEFAULT_MODEL, resolve
+    from longserve.server.models import DEFAULT_MODEL, resolve
 
     parser = argparse.ArgumentParser(prog="sampler", description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", help="a git revision whose sampler to time beside this one")

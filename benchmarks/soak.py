@@ -76,7 +76,7 @@ def rss_mib(pid: int) -> float:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(args.port), *args.server_args.split()]
+    command = [sys.executable, "-m", "longserve.server.cli", "serve", "--port", str(args.port), *args.server_args.split()]
     process = subprocess.Popen(command, start_new_session=True)
     url = f"http://127.0.0.1:{args.port}"
     deadline = time.monotonic() + 300

@@ -110,7 +110,7 @@ def linear_chain(dtype: torch.dtype) -> dict[str, tuple]:
     (which prepacks too, and is what compiling the decoder layers would give their linears)."""
     import torch._inductor.config as inductor
 
-    from server.engine.native.linear import PackedLinear
+    from longserve.server.engine.native.linear import PackedLinear
 
     weights = [torch.randn(out_features, in_features, dtype=dtype) for out_features, in_features in LINEARS]
     packed = [PackedLinear(weight, None) for weight in weights]
@@ -180,7 +180,7 @@ def paged_decode(dtype: torch.dtype) -> dict[str, float]:
 
 
 def draws() -> dict[str, float]:
-    from server.engine.native.sampler import draw_tokens
+    from longserve.server.engine.native.sampler import draw_tokens
 
     probs = (torch.randn(ROWS, LINEARS[-1][0]) * 3).softmax(dim=-1)
     uniforms = torch.rand(ROWS, dtype=torch.float64)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from server.engine.native.loading import speed_flags
+    from longserve.server.engine.native.loading import speed_flags
 
     print(f"step_kernels: CPU flags {speed_flags()}; {args.threads} threads")
     with torch.inference_mode():

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from revisions import has_package, new_names_to_old  # benchmarks/, on the path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -30,7 +32,7 @@ TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 def machine_limits(dtype_name: str) -> dict:
     import torch
 
-    from server.engine.native.loading import pick_dtype
+    from longserve.server.engine.native.loading import pick_dtype
 
     dtype = pick_dtype(dtype_name, torch.device("cpu"))
     a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
@@ -53,11 +55,11 @@ def run_cases(args) -> list[dict]:
     """In this process, with whatever `server` package is first on the path."""
     import asyncio
 
-    from patches.rope import PositionSpec
-    from server.engine.base import GenerationRequest, SamplingParams
-    from server.engine.config import EngineConfig
-    from server.engine.native.engine import NativeEngine
-    from server.models import DEFAULT_MODEL, resolve
+    from longserve.patches.rope import PositionSpec
+    from longserve.server.engine.base import GenerationRequest, SamplingParams
+    from longserve.server.engine.config import EngineConfig
+    from longserve.server.engine.native.engine import NativeEngine
+    from longserve.server.models import DEFAULT_MODEL, resolve
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     engine = NativeEngine(EngineConfig(model_path=str(resolve(DEFAULT_MODEL)), model_name=DEFAULT_MODEL, dtype=args.dtype,
@@ -130,10 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
+        if not has_package(os.getcwd()):  # an older revision: its folders import as server, patches
+            new_names_to_old()
         print(json.dumps(run_cases(args)))
         return
     sys.path.insert(0, str(ROOT))
-    from server.engine.native.loading import speed_flags
+    from longserve.server.engine.native.loading import speed_flags
 
     limits = machine_limits(args.dtype)
     print(f"step_rate: CPU flags {speed_flags()}; {limits['dtype']}; matmul peak {limits['gflops']:.0f} GFLOPS, "

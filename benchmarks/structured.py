@@ -102,7 +102,7 @@ def allowed_ids(row: torch.Tensor, vocab: int) -> list[int]:
 
 async def plain_tpot(engine, batch: int, tokens: int) -> float:
     """Mean time per output token after the first, over `batch` unconstrained sequences decoded together."""
-    from server.engine.base import GenerationRequest, SamplingParams
+    from longserve.server.engine.base import GenerationRequest, SamplingParams
 
     text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Describe a ticket as JSON."}],
                                                 add_generation_prompt=True, tokenize=False)
@@ -120,7 +120,7 @@ async def plain_tpot(engine, batch: int, tokens: int) -> float:
 def mask_step(compiled, batch: int, vocab: int, steps: int = 200) -> float:
     """Mean seconds the engine adds to one step of `batch` rows under the grammar: mask_logits, then every row
     taking a random allowed token (a finished row starts again)."""
-    from server.engine.native.constraint import GrammarState, mask_logits
+    from longserve.server.engine.native.constraint import GrammarState, mask_logits
 
     rng = random.Random(0)
     states = [GrammarState(compiled) for _ in range(batch)]
@@ -144,11 +144,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--tokens", type=int, default=96, help="the unconstrained run's output length")
     args = parser.parse_args()
-    from server.engine.base import GrammarSpec
-    from server.engine.config import EngineConfig
-    from server.engine.native.engine import NativeEngine
-    from server.extensions.grammar_compile import compile_spec, grammar_compiler
-    from server.models import resolve
+    from longserve.server.engine.base import GrammarSpec
+    from longserve.server.engine.config import EngineConfig
+    from longserve.server.engine.native.engine import NativeEngine
+    from longserve.server.extensions.grammar_compile import compile_spec, grammar_compiler
+    from longserve.server.models import resolve
 
     batches = [int(b) for b in args.batches.split(",")]
     engine = NativeEngine(EngineConfig(model_path=str(resolve(args.model)), model_name=args.model, max_num_seqs=max(batches)))

@@ -48,7 +48,7 @@ def serve_traced(record_to: str, serve_args: list[str]) -> None:
     signal.signal(signal.SIGUSR2, stop)
     threading.setprofile(hook)
     sys.setprofile(hook)
-    from server.cli import main
+    from longserve.server.cli import main
 
     main(["serve", *serve_args])
 

@@ -29,9 +29,9 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from clients.bench_datasets import DATASETS, build
-from clients.bench_stats import Record, detailed, parse_slo, report, summarize
-from clients.server_client import Server
+from longserve.clients.bench_datasets import DATASETS, build
+from longserve.clients.bench_stats import Record, detailed, parse_slo, report, summarize
+from longserve.clients.server_client import Server
 
 
 def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -237,7 +237,7 @@ def sweep_points(args) -> list[tuple[int | None, float]]:
 
 
 def write_outputs(args, server: Server, runs: list[dict]) -> None:
-    from clients.bench_plot import plot_runs
+    from longserve.clients.bench_plot import plot_runs
 
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
     settings["request_rate"] = str(args.request_rate)

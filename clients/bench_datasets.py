@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clients.prompts import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_prompt
-from clients.server_client import Server
+from longserve.clients.prompts import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_prompt
+from longserve.clients.server_client import Server
 
 # Common words that most BPE vocabularies hold as one token after a space: a
 # prompt of them grows by about one token per word, so fitting takes few tries.
@@ -89,7 +89,7 @@ def build(args, server: Server) -> list[Item]:
 
 
 def nbce_item(args, server: Server, rng: random.Random, sizes: dict) -> Item:
-    from clients.nbce_eval import documents
+    from longserve.clients.nbce_eval import documents
 
     if "filler" not in sizes:
         sizes["filler"] = len(server.tokenize(PASSKEY_FILLER * 64)) / 64
@@ -98,7 +98,7 @@ def nbce_item(args, server: Server, rng: random.Random, sizes: dict) -> Item:
 
 
 def kgclue_items(args, count: int) -> list[Item]:
-    from clients.kgclue import few_shot_prompt, read_questions
+    from longserve.clients.kgclue import few_shot_prompt, read_questions
 
     if not args.trie:
         raise SystemExit("--dataset kgclue needs --trie NAME: a knowledge base registered on the server (see `longserve kgclue`)")

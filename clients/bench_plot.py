@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.bench_stats import Record, in_flight
+from longserve.clients.bench_stats import Record, in_flight
 
 
 def run_label(result: dict) -> str:

@@ -1,6 +1,6 @@
 """Request bodies that compare longserve's trie constraint with vLLM's `structured_outputs` choice.
 
-    python -m clients.choice_bodies --candidates 100,10000 --out results/choices
+    python -m longserve.clients.choice_bodies --candidates 100,10000 --out results/choices
 
 For each N it writes, into --out, N distinct candidates of three common words each and:
 - trie-N.json: the body of POST /v1/tries registering them as the base "choices-N";
@@ -19,7 +19,7 @@ import json
 import random
 from pathlib import Path
 
-from clients.bench_datasets import WORDS
+from longserve.clients.bench_datasets import WORDS
 
 PROMPT = "Pick one item from the catalogue and name it.\nItem:"
 MAX_TOKENS = 16

@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from clients.longeval_tables import loss_table, passkey_table, plot_loss, plot_passkey
-from clients.nbce_eval import nbce_table, plot_nbce
-from clients.ruler import plot_ruler, ruler_table
+from longserve.clients.longeval_tables import loss_table, passkey_table, plot_loss, plot_passkey
+from longserve.clients.nbce_eval import nbce_table, plot_nbce
+from longserve.clients.ruler import plot_ruler, ruler_table
 
 AXES = {"passkey": ("lengths", "depths"), "loss": ("contexts",), "nbce": ("docs",), "ruler": ("lengths", "tasks")}  # the lists each kind's table runs over
 CELL_FIELDS = {

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from clients.server_client import Server
+from longserve.clients.server_client import Server
 
 SEPARATOR = " ||| "
 INSTRUCTION = "根据知识库回答问题，写出“主语 ||| 谓语”。Answer with the knowledge-base key \"subject ||| predicate\".\n\n"

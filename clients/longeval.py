@@ -33,10 +33,10 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from clients.eval_table import add_table_args, run_table, table_for
-from clients.prompts import ANSWER_TOKENS, length_label, parse_lengths, passkey_prompt, position_label
-from clients.ruler_tasks import TASKS
-from clients.server_client import Server
+from longserve.clients.eval_table import add_table_args, run_table, table_for
+from longserve.clients.prompts import ANSWER_TOKENS, length_label, parse_lengths, passkey_prompt, position_label
+from longserve.clients.ruler_tasks import TASKS
+from longserve.clients.server_client import Server
 
 METHODS = ("nbce", "concat", "concat-scaled", "truncate")  # clients/nbce_eval.py
 
@@ -199,12 +199,12 @@ def run_eval(args: argparse.Namespace) -> None:
             raise SystemExit(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}" if unknown else "--samples must be at least 1")
     server = Server.connect(args.base_url, args.model, args.api_key)
     if args.kind == "nbce":
-        from clients.nbce_eval import run_nbce
+        from longserve.clients.nbce_eval import run_nbce
 
         result = run_nbce(server, args.docs, args.trials, methods, args.doc_tokens, args.truncate, args.scaled_position, args.seed,
                           args.first_trial)
     elif args.kind == "ruler":
-        from clients.ruler import run_ruler
+        from longserve.clients.ruler import run_ruler
 
         result = run_ruler(server, args.lengths, args.tasks, args.samples, positions, args.seed)
     elif args.kind == "passkey":

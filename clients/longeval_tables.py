@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from clients.prompts import length_label
+from longserve.clients.prompts import length_label
 
 
 def passkey_table(result: dict) -> str:

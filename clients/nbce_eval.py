@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from clients.prompts import ANSWER_TOKENS, PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, PASSKEY_SENTENCE
-from clients.server_client import Server
+from longserve.clients.prompts import ANSWER_TOKENS, PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, PASSKEY_SENTENCE
+from longserve.clients.server_client import Server
 QUESTION = PASSKEY_INTRO + PASSKEY_QUESTION
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from clients.server_client import Server
+    from longserve.clients.server_client import Server
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. "

@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from clients.prompts import length_label, position_label
-from clients.ruler_tasks import ANSWER_TOKENS, TASKS, Sample, make, score
-from clients.server_client import Server
+from longserve.clients.prompts import length_label, position_label
+from longserve.clients.ruler_tasks import ANSWER_TOKENS, TASKS, Sample, make, score
+from longserve.clients.server_client import Server
 
 THRESHOLD = 85.6
 

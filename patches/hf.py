@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from patches.model_facts import ModelFacts
-from patches.rope import PositionSpec, logn_factors, rope_table
+from longserve.patches.model_facts import ModelFacts
+from longserve.patches.rope import PositionSpec, logn_factors, rope_table
 
 
 def forward_positions(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -30,7 +30,7 @@ def logn_trained_len() -> int | None:
 
 def scale_queries(positions, query, trained_len: int):
     """query ([tokens, heads * head_dim] or [tokens, heads, head_dim]) scaled per token by its log-n factor."""
-    from patches.rope import logn_factors
+    from longserve.patches.rope import logn_factors
 
     factors = logn_factors(positions.reshape(-1), trained_len).to(query.dtype)
     return (query.reshape(factors.shape[0], -1) * factors[:, None]).reshape(query.shape)

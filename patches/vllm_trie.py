@@ -25,7 +25,7 @@ from functools import lru_cache
 import torch
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from patches.trie import TokenTrie
+from longserve.patches.trie import TokenTrie
 
 TRIE_ARG, TRIE_BYTES_ARG, END_TOKEN_ARG = "longserve_key_trie", "longserve_key_trie_npz", "longserve_end_token"
 INLINE_TRIE_BYTES = 1 << 20  # each request carries an inline trie to every worker: beyond 1 MiB, a file is cheaper

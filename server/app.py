@@ -15,19 +15,19 @@ from typing import Callable
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from server import __version__
-from server.drain import Drain, DrainGate
-from server.errors import APIError, error_response, install_error_handlers
-from server.engine.metrics import Metrics
-from server.knowledge import KnowledgeStore, Limits, keep_in_sync
-from server.extensions.structured import Grammars
-from server.protocol import DetokenizeRequest, TokenizeRequest, check_model, check_token_ids
-from server.request_ids import RequestIds
-from server.responses import STREAM_EVENTS, ChatCompletionResponse, CompletionResponse
-from server.serve_chat import chat_prompt_ids, create_chat_completion
-from server.serve_completion import create_completion
-from server.serve_tries import trie_routes
-from server.settings import ServerSettings
+from longserve.server import __version__
+from longserve.server.drain import Drain, DrainGate
+from longserve.server.errors import APIError, error_response, install_error_handlers
+from longserve.server.engine.metrics import Metrics
+from longserve.server.knowledge import KnowledgeStore, Limits, keep_in_sync
+from longserve.server.extensions.structured import Grammars
+from longserve.server.protocol import DetokenizeRequest, TokenizeRequest, check_model, check_token_ids
+from longserve.server.request_ids import RequestIds
+from longserve.server.responses import STREAM_EVENTS, ChatCompletionResponse, CompletionResponse
+from longserve.server.serve_chat import chat_prompt_ids, create_chat_completion
+from longserve.server.serve_completion import create_completion
+from longserve.server.serve_tries import trie_routes
+from longserve.server.settings import ServerSettings
 
 
 class BodyLimit:

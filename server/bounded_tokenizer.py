@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from server.errors import APIError
+from longserve.server.errors import APIError
 
 @functools.cache
 def longest_token_bytes(tokenizer) -> int:

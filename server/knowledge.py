@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from patches.trie import RepeatedKey, TokenTrie
-from server.errors import TOO_DEEP
-from server.valid_text import INVALID_TEXT, first_invalid_text
+from longserve.patches.trie import RepeatedKey, TokenTrie
+from longserve.server.errors import TOO_DEEP
+from longserve.server.valid_text import INVALID_TEXT, first_invalid_text
 
 log = logging.getLogger("longserve.knowledge")
 PARTIAL_MAX_AGE = 600.0  # seconds: another host's *.partial older than this is a killed save's, not one in flight

@@ -20,12 +20,12 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from patches.nbce import NbceParams
-from patches.rope import PositionSpec
-from server.engine.base import GenerationRequest, SamplingParams
-from server.errors import APIError
-from server.protocol_structured import MAX_TOOLS, NamedToolChoice, ResponseFormat, StrictModel, StructuredOutputs, Tool
-from server.valid_text import check_text
+from longserve.patches.nbce import NbceParams
+from longserve.patches.rope import PositionSpec
+from longserve.server.engine.base import GenerationRequest, SamplingParams
+from longserve.server.errors import APIError
+from longserve.server.protocol_structured import MAX_TOOLS, NamedToolChoice, ResponseFormat, StrictModel, StructuredOutputs, Tool
+from longserve.server.valid_text import check_text
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from server.log_ids import REQUEST_ID
+from longserve.server.log_ids import REQUEST_ID
 
 ACCEPTED_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # what a client may send; anything else gets a fresh id
 HEADER = b"x-request-id"

@@ -7,13 +7,13 @@ import json
 
 from fastapi import Request
 
-from server.bounded_tokenizer import BoundedTokenizer
-from server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
-from server.engine.base import TokenLogprob
-from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ChatMessage, check_model
-from server.extensions.tools import call_id
-from server.responses import (
+from longserve.server.bounded_tokenizer import BoundedTokenizer
+from longserve.server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
+from longserve.server.engine.base import TokenLogprob
+from longserve.server.errors import APIError
+from longserve.server.protocol import ChatCompletionRequest, ChatMessage, check_model
+from longserve.server.extensions.tools import call_id
+from longserve.server.responses import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,

@@ -6,12 +6,12 @@ import asyncio
 
 from fastapi import Request
 
-from server.bounded_tokenizer import BoundedTokenizer
-from server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
-from server.engine.base import TokenLogprob
-from server.errors import APIError
-from server.protocol import CompletionRequest, check_model, check_token_ids
-from server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
+from longserve.server.bounded_tokenizer import BoundedTokenizer
+from longserve.server.choice_stream import Choice, ChoiceStream, check_lengths, extensions_of, start
+from longserve.server.engine.base import TokenLogprob
+from longserve.server.errors import APIError
+from longserve.server.protocol import CompletionRequest, check_model, check_token_ids
+from longserve.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 
 
 def tokenize_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:

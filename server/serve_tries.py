@@ -22,10 +22,10 @@ from concurrent.futures.process import BrokenProcessPool
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from server.errors import TOO_DEEP, APIError
-from server.extensions.keys import find_base
-from server.knowledge import EntryError, KnowledgeBase, KnowledgeStore, build
-from server.protocol import RequestBody
+from longserve.server.errors import TOO_DEEP, APIError
+from longserve.server.extensions.keys import find_base
+from longserve.server.knowledge import EntryError, KnowledgeBase, KnowledgeStore, build
+from longserve.server.protocol import RequestBody
 
 MAX_LEAD_CHARS = 8
 

@@ -13,10 +13,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from patches.rope import PositionSpec
-from server.engine.config import EngineConfig
-from server.engine.config import default as engine_default
-from server.models import DEFAULT_MODEL
+from longserve.patches.rope import PositionSpec
+from longserve.server.engine.config import EngineConfig
+from longserve.server.engine.config import default as engine_default
+from longserve.server.models import DEFAULT_MODEL
 
 
 class ServerSettings(BaseSettings):

@@ -15,12 +15,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
 
-from server.app import create_app  # noqa: E402
-from server.engine.config import EngineConfig  # noqa: E402
-from server.engine.native.engine import NativeEngine  # noqa: E402
-from server.engine.metrics import Metrics  # noqa: E402
-from server.models import DEFAULT_MODEL, resolve  # noqa: E402
-from server.settings import ServerSettings  # noqa: E402
+from longserve.server.app import create_app  # noqa: E402
+from longserve.server.engine.config import EngineConfig  # noqa: E402
+from longserve.server.engine.native.engine import NativeEngine  # noqa: E402
+from longserve.server.engine.metrics import Metrics  # noqa: E402
+from longserve.server.models import DEFAULT_MODEL, resolve  # noqa: E402
+from longserve.server.settings import ServerSettings  # noqa: E402
 
 
 # ---- tiers -------------------------------------------------------------------
@@ -139,7 +139,7 @@ def greedy_text(engine, ids: list[int], max_tokens: int = 12) -> str:
     """The engine's greedy answer to token ids, as text."""
     import asyncio
 
-    from server.engine.base import GenerationRequest, SamplingParams
+    from longserve.server.engine.base import GenerationRequest, SamplingParams
 
     async def run():
         out = ""
@@ -188,7 +188,7 @@ def in_thread(server):
 def running_server(engine, **settings):
     """create_app(engine) on a loopback port, under the server `longserve serve` runs (its HTTP limits
     included); yields the base URL and shuts the engine down after."""
-    from server.http_server import build_server
+    from longserve.server.http_server import build_server
 
     own_dir = None if "data_dir" in settings else tempfile.mkdtemp(prefix="longserve-test-")  # never the user's own bases
     settings.setdefault("data_dir", own_dir)
@@ -214,8 +214,8 @@ def bundled_server(bundled_model, tokenizer):
 def vllm_server(bundled_path):
     """The bundled model behind the vLLM engine (float32, as the native engine runs it), for the whole session:
     vLLM takes about a minute to start on CPU. Skipped where vllm is not installed."""
-    from server.engine.config import EngineConfig
-    from server.engine.vllm import VllmEngine, vllm_available
+    from longserve.server.engine.config import EngineConfig
+    from longserve.server.engine.vllm import VllmEngine, vllm_available
 
     if not vllm_available():
         pytest.skip("vllm is not installed (make setup installs it unless SKIP_VLLM=1)")

@@ -22,12 +22,12 @@ from types import SimpleNamespace
 
 import torch
 
-from patches.rope import PositionSpec, cos_sin, rotate_half
-from server.engine.native.attention import StepAttention
-from server.engine.native.kv_cache import BLOCK_SIZE, KvPool
-from server.engine.native.positions import Positions
-from server.engine.native.step_inputs import StepInputs, StepRow
-from server.engine.native.attention_backend import PADDING, UNBOUNDED, GatherBackend, RowBand
+from longserve.patches.rope import PositionSpec, cos_sin, rotate_half
+from longserve.server.engine.native.attention import StepAttention
+from longserve.server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from longserve.server.engine.native.positions import Positions
+from longserve.server.engine.native.step_inputs import StepInputs, StepRow
+from longserve.server.engine.native.attention_backend import PADDING, UNBOUNDED, GatherBackend, RowBand
 from tests.conftest import tiny_model
 
 TRAINED = 32  # the tiny model's trained length: log-n acts past it
@@ -170,12 +170,12 @@ SCRATCH_PROBE = r"""
 import json, random, resource, sys
 import torch
 from types import SimpleNamespace
-from patches.rope import PositionSpec
-from server.engine.native.attention import StepAttention
-from server.engine.native.attention_backend import PADDING, UNBOUNDED, GatherBackend, RowBand
-from server.engine.native.kv_cache import BLOCK_SIZE, KvPool
-from server.engine.native.positions import Positions
-from server.engine.native.step_inputs import StepInputs, StepRow
+from longserve.patches.rope import PositionSpec
+from longserve.server.engine.native.attention import StepAttention
+from longserve.server.engine.native.attention_backend import PADDING, UNBOUNDED, GatherBackend, RowBand
+from longserve.server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from longserve.server.engine.native.positions import Positions
+from longserve.server.engine.native.step_inputs import StepInputs, StepRow
 from tests.conftest import tiny_model
 
 torch.set_num_threads(1)

@@ -23,7 +23,7 @@ import pytest
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the handlers' annotations from here
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from clients.bench import main as bench_main
+from longserve.clients.bench import main as bench_main
 from tests.conftest import free_port, serving
 
 pytestmark = pytest.mark.server  # every test here runs the bench against a scripted or a real server
@@ -173,7 +173,7 @@ def test_ctrl_c_prints_the_partial_report(tmp_path):
     bodies.write_text(json.dumps({"prompt": "ok", "max_tokens": 20}))
     with scripted_server() as (url, received):
         process = subprocess.Popen(
-            [sys.executable, "-m", "clients.bench", "--base-url", url, "--model", "scripted", "--dataset", "file",
+            [sys.executable, "-m", "longserve.clients.bench", "--base-url", url, "--model", "scripted", "--dataset", "file",
              "--dataset-path", str(bodies), "--num-prompts", "50", "--max-concurrency", "2"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
         )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.bounded_tokenizer import BoundedTokenizer, longest_token_bytes
-from server.errors import APIError
+from longserve.server.bounded_tokenizer import BoundedTokenizer, longest_token_bytes
+from longserve.server.errors import APIError
 
 
 def test_no_token_holds_more_bytes_than_the_bound(tokenizer):

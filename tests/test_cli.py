@@ -10,13 +10,13 @@ import time
 import httpx
 import pytest
 
-from server.models import ModelError, resolve
+from longserve.server.models import ModelError, resolve
 from tests.conftest import free_port, healthy, openai_client, wait_until
 
 
 def longserve(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, env=env, timeout=120, **kwargs)
+    return subprocess.run([sys.executable, "-m", "longserve.server.cli", *args], capture_output=True, text=True, env=env, timeout=120, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_servers_starting_together_convert_the_model_once(tmp_path, monkeypatch,
     used to convert each, and the later rename removed the directory an earlier replica was loading."""
     import threading
 
-    from server import models
+    from longserve.server import models
 
     conversions = []
 
@@ -99,7 +99,7 @@ def test_servers_starting_together_convert_the_model_once(tmp_path, monkeypatch,
 def test_a_copy_another_node_finished_meanwhile_is_kept(tmp_path, monkeypatch, tokenizer):
     """On NFS mounted nolock the flock holds only within a node: a replica on another node can finish its copy
     while this one converts. This one keeps that copy (a replica may be loading it) and drops its own."""
-    from server import models
+    from longserve.server import models
 
     monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path))
     model = next(iter(models.BUNDLED.values()))
@@ -148,7 +148,7 @@ def test_serve_command_answers_openai_requests_and_stops_without_strays():
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LONGSERVE_API_KEY": "k-123"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-num-seqs", "2", "--engine", engine,
+        [sys.executable, "-m", "longserve.server.cli", "serve", "--port", str(port), "--max-num-seqs", "2", "--engine", engine,
          "--dtype", "float32"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -15,8 +15,8 @@ import socket
 import httpx
 import pytest
 
-from server.engine.base import GrammarSpec
-from server.extensions.compile_workers import CompilerBusy, CompileTimeout, CompileWorkers
+from longserve.server.engine.base import GrammarSpec
+from longserve.server.extensions.compile_workers import CompilerBusy, CompileTimeout, CompileWorkers
 from tests.conftest import make_engine, running_server, tiny_model, wait_until
 
 VOCAB = 49152

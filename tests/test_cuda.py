@@ -9,8 +9,8 @@ import asyncio
 import pytest
 import torch
 
-from patches.rope import PositionSpec
-from server.engine.base import GenerationRequest, SamplingParams
+from longserve.patches.rope import PositionSpec
+from longserve.server.engine.base import GenerationRequest, SamplingParams
 from tests.conftest import make_engine, tiny_model
 from tests.test_isolation import run_all
 

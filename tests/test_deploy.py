@@ -19,8 +19,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from server.cli import build_parser
-from server.settings import ServerSettings
+from longserve.server.cli import build_parser
+from longserve.server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

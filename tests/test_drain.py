@@ -28,7 +28,7 @@ SECRET = "SECRET-PASSPHRASE-42"
 def server_process(model_path, tmp_path: Path, *flags: str):
     port = free_port()
     log_path = tmp_path / "server.log"
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_path), "--port", str(port),
+    command = [sys.executable, "-m", "longserve.server.cli", "serve", "--model", str(model_path), "--port", str(port),
                "--data-dir", str(tmp_path / "data"), "--max-model-len", "4096", *flags]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

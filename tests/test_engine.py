@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from server.engine.base import EngineOverloaded, GenerationRequest, SamplingParams
+from longserve.server.engine.base import EngineOverloaded, GenerationRequest, SamplingParams
 from tests.conftest import make_engine, tiny_model, wait_until
 
 PROMPTS = [

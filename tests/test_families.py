@@ -10,8 +10,8 @@ import httpx
 import pytest
 import torch
 
-from patches.model_facts import ModelFacts
-from patches.rope import PositionSpec, rope_table
+from longserve.patches.model_facts import ModelFacts
+from longserve.patches.rope import PositionSpec, rope_table
 from tests.conftest import make_engine, running_server, tiny_model
 from tests.test_engine import PROMPTS, engine_greedy, hf_greedy
 from tests.test_rerope import Driver, assert_logits_close, engine_for, prompt, reference_logits

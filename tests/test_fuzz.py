@@ -14,7 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from server.models import DEFAULT_MODEL
+from longserve.server.models import DEFAULT_MODEL
 from tests.conftest import make_engine, running_server
 
 CASES_PER_OPERATION_AND_MODE = 30

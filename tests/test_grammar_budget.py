@@ -9,9 +9,9 @@ import asyncio
 
 import pytest
 
-from server.engine.base import GenerationRequest, GrammarSpec, SamplingParams
-from server.engine.native.constraint import GrammarState, GrammarTooCostly
-from server.extensions.grammar_compile import compile_checked, grammar_compiler
+from longserve.server.engine.base import GenerationRequest, GrammarSpec, SamplingParams
+from longserve.server.engine.native.constraint import GrammarState, GrammarTooCostly
+from longserve.server.extensions.grammar_compile import compile_checked, grammar_compiler
 from tests.conftest import running_engine
 from tests.test_isolation import run_all
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from server.engine.base import GenerationRequest, SamplingParams
+from longserve.server.engine.base import GenerationRequest, SamplingParams
 from tests.conftest import make_engine, running_engine, running_server, wait_until
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]

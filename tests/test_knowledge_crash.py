@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 
-from server.knowledge import KnowledgeStore, Limits, build
+from longserve.server.knowledge import KnowledgeStore, Limits, build
 
 SAVER = textwrap.dedent("""
     import sys
     from pathlib import Path
     from transformers import AutoTokenizer
-    from server.knowledge import KnowledgeStore, Limits, build
+    from longserve.server.knowledge import KnowledgeStore, Limits, build
 
     directory, model = Path(sys.argv[1]), sys.argv[2]
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -33,6 +33,7 @@ def import_graph(top_level_only: bool) -> dict[str, set[str]]:
                 targets = [alias.name for alias in node.names]
             else:
                 continue
+            targets = [t.removeprefix("longserve.") for t in targets]  # the folders install as longserve.<folder>
             graph[name].update(t for t in targets if t in known and t != name)
     return graph
 

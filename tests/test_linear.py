@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.engine.config import EngineConfig
-from server.engine.native.engine import NativeEngine
-from server.engine.native.linear import PackedLinear, packs
+from longserve.server.engine.config import EngineConfig
+from longserve.server.engine.native.engine import NativeEngine
+from longserve.server.engine.native.linear import PackedLinear, packs
 from tests.conftest import make_engine, tiny_model
 from tests.test_engine import engine_greedy
 

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from clients.eval_table import merge_results
-from clients.longeval import run_loss
-from clients.prompts import PASSKEY_INTRO, PASSKEY_QUESTION, parse_lengths, passkey_prompt
-from clients.server_client import Server
-from server.cli import main
+from longserve.clients.eval_table import merge_results
+from longserve.clients.longeval import run_loss
+from longserve.clients.prompts import PASSKEY_INTRO, PASSKEY_QUESTION, parse_lengths, passkey_prompt
+from longserve.clients.server_client import Server
+from longserve.server.cli import main
 from tests.conftest import make_engine, running_server, tiny_model
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
@@ -79,7 +79,7 @@ def test_eval_command_writes_table_json_and_png(eval_server, tmp_path, capsys):
 def test_nbce_eval_runs_every_method_on_the_same_documents(eval_server, tmp_path, capsys):
     import random
 
-    from clients.nbce_eval import documents
+    from longserve.clients.nbce_eval import documents
 
     docs, key, holder = documents(5, 120, 20.0, random.Random(1))
     assert [key in doc for doc in docs] == [i == holder for i in range(5)]
@@ -183,7 +183,7 @@ def test_ctrl_c_keeps_what_finished(eval_server, tmp_path, capsys, monkeypatch, 
 
 
 def test_position_labels_tell_every_setting_apart():
-    from clients.prompts import position_label
+    from longserve.clients.prompts import position_label
 
     labels = {position_label(p) for p in ({"type": "rerope", "window": 1024}, {"type": "rerope", "window": 2048, "logn": True},
                                           {"type": "leaky-rerope", "window": 2048, "k": 16}, {"type": "ntk-mixed", "factor": 2, "b": 0.625})}

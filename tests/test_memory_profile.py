@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from server.engine.native import kv_cache, step_budget
-from server.engine.native.kv_cache import cpu_budget, cuda_budget
-from server.engine.native.memory_profile import PeakMemory
+from longserve.server.engine.native import kv_cache, step_budget
+from longserve.server.engine.native.kv_cache import cpu_budget, cuda_budget
+from longserve.server.engine.native.memory_profile import PeakMemory
 from tests.conftest import chat_ids, greedy_text, make_engine, tiny_model
 
 GIB = 2**30
@@ -28,7 +28,7 @@ def test_the_budgets_set_the_activations_aside():
 
 PEAK_PROBE = """
 import torch
-from server.engine.native.memory_profile import PeakMemory
+from longserve.server.engine.native.memory_profile import PeakMemory
 with PeakMemory(torch.device("cpu")) as peak:
     scratch = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed before the reading
     del scratch

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import torch
 
-from patches.nbce import NbceParams, nbce_merge, truncate_top_p
-from server.engine.base import GenerationRequest, SamplingParams
+from longserve.patches.nbce import NbceParams, nbce_merge, truncate_top_p
+from longserve.server.engine.base import GenerationRequest, SamplingParams
 from tests.conftest import make_engine, openai_client, running_server, tiny_model, wait_until
 
 CONTEXTS = [

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from patches.rope import PositionSpec
-from server.engine.base import GenerationRequest, SamplingParams
+from longserve.patches.rope import PositionSpec
+from longserve.server.engine.base import GenerationRequest, SamplingParams
 from tests.conftest import make_engine, running_engine, tiny_model, wait_until
 from tests.test_engine import hf_greedy
 
@@ -198,7 +198,7 @@ def test_the_sdk_sees_cached_tokens_in_usage_and_metrics_count_hits(model, token
 
 
 def test_nbce_rows_reuse_their_documents_for_a_new_question(cached_engine, uncached_engine, tokenizer):
-    from patches.nbce import NbceParams
+    from longserve.patches.nbce import NbceParams
 
     documents = [words(tokenizer, 200, salt=90 + k) for k in range(3)]
 

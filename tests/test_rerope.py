@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from patches.rerope import flash_cpu
-from patches.rope import PositionSpec
-from server.engine.base import SamplingParams
-from server.engine.native.sequence import Sequence
+from longserve.patches.rerope import flash_cpu
+from longserve.patches.rope import PositionSpec
+from longserve.server.engine.base import SamplingParams
+from longserve.server.engine.native.sequence import Sequence
 from tests.conftest import chat_ids, greedy_text, make_engine, tiny_model
 
 TRAINED = 64  # the tiny model's nominal trained length, so log-n acts past 64 tokens
@@ -160,7 +160,7 @@ def test_prefill_and_every_decode_step_match_the_naive_reference(tokenizer, spec
 def test_the_explicit_attention_path_used_off_cpu_matches_the_reference_too(tokenizer, monkeypatch):
     """Devices without a fused kernel that returns the log-sum-exp run the backend's explicit path; drive the
     whole engine through it here."""
-    from server.engine.native import attention_backend
+    from longserve.server.engine.native import attention_backend
 
     monkeypatch.setattr(attention_backend, "fused_kernel_for", lambda device: False)
     spec = PositionSpec(type="leaky-rerope", window=16, k=8, logn=True)
@@ -207,7 +207,7 @@ def test_rerope_and_plain_sequences_decode_together(tokenizer):
 def test_the_explicit_path_equals_the_cpu_kernel():
     """Devices other than CPU use the explicit path; both give the same output and log-sum-exp, grouped-query
     heads included (4 query heads over 2 KV heads)."""
-    from server.engine.native.attention_backend import explicit
+    from longserve.server.engine.native.attention_backend import explicit
 
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
@@ -236,8 +236,8 @@ def test_a_clipped_request_on_a_plain_server_adds_near_keys_and_the_pool_stays_u
     not hit an inference-mode tensor. This once stopped the engine on the next request that needed fresh blocks."""
     import asyncio
 
-    from server.engine.base import GenerationRequest, SamplingParams
-    from server.engine.native.kv_cache import KvPool
+    from longserve.server.engine.base import GenerationRequest, SamplingParams
+    from longserve.server.engine.native.kv_cache import KvPool
     from tests.test_engine import hf_greedy
 
     monkeypatch.setattr(KvPool, "ZERO_RUN", 1)

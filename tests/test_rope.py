@@ -9,9 +9,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from patches.hf import install_position
-from patches.rope import PositionSpec, logn_factors, rope_table
-from server.engine.base import GenerationRequest, SamplingParams
+from longserve.patches.hf import install_position
+from longserve.patches.rope import PositionSpec, logn_factors, rope_table
+from longserve.server.engine.base import GenerationRequest, SamplingParams
 from tests.conftest import chat_ids, greedy_text, make_engine, tiny_model
 
 HEAD_DIM, BASE, TRAINED = 64, 100000.0, 8192
@@ -101,7 +101,7 @@ def test_bad_specs_are_rejected_with_the_valid_choices():
 
 def prefill_logits(engine, ids: list[int], position: PositionSpec | None) -> torch.Tensor:
     """Next-token logits after `ids`, through the engine's runner (one sequence)."""
-    from server.engine.native.sequence import Sequence
+    from longserve.server.engine.native.sequence import Sequence
 
     seq = Sequence("probe", 0, ids, SamplingParams(max_tokens=1), lambda d: None, engine.tokenizer.backend_tokenizer, frozenset())
     seq.positions = engine.positions.for_sequence(position, len(ids) + 1)

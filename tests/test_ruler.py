@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from clients.ruler import effective_length, ruler_table
-from clients.ruler_tasks import ANSWER_TOKENS, NEEDLE, TASKS, make, score
-from server.cli import main
+from longserve.clients.ruler import effective_length, ruler_table
+from longserve.clients.ruler_tasks import ANSWER_TOKENS, NEEDLE, TASKS, make, score
+from longserve.server.cli import main
 from tests.conftest import make_engine, running_server, tiny_model
 
 

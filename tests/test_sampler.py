@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from server.engine.base import SamplingParams
-from server.engine.native.sampler import apply_penalties, filter_logits, sample
-from server.engine.native.sequence import Sequence
+from longserve.server.engine.base import SamplingParams
+from longserve.server.engine.native.sampler import apply_penalties, filter_logits, sample
+from longserve.server.engine.native.sequence import Sequence
 
 
 def make_seq(tokenizer, **params) -> Sequence:
@@ -114,7 +114,7 @@ def test_seeded_draws_follow_the_distribution(tokenizer):
 
 
 def test_draw_tokens_never_passes_the_last_token_with_mass():
-    from server.engine.native.sampler import draw_tokens
+    from longserve.server.engine.native.sampler import draw_tokens
 
     probs = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     for u in (0.0, 0.2499, 0.25, 0.5, 1.0 - 2**-53):
@@ -203,7 +203,7 @@ def test_a_row_with_nothing_seen_is_left_alone_beside_rows_that_are_penalized(to
 def test_filters_match_the_reference_whether_the_kept_set_fits_the_candidates_or_not():
     """A peaked row keeps a few of its most likely tokens (found among the first candidates); a flat row's top-p
     set reaches past them (it is sorted whole); both agree with the naive reference, beside rows that keep all."""
-    from server.engine.native.sampler import CANDIDATES
+    from longserve.server.engine.native.sampler import CANDIDATES
 
     torch.manual_seed(5)
     vocab = 4 * CANDIDATES
@@ -224,7 +224,7 @@ def test_filters_match_the_reference_whether_the_kept_set_fits_the_candidates_or
 def test_the_two_level_draw_equals_a_whole_vocabulary_inverse_cdf():
     """Blocks of DRAW_BLOCK tokens, the last one padded, some tokens and a whole block of probability zero: each
     draw is the first token whose float64 cumulative mass passes uniform x total, as a plain cumulative sum finds."""
-    from server.engine.native.sampler import DRAW_BLOCK, draw_tokens
+    from longserve.server.engine.native.sampler import DRAW_BLOCK, draw_tokens
 
     generator = torch.Generator().manual_seed(6)
     vocab = 3 * DRAW_BLOCK - 100

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.base import EngineOverloaded, NeverFits, SamplingParams
-from server.engine.native.block_manager import BlockManager
-from server.engine.native.kv_cache import BLOCK_SIZE, KvPool
-from server.engine.native.positions import SequencePositions
-from server.engine.native.scheduler import Scheduler
-from server.engine.native.sequence import Sequence, Status
-from patches.nbce import NbceParams
-from patches.rope import RopeTable
-from server.engine.native.nbce_group import NbceGroup
+from longserve.server.engine.base import EngineOverloaded, NeverFits, SamplingParams
+from longserve.server.engine.native.block_manager import BlockManager
+from longserve.server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from longserve.server.engine.native.positions import SequencePositions
+from longserve.server.engine.native.scheduler import Scheduler
+from longserve.server.engine.native.sequence import Sequence, Status
+from longserve.patches.nbce import NbceParams
+from longserve.patches.rope import RopeTable
+from longserve.server.engine.native.nbce_group import NbceGroup
 
 PLAIN = SequencePositions(RopeTable(torch.tensor([1.0, 0.5])), logn=False)
 SCALED = SequencePositions(RopeTable(torch.tensor([0.25, 0.125])), logn=False)

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from server.extensions.guidance import compile_guidance
-from server.extensions.schema_keywords import needs_guidance, unenforced, xgrammar_misses
+from longserve.server.extensions.guidance import compile_guidance
+from longserve.server.extensions.schema_keywords import needs_guidance, unenforced, xgrammar_misses
 
 VOCAB = 49152
 

@@ -6,7 +6,7 @@ import httpx
 import pytest
 import torch
 
-from patches.rope import PositionSpec
+from longserve.patches.rope import PositionSpec
 from tests.conftest import make_engine, openai_client, running_server, tiny_model
 
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from server.knowledge import KnowledgeStore, Limits, build
+from longserve.server.knowledge import KnowledgeStore, Limits, build
 from tests.conftest import make_engine, running_server, tiny_model, wait_until
 
 LIMITS = Limits(1000, 64, 2**30)
@@ -121,10 +121,10 @@ def test_the_vllm_trie_directories_of_stopped_servers_on_this_host_are_swept_at_
     import subprocess
     import sys
 
-    from server.engine.trie_files import ALIVE, PREFIX, TrieFiles
+    from longserve.server.engine.trie_files import ALIVE, PREFIX, TrieFiles
 
     root = tmp_path / "vllm-tries"
-    make_one = (f"import sys, time; sys.path.insert(0, {os.getcwd()!r}); from server.engine.trie_files import TrieFiles; "
+    make_one = (f"import sys, time; sys.path.insert(0, {os.getcwd()!r}); from longserve.server.engine.trie_files import TrieFiles; "
                 f"files = TrieFiles({str(tmp_path)!r}); print(files.path, flush=True); time.sleep(60)")
 
     def server_process():

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 
-from server.engine.config import DEFAULT_STEP_TOKENS
-from server.engine.native import step_budget
-from server.engine.native.step_budget import STEP_TARGET_SECONDS, budget_for
+from longserve.server.engine.config import DEFAULT_STEP_TOKENS
+from longserve.server.engine.native import step_budget
+from longserve.server.engine.native.step_budget import STEP_TARGET_SECONDS, budget_for
 from tests.conftest import make_engine, tiny_model
 
 

@@ -200,7 +200,7 @@ def test_a_forced_call_cut_by_max_tokens_is_never_content(client, tool_choice):
 
 
 def test_the_whole_calls_of_a_cut_list_are_kept():
-    from server.extensions.tools import whole_calls
+    from longserve.server.extensions.tools import whole_calls
 
     cut = '[{"name": "a", "arguments": {"x": [1, "]"]}}, {"name": "b", "arguments": {}}, {"name": "c", "argu'
     assert whole_calls(cut) == [{"name": "a", "arguments": '{"x": [1, "]"]}'}, {"name": "b", "arguments": "{}"}]
@@ -361,7 +361,7 @@ def test_a_beam_keeps_one_entry_per_text_with_its_best_tokenization():
     """A grammar allows every tokenization of a text: whichever finishes first, the entry keeps the best score."""
     from types import SimpleNamespace
 
-    from server.engine.native.beam_group import BeamGroup, Hypothesis
+    from longserve.server.engine.native.beam_group import BeamGroup, Hypothesis
 
     pieces = {1: "a", 2: "b", 3: "ab", 4: "c"}
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids))

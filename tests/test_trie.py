@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from patches.trie import END, TokenTrie
+from longserve.patches.trie import END, TokenTrie
 
 
 def naive_allowed(keys: list[list[int]], prefix: list[int]) -> set[int]:
@@ -48,8 +48,8 @@ def test_empty_and_repeated_keys_are_refused(keys, says):
 
 
 def test_no_node_ever_allows_nothing_and_a_token_outside_the_keys_is_refused_loudly():
-    from server.engine.base import KeyConstraint
-    from server.engine.native.constraint import KeyState
+    from longserve.server.engine.base import KeyConstraint
+    from longserve.server.engine.native.constraint import KeyState
 
     rng = random.Random(1)
     keys = [list(k) for k in {tuple(rng.randint(0, 30) for _ in range(rng.randint(1, 5))) for _ in range(300)}]

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server.knowledge import KnowledgeStore, Limits, build
+from longserve.server.knowledge import KnowledgeStore, Limits, build
 from tests.conftest import make_engine, running_server, tiny_model, wait_until
 
 ENTRIES = [
@@ -118,7 +118,7 @@ def test_names_sizes_and_limits_are_checked(tiny_engine, tmp_path):
 
 def held_build(name, body, tokenizer, lead, limits):
     """serve_tries.parse_and_build, held until the test lets it go; says which process runs it."""
-    from server import serve_tries
+    from longserve.server import serve_tries
 
     held = Path(os.environ["LONGSERVE_TEST_HELD"])
     (held / "pid").write_text(str(os.getpid()))
@@ -135,7 +135,7 @@ def test_an_upload_is_parsed_and_built_in_another_process(tokenizer, tmp_path, m
     on the event loop, or in a thread whose garbage holds the interpreter lock, it held that request too."""
     import threading
 
-    from server import serve_tries
+    from longserve.server import serve_tries
 
     monkeypatch.setenv("LONGSERVE_TEST_HELD", str(tmp_path))
     monkeypatch.setattr(serve_tries, "parse_and_build", held_build)
@@ -258,8 +258,8 @@ def test_kgclue_client_on_the_bundled_dataset_gives_only_valid_keys(constrained_
     """The client end to end on a tiny model: every answer is a key of the base (the model's quality is not judged)."""
     from pathlib import Path
 
-    from clients.kgclue import lcs_f1, read_triples
-    from server.cli import main
+    from longserve.clients.kgclue import lcs_f1, read_triples
+    from longserve.server.cli import main
 
     data = Path(__file__).parent / "data" / "kgclue"
     main(["kgclue", "--base-url", constrained_server, "--kb", str(data / "kb.tsv"), "--questions", str(data / "questions.jsonl"),
@@ -279,7 +279,7 @@ def exact_key_scores(model, tokenizer, prompt: str, keys: list[str]) -> dict[str
     """log P(key) under the model, token by token, plus the end-of-key step where a longer key continues it."""
     import torch
 
-    from patches.trie import TokenTrie
+    from longserve.patches.trie import TokenTrie
 
     prompt_ids = tokenizer.encode(prompt)
     tokenized = [tokenizer.encode(key, add_special_tokens=False) for key in keys]

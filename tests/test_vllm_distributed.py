@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.engine.vllm import cpu_thread_binding, vllm_available
+from longserve.server.engine.vllm import cpu_thread_binding, vllm_available
 from tests.conftest import free_port, healthy, tiny_model, wait_until
 
 TRAINED, LONGEST = 256, 1024
@@ -64,7 +64,7 @@ def tensor_parallel_answers(model_dir: Path, tensor_parallel: int, tmp_path: Pat
     port = free_port()
     log = open(tmp_path / f"tp{tensor_parallel}.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny", "--engine", "vllm",
+        [sys.executable, "-m", "longserve.server.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny", "--engine", "vllm",
          "--dtype", "float32", "--port", str(port), "--max-num-seqs", "4", "--tensor-parallel-size", str(tensor_parallel),
          "--max-model-len", str(LONGEST), "--enforce-eager",  # compiling takes minutes; this test is about the runtime
          "--data-dir", str(tmp_path / "data"), "--position", json.dumps(POSITION)],
@@ -92,7 +92,7 @@ def test_tensor_parallel_2_gives_one_workers_answers_past_the_trained_length_and
     the native engine's answers on the same weights and positions: one worker's maths, computed independently.
     vLLM's ntk table must reach past max_position_embeddings (else garbage, no error) and the plugin must scale the
     queries on every worker: the log-probs agree to 1e-3, and without log-n they would differ far more."""
-    from patches.rope import PositionSpec
+    from longserve.patches.rope import PositionSpec
     from tests.conftest import make_engine, running_server
 
     def model():
@@ -124,6 +124,6 @@ def test_cpu_workers_get_their_own_share_of_the_cpus():
 
 
 def test_the_native_engine_refuses_the_distributed_flags(tmp_path):
-    reply = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--engine", "native", "--tensor-parallel-size", "2",
+    reply = subprocess.run([sys.executable, "-m", "longserve.server.cli", "serve", "--engine", "native", "--tensor-parallel-size", "2",
                             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert reply.returncode != 0 and "--tensor-parallel-size needs --engine vllm" in reply.stderr

@@ -14,8 +14,8 @@ import os
 import httpx
 import pytest
 
-from patches.rope import PositionSpec
-from server.engine.vllm import positions_for_vllm, vllm_available
+from longserve.patches.rope import PositionSpec
+from longserve.server.engine.vllm import positions_for_vllm, vllm_available
 from tests.conftest import openai_client
 
 HEAD_DIM, BASE, TRAINED = 64, 100000.0, 8192
@@ -38,8 +38,8 @@ def test_scaled_types_map_to_vllm_rope_types_with_the_table_sized_to_the_served_
 def test_the_plugin_scales_each_query_by_its_logn_factor_and_leaves_nothing_else():
     import torch
 
-    from patches.rope import logn_factors
-    from patches.vllm_plugin import scale_queries
+    from longserve.patches.rope import logn_factors
+    from longserve.patches.vllm_plugin import scale_queries
 
     positions = torch.tensor([0, 255, 256, 700])
     query = torch.randn(4, 3 * 8)
@@ -55,7 +55,7 @@ def test_the_plugin_scales_each_query_by_its_logn_factor_and_leaves_nothing_else
 def test_the_plugin_installs_once_however_often_vllm_loads_it():
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
-    from patches.vllm_plugin import register
+    from longserve.patches.vllm_plugin import register
 
     register()
     installed = RotaryEmbeddingBase.forward
@@ -123,19 +123,19 @@ def test_trie_constrained_answers_are_keys_and_equal_the_native_engine(vllm_serv
 def test_a_trie_travels_inline_or_as_a_file_with_the_same_answers(vllm_server, monkeypatch):
     """Small tries ride inside the request (to workers on any node); a large one is a file on the shared
     --data-dir. The large case is forced by lowering the inline limit: the server runs in this process."""
-    import patches.vllm_trie
+    import longserve.patches.vllm_trie
 
     client = openai_client(vllm_server)
     choices = ["red", "green", "blue", "dark red"]
-    answers, sent, make_args = [], [], patches.vllm_trie.trie_args
+    answers, sent, make_args = [], [], longserve.patches.vllm_trie.trie_args
 
     def recorded(trie, end_token, inline, path):  # what each vLLM request carries: bytes, or a file there now
         sent.append(("inline" if inline is not None else "file", inline is None and os.path.isfile(path)))
         return make_args(trie, end_token, inline, path)
 
-    monkeypatch.setattr(patches.vllm_trie, "trie_args", recorded)
+    monkeypatch.setattr(longserve.patches.vllm_trie, "trie_args", recorded)
     for inline_limit in (1 << 20, 0):
-        monkeypatch.setattr(patches.vllm_trie, "INLINE_TRIE_BYTES", inline_limit)
+        monkeypatch.setattr(longserve.patches.vllm_trie, "INLINE_TRIE_BYTES", inline_limit)
         reply = client.completions.create(model=MODEL, prompt="My favourite colour is", max_tokens=8, temperature=0, n=2,
                                           extra_body={"constraint": {"choices": choices, "lead": " "}})
         answers.append([(c.text, c.model_extra["key"]) for c in reply.choices])
@@ -147,8 +147,8 @@ def test_a_trie_travels_inline_or_as_a_file_with_the_same_answers(vllm_server, m
 @pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
 def test_the_loss_evaluation_scores_alike_through_either_engine(vllm_server, bundled_server, tmp_path):
     """`longserve eval loss` needs prompt log-probs: the vLLM engine gives them through vLLM's prompt_logprobs."""
-    from clients.longeval import run_loss
-    from clients.server_client import Server
+    from longserve.clients.longeval import run_loss
+    from longserve.clients.server_client import Server
 
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(80)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from patches.rope import PositionSpec
+from longserve.patches.rope import PositionSpec
 
 DEFAULT_STEP_TOKENS = 2048  # the most tokens a step holds unless --max-num-batched-tokens says otherwise
 

@@ -96,7 +96,7 @@ class TrieFiles:
     def hold(self, trie) -> None:
         """The trie's bytes or its file, made once per trie and dropped (the file removed) when the trie goes.
         Call it in a worker thread: a large trie's write must not stall the event loop."""
-        from patches.vllm_trie import INLINE_TRIE_BYTES, trie_bytes
+        from longserve.patches.vllm_trie import INLINE_TRIE_BYTES, trie_bytes
 
         with self._lock:
             key = id(trie)
@@ -112,7 +112,7 @@ class TrieFiles:
 
     def args(self, constraint) -> dict:
         """extra_args for vLLM's logits processor (the trie held first)."""
-        from patches.vllm_trie import trie_args
+        from longserve.patches.vllm_trie import trie_args
 
         held = self._held[id(constraint.trie)]
         return trie_args(constraint.trie, constraint.end_token, held if isinstance(held, bytes) else None,

@@ -28,12 +28,12 @@ import os
 import time
 from typing import AsyncIterator
 
-from patches.model_facts import ModelFacts
-from patches.rope import PositionSpec, check_composes
-from server.engine.config import DEFAULT_STEP_TOKENS, EngineConfig
-from server.engine.trie_files import TrieFiles
-from server.extensions.schema_keywords import xgrammar_misses
-from server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, GrammarSpec, KeyConstraint, SamplingParams, SeqDelta,
+from longserve.patches.model_facts import ModelFacts
+from longserve.patches.rope import PositionSpec, check_composes
+from longserve.server.engine.config import DEFAULT_STEP_TOKENS, EngineConfig
+from longserve.server.engine.trie_files import TrieFiles
+from longserve.server.extensions.schema_keywords import xgrammar_misses
+from longserve.server.engine.base import (EngineDead, EngineOverloaded, GenerationRequest, GrammarSpec, KeyConstraint, SamplingParams, SeqDelta,
                                 TokenLogprob, Unsupported, check_fits, choice_deltas)
 
 log = logging.getLogger("longserve.vllm")
@@ -122,8 +122,8 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from patches.vllm_plugin import LOGN_ENV
-        from patches.vllm_trie import KeyLogitsProcessor
+        from longserve.patches.vllm_plugin import LOGN_ENV
+        from longserve.patches.vllm_trie import KeyLogitsProcessor
 
         self.config, self.metrics = config, metrics
         self.model_name = config.model_name

@@ -21,7 +21,7 @@ that uses an extension, server/choice_stream.py makes its adapter
 
 from __future__ import annotations
 
-from server.engine.base import GenerationRequest, SeqDelta
+from longserve.server.engine.base import GenerationRequest, SeqDelta
 
 
 class Extension:

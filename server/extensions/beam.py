@@ -8,8 +8,8 @@ the answer's cumulative log-probability, end token included.
 
 from __future__ import annotations
 
-from server.errors import APIError
-from server.extensions import Extension
+from longserve.server.errors import APIError
+from longserve.server.extensions import Extension
 
 
 class Beam(Extension):

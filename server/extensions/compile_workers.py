@@ -20,10 +20,10 @@ import resource
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from server.engine.base import GrammarSpec
-from server.errors import TOO_DEEP
-from server.extensions.grammar_compile import compile_checked, grammar_compiler
-from server.extensions.guidance import GuidanceGrammar
+from longserve.server.engine.base import GrammarSpec
+from longserve.server.errors import TOO_DEEP
+from longserve.server.extensions.grammar_compile import compile_checked, grammar_compiler
+from longserve.server.extensions.guidance import GuidanceGrammar
 
 
 class CompilerBusy(Exception):

@@ -8,9 +8,9 @@ import functools
 import json
 import re
 
-from server.engine.base import GrammarSpec
-from server.extensions.guidance import compile_guidance
-from server.extensions.schema_keywords import needs_guidance, unenforced
+from longserve.server.engine.base import GrammarSpec
+from longserve.server.extensions.guidance import compile_guidance
+from longserve.server.extensions.schema_keywords import needs_guidance, unenforced
 
 
 @functools.cache

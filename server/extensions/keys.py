@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engine.base import KeyConstraint
-from server.errors import APIError
-from server.extensions import Extension
-from server.knowledge import EntryError, build
+from longserve.server.engine.base import KeyConstraint
+from longserve.server.errors import APIError
+from longserve.server.extensions import Extension
+from longserve.server.knowledge import EntryError, build
 
 
 class Keys(Extension):

@@ -8,9 +8,9 @@ engine decodes one answer over all rows (patches/nbce.py).
 
 from __future__ import annotations
 
-from patches.nbce import NbceParams
-from server.errors import APIError
-from server.extensions import Extension
+from longserve.patches.nbce import NbceParams
+from longserve.server.errors import APIError
+from longserve.server.extensions import Extension
 
 CONTEXT_SEPARATOR = "\n\n"
 

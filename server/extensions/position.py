@@ -6,8 +6,8 @@ the vLLM engine refuses what its server-wide setting cannot give).
 
 from __future__ import annotations
 
-from server.errors import APIError
-from server.extensions import Extension
+from longserve.server.errors import APIError
+from longserve.server.extensions import Extension
 
 
 class Position(Extension):

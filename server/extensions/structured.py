@@ -17,12 +17,12 @@ import re
 
 from cachetools import LRUCache
 
-from server.engine.base import GrammarSpec
-from server.errors import TOO_DEEP, APIError
-from server.extensions import Extension
-from server.extensions.compile_workers import CompileTimeout, CompilerBusy, CompileWorkers
-from server.extensions.grammar_compile import tokenizer_info
-from server.extensions.guidance import GuidanceGrammar, guidance_tokenizer
+from longserve.server.engine.base import GrammarSpec
+from longserve.server.errors import TOO_DEEP, APIError
+from longserve.server.extensions import Extension
+from longserve.server.extensions.compile_workers import CompileTimeout, CompilerBusy, CompileWorkers
+from longserve.server.extensions.grammar_compile import tokenizer_info
+from longserve.server.extensions.guidance import GuidanceGrammar, guidance_tokenizer
 
 # what xgrammar writes before its message: "[06:30:32] /project/cpp/x.cc:83: " and "Check failed: (...) is false: "
 XGRAMMAR_PREAMBLE = re.compile(r"^\[[^\]]*\] \S+:\d+: (Check failed: .*? is false: )?")

@@ -21,9 +21,9 @@ import json
 import re
 import uuid
 
-from server.engine.base import GrammarSpec
-from server.extensions import Extension
-from server.extensions.structured import compiled
+from longserve.server.engine.base import GrammarSpec
+from longserve.server.extensions import Extension
+from longserve.server.extensions.structured import compiled
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 HERMES_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*(?:</tool_call>|$)", re.DOTALL)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from patches.rerope import merge_attention
-from server.engine.native.attention_backend import UNBOUNDED, GatherBackend, RowBand
-from server.engine.native.kv_cache import KvPool
-from server.engine.native.positions import Encoding
-from server.engine.native.step_inputs import StepInputs
+from longserve.patches.rerope import merge_attention
+from longserve.server.engine.native.attention_backend import UNBOUNDED, GatherBackend, RowBand
+from longserve.server.engine.native.kv_cache import KvPool
+from longserve.server.engine.native.positions import Encoding
+from longserve.server.engine.native.step_inputs import StepInputs
 
 
 class StepAttention:

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from patches.rerope import flash_cpu
-from server.engine.native.kv_cache import BLOCK_SIZE
-from server.engine.native.loading import to_device
-from server.engine.native.step_inputs import StepInputs
+from longserve.patches.rerope import flash_cpu
+from longserve.server.engine.native.kv_cache import BLOCK_SIZE
+from longserve.server.engine.native.loading import to_device
+from longserve.server.engine.native.step_inputs import StepInputs
 
 UNBOUNDED = 1 << 62  # hi for a band with no upper distance
 PADDING = 1.25  # a group of one-query rows gathers at most this many times the blocks its rows read...

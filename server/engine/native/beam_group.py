@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.native.constraint import SequenceConstraint
-from server.engine.native.row_group import GroupActions, RowGroup
-from server.engine.native.sequence import Sequence
+from longserve.server.engine.native.constraint import SequenceConstraint
+from longserve.server.engine.native.row_group import GroupActions, RowGroup
+from longserve.server.engine.native.sequence import Sequence
 
 
 @dataclass

@@ -33,8 +33,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
-from server.engine.native.kv_cache import BLOCK_SIZE, KvPool
-from server.engine.native.sequence import Sequence
+from longserve.server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from longserve.server.engine.native.sequence import Sequence
 
 
 def blocks_for(tokens: int) -> int:

@@ -32,9 +32,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from patches.trie import END, TokenTrie
-from server.engine.base import KeyConstraint
-from server.extensions.guidance import GuidanceGrammar
+from longserve.patches.trie import END, TokenTrie
+from longserve.server.engine.base import KeyConstraint
+from longserve.server.extensions.guidance import GuidanceGrammar
 
 
 class SequenceConstraint(Protocol):

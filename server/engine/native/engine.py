@@ -26,27 +26,27 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from patches.model_facts import ModelFacts
-from patches.rope import check_composes
-from server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
-from server.engine.native.beam_group import BeamGroup
-from server.engine.native.block_manager import BlockManager
-from server.engine.native.constraint import constraint_of, mask_logits
-from server.engine.native.heap import give_back_freed_memory
-from server.engine.native.isolation import by_request, is_fatal
-from server.engine.native.kv_cache import sized_pool
-from server.engine.config import DEFAULT_STEP_TOKENS, EngineConfig
-from server.engine.native.loading import eos_ids, load_model, pick_device, pick_dtype
-from server.engine.native.model_runner import ModelRunner, StepLogits, check_servable
-from server.engine.native.observe import SequenceMetrics
-from server.engine.native.nbce_group import NbceGroup
-from server.engine.native.positions import Positions
-from server.engine.native.sampler import prompt_logprobs, sample
-from server.engine.native.scheduler import Scheduler, Step
-from server.engine.native.sequence import Sequence
-from server.engine.native.step_budget import probe_pool, profile_start_up
-from server.engine.native.step_threads import StepThreads
-from server.log_ids import log_context
+from longserve.patches.model_facts import ModelFacts
+from longserve.patches.rope import check_composes
+from longserve.server.engine.base import EngineDead, GenerationRequest, SeqDelta, choice_deltas
+from longserve.server.engine.native.beam_group import BeamGroup
+from longserve.server.engine.native.block_manager import BlockManager
+from longserve.server.engine.native.constraint import constraint_of, mask_logits
+from longserve.server.engine.native.heap import give_back_freed_memory
+from longserve.server.engine.native.isolation import by_request, is_fatal
+from longserve.server.engine.native.kv_cache import sized_pool
+from longserve.server.engine.config import DEFAULT_STEP_TOKENS, EngineConfig
+from longserve.server.engine.native.loading import eos_ids, load_model, pick_device, pick_dtype
+from longserve.server.engine.native.model_runner import ModelRunner, StepLogits, check_servable
+from longserve.server.engine.native.observe import SequenceMetrics
+from longserve.server.engine.native.nbce_group import NbceGroup
+from longserve.server.engine.native.positions import Positions
+from longserve.server.engine.native.sampler import prompt_logprobs, sample
+from longserve.server.engine.native.scheduler import Scheduler, Step
+from longserve.server.engine.native.sequence import Sequence
+from longserve.server.engine.native.step_budget import probe_pool, profile_start_up
+from longserve.server.engine.native.step_threads import StepThreads
+from longserve.server.log_ids import log_context
 
 log = logging.getLogger("longserve.engine")
 

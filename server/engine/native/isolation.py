@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.native.scheduler import Step
+from longserve.server.engine.native.scheduler import Step
 
 FATAL_WORDS = ("out of memory", "not enough memory", "cuda error", "cublas", "cudnn", "device-side assert")
 

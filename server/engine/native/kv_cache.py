@@ -30,7 +30,7 @@ import logging
 
 import torch
 
-from patches.model_facts import ModelFacts
+from longserve.patches.model_facts import ModelFacts
 
 log = logging.getLogger("longserve.engine")
 

@@ -24,16 +24,16 @@ from dataclasses import dataclass
 import torch
 from transformers.activations import ACT2FN
 
-from patches.model_facts import ModelFacts
-from server.engine.native.attention import StepAttention
-from server.engine.native.attention_backend import GatherBackend
-from server.engine.native.kv_cache import KvPool
-from server.engine.native.linear import Linear, linear_maker
-from server.engine.native.loading import to_device
-from server.engine.native.positions import Positions
-from server.engine.native.scheduler import Chunk
-from server.engine.native.sequence import Sequence
-from server.engine.native.step_inputs import StepInputs, StepRow
+from longserve.patches.model_facts import ModelFacts
+from longserve.server.engine.native.attention import StepAttention
+from longserve.server.engine.native.attention_backend import GatherBackend
+from longserve.server.engine.native.kv_cache import KvPool
+from longserve.server.engine.native.linear import Linear, linear_maker
+from longserve.server.engine.native.loading import to_device
+from longserve.server.engine.native.positions import Positions
+from longserve.server.engine.native.scheduler import Chunk
+from longserve.server.engine.native.sequence import Sequence
+from longserve.server.engine.native.step_inputs import StepInputs, StepRow
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 

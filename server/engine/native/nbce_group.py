@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patches.nbce import NbceParams, nbce_merge
-from server.engine.native.row_group import GroupActions, RowGroup
-from server.engine.native.sequence import Sequence
+from longserve.patches.nbce import NbceParams, nbce_merge
+from longserve.server.engine.native.row_group import GroupActions, RowGroup
+from longserve.server.engine.native.sequence import Sequence
 
 
 @dataclass(eq=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from server.engine.native.sequence import Sequence
+from longserve.server.engine.native.sequence import Sequence
 
 
 class SequenceMetrics:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from patches.model_facts import ModelFacts
-from patches.rerope import far_key_positions, far_query_positions
-from patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table, rotate
-from server.engine.native.loading import to_device
+from longserve.patches.model_facts import ModelFacts
+from longserve.patches.rerope import far_key_positions, far_query_positions
+from longserve.patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table, rotate
+from longserve.server.engine.native.loading import to_device
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.native.sequence import Sequence
+from longserve.server.engine.native.sequence import Sequence
 
 
 @dataclass

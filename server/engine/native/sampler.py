@@ -16,8 +16,8 @@ import hashlib
 
 import torch
 
-from server.engine.base import TokenLogprob
-from server.engine.native.sequence import Sequence
+from longserve.server.engine.base import TokenLogprob
+from longserve.server.engine.native.sequence import Sequence
 
 
 def seen_tokens(lists: list[list[int]], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.engine.base import EngineOverloaded, NeverFits, check_fits
-from server.engine.native.block_manager import BlockManager, blocks_for
-from server.engine.native.sequence import Sequence, Status
+from longserve.server.engine.base import EngineOverloaded, NeverFits, check_fits
+from longserve.server.engine.native.block_manager import BlockManager, blocks_for
+from longserve.server.engine.native.sequence import Sequence, Status
 
 
 @dataclass

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tokenizers.decoders import DecodeStream
 
-from server.engine.base import SamplingParams, SeqDelta, TokenLogprob
+from longserve.server.engine.base import SamplingParams, SeqDelta, TokenLogprob
 
 if TYPE_CHECKING:
-    from server.engine.native.positions import SequencePositions
+    from longserve.server.engine.native.positions import SequencePositions
 
 
 class Status(enum.Enum):

@@ -24,10 +24,10 @@ import logging
 import time
 from types import SimpleNamespace
 
-from server.engine.config import DEFAULT_STEP_TOKENS
-from server.engine.native.kv_cache import BLOCK_SIZE, KvPool
-from server.engine.native.memory_profile import PeakMemory
-from server.engine.native.scheduler import Chunk
+from longserve.server.engine.config import DEFAULT_STEP_TOKENS
+from longserve.server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from longserve.server.engine.native.memory_profile import PeakMemory
+from longserve.server.engine.native.scheduler import Chunk
 
 log = logging.getLogger("longserve.engine")
 

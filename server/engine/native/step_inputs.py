@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.native.kv_cache import BLOCK_SIZE
-from server.engine.native.loading import to_device
-from server.engine.native.sequence import Sequence
+from longserve.server.engine.native.kv_cache import BLOCK_SIZE
+from longserve.server.engine.native.loading import to_device
+from longserve.server.engine.native.sequence import Sequence
 
 
 @dataclass(frozen=True)
