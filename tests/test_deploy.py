@@ -1,5 +1,5 @@
 """deploy/: the Dockerfiles lint clean, the manifests validate and fit together, and every flag and LONGSERVE_*
-variable they set is one `longserve serve` takes. Only test_cpu_image_serves builds an image (where Docker runs)."""
+variable they set is one `longserve serve` takes. Only tests/test_deploy_image.py builds an image (`make image-test`)."""
 
 from __future__ import annotations
 
