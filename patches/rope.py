@@ -20,10 +20,19 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PositionType = Literal["rope", "linear", "ntk", "ntk-old", "ntk-mixed", "yarn", "dynamic", "rerope", "leaky-rerope", "self-extend"]
+PositionType = Literal["rope", "linear", "ntk", "ntk-old", "ntk-mixed", "yarn", "dynamic", "rerope", "leaky-rerope", "self-extend",
+                       "dca"]
 POSITION_TYPES: tuple[str, ...] = PositionType.__args__
 CLIPPED_TYPES = ("rerope", "leaky-rerope", "self-extend")  # patches/rerope.py: a near and a far form, split at a window
 MAX_WINDOW = 2**24  # tokens: past any context served, and exact in float32 position arithmetic
+
+
+class PositionFieldError(ValueError):
+    """A setting this model cannot take, and the field to change (a request's 400 names it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class PositionSpec(BaseModel):
@@ -41,6 +50,8 @@ class PositionSpec(BaseModel):
     window: int | None = Field(None, ge=1, le=MAX_WINDOW, description="clipped types: where the far form starts (default: L/2 for rerope, L/4 for leaky-rerope and self-extend)")
     k: float = Field(16.0, ge=1.0, le=1e6, description="leaky-rerope: past the window, distance grows with slope 1/k")
     group: int = Field(4, ge=1, le=1024, description="self-extend: past the window, positions are grouped by floor division by G")
+    chunk_size: int | None = Field(None, ge=2, le=MAX_WINDOW, description="dca: the farthest a query may stand, at most the trained length (default 3L/4)")
+    local_size: int | None = Field(None, ge=1, le=MAX_WINDOW, description="dca: below chunk_size; chunks are chunk_size - local_size tokens (default L/16)")
 
     @model_validator(mode="after")
     def check(self):
@@ -48,6 +59,12 @@ class PositionSpec(BaseModel):
             raise ValueError(f"type {self.type!r} takes no factor; set --max-model-len for the length to serve")
         if self.window is not None and self.type not in CLIPPED_TYPES:
             raise ValueError(f"'window' applies to {', '.join(CLIPPED_TYPES)}, not to {self.type!r}")
+        if self.type == "dca" and self.factor != 1.0:
+            raise ValueError("type 'dca' takes no factor; set --max-model-len for the length to serve")
+        if self.type != "dca" and (self.chunk_size is not None or self.local_size is not None):
+            raise ValueError(f"'chunk_size' and 'local_size' apply to 'dca', not to {self.type!r}")
+        if self.chunk_size is not None and self.local_size is not None and self.local_size >= self.chunk_size:
+            raise ValueError(f"'local_size' ({self.local_size}) must be below 'chunk_size' ({self.chunk_size})")
         if self.beta_slow >= self.beta_fast:
             raise ValueError("yarn needs beta_slow < beta_fast")
         return self
@@ -64,6 +81,18 @@ class PositionSpec(BaseModel):
         for rerope L/2 beat L/4 in loss at every length and found 9/9 passkeys at 16k; leaky-rerope was
         measured best at L/4 (k 16); self-extend takes L/4 too until its own sweep says otherwise."""
         return self.window or (trained_len // 2 if self.type == "rerope" else trained_len // 4)
+
+    def chunk_sizes(self, trained_len: int) -> tuple[int, int]:
+        """DCA's (chunk_size, local_size): as given, else ChunkLlama's defaults, 3L/4 and L/16. ValueError
+        naming the field where a query could stand past the trained length."""
+        chunk_size = self.chunk_size or trained_len * 3 // 4
+        local_size = self.local_size or max(1, trained_len // 16)
+        if chunk_size > trained_len:
+            raise PositionFieldError("chunk_size", f"'chunk_size' {chunk_size} is past this model's trained length "
+                                                   f"{trained_len}: at most {trained_len}")
+        if local_size >= chunk_size:
+            raise PositionFieldError("local_size", f"'local_size' ({local_size}) must be below 'chunk_size' ({chunk_size})")
+        return chunk_size, local_size
 
     def leak(self) -> float:
         """Slope of the distance past the window: 0 for rerope, 1/k for leaky-rerope, 1/G for self-extend."""
@@ -101,15 +130,17 @@ class PositionSpec(BaseModel):
             keep.add("k")
         if self.type == "self-extend":
             keep.add("group")
+        if self.type == "dca":
+            keep = {"type", "logn", "chunk_size", "local_size"}
         return self.model_dump(include=keep)
 
 
 def check_composes(spec: PositionSpec, own_rope_type: str) -> None:
     """How our types compose with a model's own rotary scaling (Llama 3.x's llama3, a config's yarn...).
-    `rope` is the model's own table, its scaling included; the clipped types rotate with that table too,
-    only by other distances, so both are defined. The other types rebuild the table from the base, which
+    `rope` is the model's own table, its scaling included; the clipped types and dca rotate with that table
+    too, only by other distances, so both are defined. The other types rebuild the table from the base, which
     would drop the model's own scaling without saying so: refused."""
-    if own_rope_type in ("default", None) or spec.type == "rope" or spec.clipped:
+    if own_rope_type in ("default", None) or spec.type in ("rope", "dca") or spec.clipped:
         return
     raise ValueError(
         f"this model scales its own rotary positions (rope_type {own_rope_type!r}); position type {spec.type!r} "

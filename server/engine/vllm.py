@@ -57,6 +57,9 @@ def positions_for_vllm(spec: PositionSpec, head_dim: int, rope_base: float, trai
     """
     if spec.clipped:
         raise ValueError(f"{spec.type} needs the native engine (vLLM caches rotated keys); use --engine native")
+    if spec.type == "dca":
+        raise ValueError("dca (Dual Chunk Attention) needs the native engine: vLLM 0.32's V1 engine has no backend "
+                         "for it; use --engine native")
     if spec.type == "rope" or spec.factor == 1.0:
         return {}
     length = {"max_position_embeddings": max(trained_len, max_model_len)}

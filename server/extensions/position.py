@@ -18,5 +18,5 @@ class Position(Extension):
         try:
             state.engine.check_position(self.spec)
         except ValueError as exc:
-            raise APIError(400, str(exc), "position") from None
+            raise APIError(400, str(exc), "position" + (f".{exc.field}" if hasattr(exc, "field") else "")) from None
         request.position = self.spec

@@ -3,8 +3,9 @@
 A call is planned once per step and run by every layer. Its rows are any of
 the step's rows, decode rows and prefill chunks together, each with a band of
 relative distances it may see, lo <= i - j < hi: plain rows [0, inf), the near
-form of a clipped row [0, w), its far form [w, inf). Rows with different
-windows share one call; the bounds are per row.
+form of a clipped row [0, w), its far form [w, inf); a DCA row's bands count
+chunks instead of tokens (RowBand.unit). Rows with different windows and
+chunk sizes share one call; the bounds are per row.
 
 How this backend runs a call (gather + dense kernels; CPU and CUDA alike):
 - each row reads only the keys its band can reach: a ReRoPE row's near call
@@ -51,11 +52,14 @@ EXPLICIT_QUERY_ROWS = 256  # query rows per block on the explicit path: bounds i
 
 @dataclass(frozen=True)
 class RowBand:
-    """One row of a call: the step row, and the distances i - j its queries see: lo <= i - j < hi."""
+    """One row of a call: the step row, and the distances its queries see, lo <= i // unit - j // unit < hi,
+    with j <= i. In tokens (unit 1: lo <= i - j < hi) for plain and clipped rows; in chunks for DCA rows
+    (unit cl: the same chunk [0, 1), the chunk before [1, 2), earlier ones [2, inf))."""
 
     row: int
     lo: int
     hi: int
+    unit: int = 1
 
 
 @dataclass
@@ -90,7 +94,10 @@ class CallPlan:
 
 def key_span(first: int, end: int, band: RowBand) -> tuple[int, int]:
     """The keys [k0, k1) that queries at positions [first, end) can see within `band`."""
-    return max(0, first - band.hi + 1), max(0, end - band.lo)
+    if band.unit == 1:
+        return max(0, first - band.hi + 1), max(0, end - band.lo)
+    first_chunk, last_chunk = first // band.unit, (end - 1) // band.unit
+    return max(0, (first_chunk - band.hi + 1) * band.unit), max(0, min(end, (last_chunk - band.lo + 1) * band.unit))
 
 
 def consecutive(block_table: list[int], k0: int, k1: int) -> bool:
@@ -173,12 +180,13 @@ class GatherBackend:
             at = to_device(torch.tensor([band.row, first, last]), self.device)
             keys = self._block_rows(step, at[:1], at[1:2], at[2:], last - first + 1)
             skip = k0 - first * BLOCK_SIZE
-        causal = band.lo == 0 and band.hi >= row.end and k0 == 0 and row.first == 0
+        causal = band.lo == 0 and band.hi > (row.end - 1) // band.unit and k0 == 0 and row.first == 0
         visible = empty = None
         if not causal:
-            distance = (torch.arange(row.first, row.end, device=self.device).unsqueeze(1)
-                        - torch.arange(k0, k1, device=self.device).unsqueeze(0))
-            seen = (distance >= band.lo) & (distance < band.hi)
+            queries_at = torch.arange(row.first, row.end, device=self.device).unsqueeze(1)
+            keys_at = torch.arange(k0, k1, device=self.device).unsqueeze(0)
+            distance = torch.div(queries_at, band.unit, rounding_mode="floor") - torch.div(keys_at, band.unit, rounding_mode="floor")
+            seen = (distance >= band.lo) & (distance < band.hi) & (keys_at <= queries_at)
             visible = seen[None, None]
             empty = ~seen.any(-1) if band.lo > 0 else None  # a far band: queries within w of the start see nothing
         return Group(queries, keys, 1, k1 - k0, visible, causal, empty, into, skip)

@@ -40,7 +40,7 @@ from longserve.server.engine.native.loading import eos_ids, load_model, pick_dev
 from longserve.server.engine.native.model_runner import ModelRunner, StepLogits, check_servable
 from longserve.server.engine.native.observe import SequenceMetrics
 from longserve.server.engine.native.nbce_group import NbceGroup
-from longserve.server.engine.native.positions import Positions
+from longserve.server.engine.native.positions import Positions, served_position
 from longserve.server.engine.native.sampler import prompt_logprobs, sample
 from longserve.server.engine.native.scheduler import Scheduler, Step
 from longserve.server.engine.native.sequence import Sequence
@@ -70,9 +70,7 @@ class NativeEngine:
         self.facts = ModelFacts.of(model_config)
         self.trained_len = self.facts.trained_len
         self.vocab_size = self.facts.vocab_size
-        self.position = config.position
-        if self.position.clipped:  # report the window in use, not "default"
-            self.position = self.position.model_copy(update={"window": self.position.window_for(self.trained_len)})
+        self.position = served_position(config.position, model_config, self.trained_len)
         self.max_model_len = config.max_model_len or self.position.target_len(self.trained_len)
         check_composes(self.position, self.facts.rope_type)
         if warning := self.position.past_reach(self.trained_len, self.max_model_len):
@@ -190,6 +188,8 @@ class NativeEngine:
 
     def check_position(self, spec) -> None:
         check_composes(spec, self.facts.rope_type)
+        if spec.type == "dca":
+            spec.chunk_sizes(self.trained_len)
         if spec.clipped and not self.pool.budgets_near_keys:
             raise ValueError(f"this server was started with --no-request-rerope: position type {spec.type!r} needs "
                              f"a near-key plane its KV cache has no room for; send a scaled type, or leave position out")

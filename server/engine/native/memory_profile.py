@@ -13,11 +13,7 @@ raise the mark, and need not: it is out of MemAvailable already.
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger("longserve.engine")
 
 
 def status_bytes(field: str) -> int:

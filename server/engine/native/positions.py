@@ -13,18 +13,24 @@ What the cache keeps, per sequence:
 - rerope / leaky-rerope: keys in the far form R_{j*leak} k (for ReRoPE the
   key before rotation) and, in a second plane, in the near form R_j k
   (patches/rerope.py); neither ever moves again.
+- dca: keys at their place in their chunk, R_{j mod cl} k, in the one key
+  plane; queries in three forms, one per chunk distance (patches/dca.py).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from longserve.patches import dca
 from longserve.patches.model_facts import ModelFacts
 from longserve.patches.rerope import far_key_positions, far_query_positions
 from longserve.patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table, rotate
 from longserve.server.engine.native.loading import to_device
+
+log = logging.getLogger("longserve.engine")
 
 
 @dataclass
@@ -49,13 +55,23 @@ class Clipping:
 
 
 @dataclass
+class ChunkQueries:
+    """DCA rows' three query forms: for keys in the same chunk, the chunk before, earlier chunks."""
+
+    same: Rotation
+    previous: Rotation
+    earlier: Rotation
+
+
+@dataclass
 class Encoding:
     """What one forward pass needs to place its tokens."""
 
     query: Rotation  # R_i
-    key: Rotation  # what the cache keeps: R_i, or R_{i*leak} for clipped rows
+    key: Rotation  # what the cache keeps: R_i, R_{i*leak} for clipped rows, R_{i mod cl} for DCA rows
     query_scale: torch.Tensor | None  # [tokens, 1, 1]; None when no row uses log-n
     clipping: Clipping | None  # None when no row is clipped
+    chunks: ChunkQueries | None = None  # None when no row uses DCA
 
     def scale(self, q: torch.Tensor) -> torch.Tensor:
         return q if self.query_scale is None else q * self.query_scale
@@ -65,6 +81,11 @@ class Encoding:
 
     def rotate_far_query(self, q: torch.Tensor) -> torch.Tensor:
         return self.scale(self.clipping.far_query.apply(q))
+
+    def rotate_chunk_queries(self, q: torch.Tensor) -> list[torch.Tensor]:
+        """DCA's three query forms, scaled: same chunk, the chunk before, earlier chunks."""
+        forms = (self.chunks.same, self.chunks.previous, self.chunks.earlier)
+        return [self.scale(form.apply(q)) for form in forms]
 
     def rotate_key(self, k: torch.Tensor) -> torch.Tensor:
         return self.key.apply(k)
@@ -81,15 +102,21 @@ class SequencePositions:
     window: int | None = None  # set for rerope, leaky-rerope and self-extend
     leak: float = 0.0
     group: int = 0  # self-extend's G; 0 for the others
+    chunk: tuple[int, int] | None = None  # dca: (chunk_size, local_size)
+
+    @property
+    def chunk_len(self) -> int | None:
+        return None if self.chunk is None else dca.chunk_len(*self.chunk)
 
     @property
     def cache_key(self) -> tuple:
         """What decides a cached key besides its token and position (the prefix cache's hash covers it):
-        the exact rotary frequencies and factor (so `dynamic`'s effective scale too), log-n, window, leak, group."""
+        the exact rotary frequencies and factor (so `dynamic`'s effective scale too), log-n, window, leak, group,
+        DCA's chunk sizes."""
         key = self.__dict__.get("_cache_key")
         if key is None:
             inv_freq = tuple(self.table.inv_freq.flatten().tolist())
-            key = (inv_freq, float(self.table.attention_factor), self.logn, self.window, self.leak, self.group)
+            key = (inv_freq, float(self.table.attention_factor), self.logn, self.window, self.leak, self.group, self.chunk)
             object.__setattr__(self, "_cache_key", key)
         return key
 
@@ -110,6 +137,34 @@ def longrope_table(config, device: torch.device) -> tuple[RopeTable | None, int 
     original = rope_parameters["original_max_position_embeddings"]
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](config, device, seq_len=original + 1)
     return RopeTable(inv_freq.float().to(device), float(attention_factor)), original
+
+
+def served_position(spec: PositionSpec, config, trained_len: int) -> PositionSpec:
+    """The server's position setting as it will be reported: the model's own DCA where its config asks for it
+    (dca_default), the window or chunk sizes in use rather than "default". A size past the trained length
+    raises ValueError naming the field."""
+    spec = dca_default(spec, config)
+    if spec.clipped:
+        return spec.model_copy(update={"window": spec.window_for(trained_len)})
+    if spec.type == "dca":
+        chunk_size, local_size = spec.chunk_sizes(trained_len)
+        return spec.model_copy(update={"chunk_size": chunk_size, "local_size": local_size})
+    return spec
+
+
+def dca_default(spec: PositionSpec, config) -> PositionSpec:
+    """The position a model is served with when --position leaves the model's own: Dual Chunk Attention where
+    config.json carries `dual_chunk_attention_config` (Qwen2.5-*-1M: their model card serves them so), else
+    `spec` unchanged."""
+    settings = getattr(config, "dual_chunk_attention_config", None)
+    if spec.type != "rope" or not settings:
+        return spec
+    chosen = spec.model_copy(update={"type": "dca", "chunk_size": settings.get("chunk_size"),
+                                     "local_size": settings.get("local_size")})
+    log.info("this model's config.json carries dual_chunk_attention_config: serving it with Dual Chunk Attention "
+             "(chunk_size %s, local_size %s), as its model card does; --position chooses another",
+             chosen.chunk_size, chosen.local_size)
+    return chosen
 
 
 class Positions:
@@ -134,6 +189,8 @@ class Positions:
 
     def for_sequence(self, spec: PositionSpec | None, seq_len: int) -> SequencePositions:
         spec = spec or self.default_spec
+        if spec.type == "dca":
+            return SequencePositions(self.own_table(seq_len), spec.logn, chunk=spec.chunk_sizes(self.trained_len))
         if spec.clipped:
             window = spec.window_for(self.trained_len)
             return SequencePositions(self.own_table(seq_len), spec.logn, window, spec.leak(), spec.group_size())
@@ -165,27 +222,34 @@ class Positions:
         settings = torch.tensor([[tables.index(row.table) for row in rows], [row.window is not None for row in rows],
                                  [row.window or 1 for row in rows], [row.leak for row in rows],
                                  [row.group for row in rows], [row.logn for row in rows],
-                                 [row.table.attention_factor for row in rows]], dtype=torch.float64)
-        table_of, clipped, window, leak, group, logn, factor = to_device(settings, positions.device)[:, row_of_token]
+                                 [row.table.attention_factor for row in rows], [row.chunk_len or 0 for row in rows],
+                                 [(row.chunk or (0, 0))[0] for row in rows]], dtype=torch.float64)
+        table_of, clipped, window, leak, group, logn, factor, length, chunk_size = (
+            to_device(settings, positions.device)[:, row_of_token])
         if len(tables) == 1:
             inv_freq, factor = tables[0].inv_freq, tables[0].attention_factor
         else:
             inv_freq = torch.stack([table.inv_freq for table in tables])[table_of.long()]  # [tokens, d/2]
             factor = factor.float().unsqueeze(-1)
         query = self._rotation(inv_freq, positions, factor, dtype)
-        key, clipping = query, None
+        key_at, clipping, chunks = positions, None, None
         if any(row.window is not None for row in rows):
             clipped, window, group, leak = clipped.bool(), window.long(), group.long(), leak.float()
             grouped = group if any(row.group for row in rows) else None
-            key_at = torch.where(clipped, far_key_positions(positions, leak, grouped), positions)
-            key = self._rotation(inv_freq, key_at, factor, dtype)
+            key_at = torch.where(clipped, far_key_positions(positions, leak, grouped), key_at)
             far_query = self._rotation(inv_freq, far_query_positions(positions, window, leak, grouped), factor, dtype)
             clipping = Clipping(clipped, window, far_query)
+        if any(row.chunk is not None for row in rows):  # patches/dca.py
+            chunked, length = length > 0, length.long().clamp(min=1)
+            key_at = torch.where(chunked, dca.key_positions(positions, length), key_at)
+            chunks = ChunkQueries(*(self._rotation(inv_freq, at, factor, dtype)
+                                    for at in dca.query_positions(positions, length, chunk_size.long())))
+        key = query if key_at is positions else self._rotation(inv_freq, key_at, factor, dtype)
         query_scale = None
         if any(row.logn for row in rows):
             scale = logn_factors(positions, self.trained_len)
             query_scale = torch.where(logn.bool(), scale, torch.ones_like(scale))[:, None, None].to(dtype)
-        return Encoding(query, key, query_scale, clipping)
+        return Encoding(query, key, query_scale, clipping, chunks)
 
     @staticmethod
     def _rotation(inv_freq, positions: torch.Tensor, factor, dtype: torch.dtype) -> Rotation:
