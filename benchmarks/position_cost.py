@@ -82,6 +82,9 @@ def main() -> None:
         print(json.dumps(measure(args.model, args.text, length, spec, args.tokens)))
         return
 
+    from longserve.server.engine.native.loading import speed_flags
+
+    print(f"position_cost: CPU flags {speed_flags()}; dtype auto", file=sys.stderr, flush=True)
     specs = [PositionSpec(**p) for p in args.positions]
     rows = []
     for length in args.lengths:
