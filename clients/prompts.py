@@ -45,6 +45,10 @@ def position_label(position: dict | None) -> str:
         parts.append(f"k{position['k']:g}")
     if position.get("type") == "self-extend" and "group" in position:
         parts.append(f"g{position['group']}")
+    if "chunk_size" in position:
+        parts.append(f"c{position['chunk_size']}")
+    if "local_size" in position:
+        parts.append(f"l{position['local_size']}")
     if position.get("logn"):
         parts.append("+logn")
     return " ".join(parts)

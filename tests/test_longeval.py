@@ -186,5 +186,7 @@ def test_position_labels_tell_every_setting_apart():
     from longserve.clients.prompts import position_label
 
     labels = {position_label(p) for p in ({"type": "rerope", "window": 1024}, {"type": "rerope", "window": 2048, "logn": True},
-                                          {"type": "leaky-rerope", "window": 2048, "k": 16}, {"type": "ntk-mixed", "factor": 2, "b": 0.625})}
-    assert labels == {"rerope w1024", "rerope w2048 +logn", "leaky-rerope w2048 k16", "ntk-mixed x2 b0.625"}
+                                          {"type": "leaky-rerope", "window": 2048, "k": 16}, {"type": "ntk-mixed", "factor": 2, "b": 0.625},
+                                          {"type": "dca", "logn": True}, {"type": "dca", "chunk_size": 8192, "local_size": 512, "logn": True})}
+    assert labels == {"rerope w1024", "rerope w2048 +logn", "leaky-rerope w2048 k16", "ntk-mixed x2 b0.625", "dca +logn",
+                      "dca c8192 l512 +logn"}
