@@ -17,7 +17,8 @@ import torch
 from longserve.patches import dca
 from longserve.patches.rope import PositionSpec
 from tests.conftest import make_engine, running_server, tiny_model
-from tests.test_rerope import TRAINED, Driver, assert_logits_close, engine_for, prompt, reference_logits, rotate_half
+from tests.test_rerope import (TRAINED, Driver, assert_logits_close, engine_for, prompt, reference_logits, rotate_half,
+                               unequal_batch)
 
 
 def dca_distance(length: int, chunk_size: int, local_size: int) -> torch.Tensor:
@@ -75,16 +76,8 @@ SPECS = [
 def test_prefill_and_every_decode_step_match_the_naive_reference(tokenizer, spec, chunk):
     """Prompts of 90, 37 and 70 tokens (several chunks: every one of the three cases), prefilled in chunks that
     cut through DCA's chunks, then decoded together; every logit row equals the naive reference."""
-    driver = Driver(engine_for(21, tokenizer, position=spec))
-    started = [driver.start(prompt(tokenizer, n, salt), spec, chunk) for n, salt in ((90, "a"), (37, "b"), (70, "c"))]
-    seqs = [seq for seq, _ in started]
-    decoded = [[] for _ in seqs]
-    for _ in range(12):
-        for rows, logits in zip(decoded, driver.step(seqs)):
-            rows.append(logits)
-    for (seq, prefill), steps in zip(started, decoded):
-        ids = seq.all_ids[: len(seq.prompt_ids) + len(steps)]
-        assert_logits_close(torch.stack(prefill + steps), dca_reference_logits(21, spec, ids))
+    for ids, logits in unequal_batch(Driver(engine_for(21, tokenizer, position=spec)), tokenizer, spec, chunk):
+        assert_logits_close(logits, dca_reference_logits(21, spec, ids))
 
 
 def test_the_explicit_attention_path_used_off_cpu_matches_the_reference_too(tokenizer, monkeypatch):

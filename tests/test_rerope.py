@@ -128,6 +128,19 @@ def assert_logits_close(got: torch.Tensor, expected: torch.Tensor):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-3)
 
 
+def unequal_batch(driver: Driver, tokenizer, spec: PositionSpec, chunk: int, steps: int = 12):
+    """Prompts of 90, 37 and 70 tokens prefilled in chunks of `chunk`, then decoded together for `steps` steps:
+    (each sequence's ids so far, the engine's logit rows for them: every prompt position and each step)."""
+    started = [driver.start(prompt(tokenizer, n, salt), spec, chunk) for n, salt in ((90, "a"), (37, "b"), (70, "c"))]
+    seqs = [seq for seq, _ in started]
+    decoded = [[] for _ in seqs]
+    for _ in range(steps):
+        for rows, logits in zip(decoded, driver.step(seqs)):
+            rows.append(logits)
+    return [(seq.all_ids[: len(seq.prompt_ids) + len(rows)], torch.stack(prefill + rows))
+            for (seq, prefill), rows in zip(started, decoded)]
+
+
 SPECS = [
     pytest.param(PositionSpec(type="rerope", window=16), 24, id="rerope-w16-chunk24"),
     pytest.param(PositionSpec(type="rerope", window=16, logn=True), 24, id="rerope-w16-logn"),
@@ -143,18 +156,9 @@ SPECS = [
 def test_prefill_and_every_decode_step_match_the_naive_reference(tokenizer, spec, chunk):
     """A batch of unequal lengths, prefilled in chunks, then decoded together: every logit row
     equals the naive reference recomputed over the whole sequence so far."""
-    driver = Driver(engine_for(11, tokenizer, position=spec))
-    started = [driver.start(prompt(tokenizer, n, salt), spec, chunk) for n, salt in ((90, "a"), (37, "b"), (70, "c"))]
-    seqs = [seq for seq, _ in started]
-    decoded = [[] for _ in seqs]
-    for _ in range(12):
-        for rows, logits in zip(decoded, driver.step(seqs)):
-            rows.append(logits)
-    for (seq, prefill), steps in zip(started, decoded):
-        ids = seq.all_ids[: len(seq.prompt_ids) + len(steps)]
-        expected = reference_logits(11, spec, ids)
-        assert_logits_close(torch.stack(prefill + steps), expected)
-        assert torch.isfinite(torch.stack(steps)).all()
+    for ids, logits in unequal_batch(Driver(engine_for(11, tokenizer, position=spec)), tokenizer, spec, chunk):
+        assert_logits_close(logits, reference_logits(11, spec, ids))
+        assert torch.isfinite(logits).all()
 
 
 def test_the_explicit_attention_path_used_off_cpu_matches_the_reference_too(tokenizer, monkeypatch):
