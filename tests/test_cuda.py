@@ -1,5 +1,5 @@
-"""The native engine on CUDA, on a tiny random model: greedy equality with transformers in bfloat16, ReRoPE rows
-beside plain rows giving the CPU engine's tokens, and the attention backend against its naive reference on mixed
+"""The native engine on CUDA, on a tiny random model: greedy equality with transformers in bfloat16, ReRoPE and DCA
+rows beside plain rows giving the CPU engine's tokens, and the attention backend against its naive reference on mixed
 steps. Skipped, saying why, where there is no CUDA device; benchmarks/gpu_check.py runs it first on a lent GPU."""
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def test_greedy_equals_transformers_in_bfloat16(tokenizer):
     assert error is None and tokens == expected
 
 
-def test_rerope_rows_beside_plain_rows_give_the_cpu_engines_tokens(tokenizer):
-    prompts = [[5 + i, 6, 7, 8] * 20 for i in range(4)]
-    positions = [None, PositionSpec(type="rerope", window=16), None, PositionSpec(type="rerope", window=32)]
+def test_rerope_and_dca_rows_beside_plain_rows_give_the_cpu_engines_tokens(tokenizer):
+    prompts = [[5 + i, 6, 7, 8] * 20 for i in range(5)]
+    positions = [None, PositionSpec(type="rerope", window=16), None, PositionSpec(type="rerope", window=32),
+                 PositionSpec(type="dca", chunk_size=24, local_size=8)]  # 80 tokens: five DCA chunks of 16
     answers = {}
     for device in ("cpu", "cuda"):
         model = tiny_model("llama", seed=11).to(device)
