@@ -11,17 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 import uuid
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from compare_engines import free_port  # benchmarks/, on the path when run as a script
 
 
 def healthy(url: str) -> bool:

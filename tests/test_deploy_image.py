@@ -12,13 +12,12 @@ import shlex
 import shutil
 import subprocess
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, openai_client
+from tests.conftest import free_port, healthy, openai_client
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -38,13 +37,6 @@ def container_tool() -> tuple[str | None, str | None]:
             return tool, None
         reasons.append(f"`{tool} info`: {(info.stderr.strip().splitlines() or ['?'])[-1]}")
     return None, "no container tool works here: " + "; ".join(reasons)
-
-
-def healthy(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url, timeout=5).status == 200
-    except OSError:
-        return False
 
 
 def run(*command: str, timeout: float = 120) -> str:
@@ -73,7 +65,7 @@ def test_the_cpu_image_serves_drains_and_runs_as_its_user():
             "-v", f"{data}:/data", image, "--port", str(port), "--max-model-len", "2048", "--shutdown-timeout", "120")
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 600
-        while not healthy(f"{base}/health"):
+        while not healthy(base):
             state = run(tool, "inspect", "-f", "{{.State.Status}}", name)
             assert state == "running", f"the container stopped: {run(tool, 'logs', name)[-3000:]}"
             assert time.monotonic() < deadline, "the container did not turn healthy in 10 minutes"

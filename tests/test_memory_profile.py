@@ -7,11 +7,8 @@ import logging
 import subprocess
 import sys
 
-import torch
-
 from longserve.server.engine.native import kv_cache, step_budget
 from longserve.server.engine.native.kv_cache import cpu_budget, cuda_budget
-from longserve.server.engine.native.memory_profile import PeakMemory
 from tests.conftest import chat_ids, greedy_text, make_engine, tiny_model
 
 GIB = 2**30

@@ -60,14 +60,14 @@ class StepAttention:
         pool.values[layer].index_copy_(1, slots, v.transpose(0, 1))
         keys, values = pool.keys[layer], pool.values[layer]
         parts = []  # (the call's tokens, their output), one per kind of row
+        query = encoding.rotate_query(q) if self.plain is not None or self.near is not None else None  # R_i, once
         if self.plain is not None:
-            query = encoding.rotate_query(q)
             parts.append((self.plain.tokens, self.backend.attend(self.plain, query, keys, values)[0]))
         if self.near is not None:
             near_keys = encoding.rotate_near_key(k if self.near.tokens is None else k[self.near.tokens], self.near.tokens)
             pool.near_keys[layer].index_copy_(1, self.near_slots, near_keys.transpose(0, 1))
             parts.append((self.near.tokens, merge_attention([
-                self.backend.attend(self.near, encoding.rotate_query(q), pool.near_keys[layer], values),
+                self.backend.attend(self.near, query, pool.near_keys[layer], values),
                 self.backend.attend(self.far, encoding.rotate_far_query(q), keys, values),
             ])))
         if self.chunk_calls is not None:
