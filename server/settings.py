@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from longserve.patches.rope import PositionSpec
 from longserve.server.engine.config import EngineConfig
 from longserve.server.engine.config import default as engine_default
+from longserve.server.engine.native.kv_quant import CACHE_DTYPES
 from longserve.server.models import DEFAULT_MODEL
 
 
@@ -36,6 +37,7 @@ class ServerSettings(BaseSettings):
     prefill_chunk: int = Field(engine_default("prefill_chunk"), ge=16, le=2**20)
     max_num_batched_tokens: int | None = Field(engine_default("max_num_batched_tokens"), ge=16, le=2**20)
     kv_cache_memory: float | None = Field(engine_default("kv_cache_memory"), gt=0.0, le=4096.0)  # GiB; None: half the memory available (CPU)
+    kv_cache_dtype: Literal[CACHE_DTYPES] = engine_default("kv_cache_dtype")
     enable_prefix_caching: bool = engine_default("enable_prefix_caching")
     enforce_eager: bool = engine_default("enforce_eager")  # vLLM: skip torch.compile and CUDA graphs
     request_rerope: bool = engine_default("request_rerope")  # native: per-request rerope/leaky-rerope/self-extend; their near-key plane counts in the KV budget

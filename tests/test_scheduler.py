@@ -8,6 +8,7 @@ import torch
 from longserve.server.engine.base import EngineOverloaded, NeverFits, SamplingParams
 from longserve.server.engine.native.block_manager import BlockManager
 from longserve.server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from longserve.server.engine.native.kv_quant import cache_format
 from longserve.server.engine.native.positions import SequencePositions
 from longserve.server.engine.native.scheduler import Scheduler
 from longserve.server.engine.native.sequence import Sequence, Status
@@ -19,14 +20,16 @@ PLAIN = SequencePositions(RopeTable(torch.tensor([1.0, 0.5])), logn=False)
 SCALED = SequencePositions(RopeTable(torch.tensor([0.25, 0.125])), logn=False)
 
 
-def blocks(num_blocks=64, prefix_caching=True) -> BlockManager:
+def blocks(num_blocks=64, prefix_caching=True, cache_dtype="auto") -> BlockManager:
     pool = KvPool(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=num_blocks, dtype=torch.float32,
-                  device=torch.device("cpu"), near_keys=False)
+                  device=torch.device("cpu"), near_keys=False, cache=cache_format(cache_dtype))
     return BlockManager(pool, prefix_caching=prefix_caching)
 
 
-def scheduler(num_blocks=64, max_num_seqs=4, max_waiting=8, budget=64, chunk=32, prefix_caching=True) -> Scheduler:
-    return Scheduler(blocks(num_blocks, prefix_caching), max_num_seqs, max_waiting, budget, chunk, max_model_len=num_blocks * BLOCK_SIZE)
+def scheduler(num_blocks=64, max_num_seqs=4, max_waiting=8, budget=64, chunk=32, prefix_caching=True,
+              cache_dtype="auto") -> Scheduler:
+    return Scheduler(blocks(num_blocks, prefix_caching, cache_dtype), max_num_seqs, max_waiting, budget, chunk,
+                     max_model_len=num_blocks * BLOCK_SIZE)
 
 
 def seq(tokenizer, prompt_len: int, name: str = "r", max_tokens: int = 16, positions=PLAIN, first: int = 3) -> Sequence:
@@ -153,7 +156,7 @@ def test_prefix_hits_need_full_computed_blocks_and_the_same_positions(tokenizer)
     assert sched.blocks.queries == 50 + 50 + 50 + 33 + 50 and sched.blocks.hits == 48 + 32
 
 
-def test_block_digests_chain_sha256_over_the_parent_the_tokens_and_the_positions(tokenizer):
+def test_block_digests_chain_sha256_over_the_parent_the_tokens_the_positions_and_the_cache_format(tokenizer):
     """The prefix cache's keys, recomputed here from their definition; a block equal to a cached one in its tokens but
     not in what comes before it never hits. Python's tuple hash they replace is unsalted for ints and tuples:
     hash(-1) == hash(-2), so (-1, tokens, key) and (-2, tokens, key) collided, and a crafted prompt could collide."""
@@ -165,7 +168,7 @@ def test_block_digests_chain_sha256_over_the_parent_the_tokens_and_the_positions
     sched.add([first])
     run(sched)
     want, parent = [], bytes(32)
-    position = hashlib.sha256(repr(PLAIN.cache_key).encode()).digest()
+    position = hashlib.sha256(repr(("auto", PLAIN.cache_key)).encode()).digest()
     for index in range(3):
         tokens = first.all_ids[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE]
         parent = hashlib.sha256(parent + b"".join(t.to_bytes(8, "little", signed=True) for t in tokens) + position).digest()
@@ -177,6 +180,24 @@ def test_block_digests_chain_sha256_over_the_parent_the_tokens_and_the_positions
     sched.add([other_head])
     run(sched)
     assert other_head.cached_tokens == 0
+
+
+def test_an_int8_cache_shares_its_own_blocks_and_never_names_them_as_a_float_cache_does(tokenizer):
+    """The cache's format is part of a block's identity: the same prompt and positions give other digests in an
+    int8 pool than in a float one, so no registry could hand one's blocks to the other; within the int8 pool a
+    second request with the same prompt takes the first one's blocks."""
+    digests = {}
+    for cache_dtype in ("auto", "int8", "fp8_e5m2"):
+        sched = scheduler(max_num_seqs=8, budget=256, chunk=256, cache_dtype=cache_dtype)
+        first, second = seq(tokenizer, 50, "first"), seq(tokenizer, 50, "second")
+        sched.add([first])
+        run(sched)
+        sched.add([second])
+        run(sched)
+        assert second.cached_tokens == 3 * BLOCK_SIZE and second.block_table[:3] == first.block_table[:3]
+        digests[cache_dtype] = set(sched.blocks.by_hash)
+    assert len(digests["auto"]) == 3
+    assert not digests["auto"] & digests["int8"] and not digests["int8"] & digests["fp8_e5m2"]
 
 
 def test_cached_blocks_are_evicted_least_recently_used_when_fresh_ones_are_needed(tokenizer):

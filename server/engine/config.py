@@ -24,6 +24,7 @@ class EngineConfig:
     # (native/step_budget.py), at most DEFAULT_STEP_TOKENS, which vLLM gets
     max_num_batched_tokens: int | None = None
     kv_cache_memory: float | None = None  # GiB of KV-cache blocks; None: the engine's own share
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | fp8 | fp8_e4m3 | fp8_e5m2 (native/kv_quant.py)
     enable_prefix_caching: bool = True
     request_rerope: bool = True  # native: a request may ask for a clipped position (near-key plane budgeted)
     grammar_step_timeout: float = 2.0  # native: seconds a grammar may take to check one token

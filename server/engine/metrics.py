@@ -30,6 +30,8 @@ class Metrics:
                               "Seconds since the engine last made progress (a finished step, or an idle look for work).",
                               labels, registry=r)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (1 = full).", labels, registry=r)
+        self.kv_tokens = Gauge("longserve:kv_cache_tokens", "Tokens the KV cache holds when full, by what it stores "
+                               "(--kv-cache-dtype).", labels + ["kv_cache_dtype"], registry=r)
         self.cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r)
         self.cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r)
         self.preemptions = Counter("vllm:num_preemptions", "Sequences preempted to free KV-cache blocks.", labels, registry=r)
@@ -43,6 +45,9 @@ class Metrics:
     def watch_kv_cache(self, usage) -> None:
         """Export the KV cache's usage, a fraction read from `usage()` at each scrape."""
         self.kv_usage.labels(self.model_name).set_function(usage)
+
+    def set_kv_cache_size(self, tokens: int, cache_dtype: str) -> None:
+        self.kv_tokens.labels(self.model_name, cache_dtype).set(tokens)
 
     def count_prefix_cache(self, queries: int, hits: int) -> None:
         self.cache_queries.labels(self.model_name).inc(queries)

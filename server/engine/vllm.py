@@ -9,6 +9,9 @@ requests and results between the two worlds, and nothing more:
   rotary type (positions_for_vllm); log-n is patches/vllm_plugin.py, switched
   on through the environment vLLM's processes inherit; ReRoPE is refused at
   start-up, naming the native engine;
+- --kv-cache-dtype passes through where vLLM's backend on this device stores
+  that dtype, and is refused at start-up in one line where not
+  (cache_dtype_args), never ignored;
 - a trie constraint is patches/vllm_trie.py, a vLLM logits processor; a
   small trie travels inside the request, a large one as a file under
   --data-dir, which workers on other nodes see through the shared volume
@@ -118,6 +121,27 @@ def kv_cache_args(config: EngineConfig) -> dict:
     return {}
 
 
+def cache_dtype_args(name: str, head_dim: int, cuda: bool) -> dict:
+    """--kv-cache-dtype as vLLM 0.32 takes it where its backend on this device stores that dtype; a ValueError
+    that says what to change where it does not (vLLM would otherwise fail deep in its engine process)."""
+    if name == "auto":
+        return {}
+    if cuda:  # int8 is vLLM's per-(token, head) int8, which its Triton backend stores
+        return {"kv_cache_dtype": "int8_per_token_head" if name == "int8" else name}
+    if name == "int8":
+        raise ValueError("--kv-cache-dtype int8: vLLM's CPU backend stores fp8 only; pass fp8 (or fp8_e4m3, fp8_e5m2) "
+                         "or use --engine native, which stores int8 on any device")
+    import torch
+
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        raise ValueError(f"--kv-cache-dtype {name}: vLLM's CPU backend stores fp8 only on CPUs with AVX-512 or AMX, "
+                         "and this one has neither; use --engine native, which stores it on any CPU")
+    if head_dim % 32:
+        raise ValueError(f"--kv-cache-dtype {name}: vLLM's CPU backend stores fp8 only for head sizes divisible by 32, "
+                         f"and this model's is {head_dim}; use --engine native")
+    return {"kv_cache_dtype": name}
+
+
 class VllmEngine:
     def __init__(self, config: EngineConfig, metrics=None):
         from transformers import AutoConfig, AutoTokenizer
@@ -140,6 +164,7 @@ class VllmEngine:
         self.rope_type = facts.rope_type
         check_composes(self.position, self.rope_type)
         overrides = positions_for_vllm(self.position, facts.head_dim, facts.rope_base, self.trained_len, self.max_model_len)
+        cache_dtype = cache_dtype_args(config.kv_cache_dtype, facts.head_dim, torch_has_cuda())
         if config.kv_cache_memory and not torch_has_cuda():  # vLLM on CPU reads its space from the environment, in GiB
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.kv_cache_memory)))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
@@ -155,7 +180,8 @@ class VllmEngine:
                                max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
                                hf_overrides=overrides, enforce_eager=config.enforce_eager, disable_log_stats=True,
                                logits_processors=[KeyLogitsProcessor], max_num_batched_tokens=config.max_num_batched_tokens or DEFAULT_STEP_TOKENS,
-                               enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config), **config.distributed,
+                               enable_prefix_caching=config.enable_prefix_caching, **kv_cache_args(config), **cache_dtype,
+                               **config.distributed,
                                # compact JSON, as the native engine writes it: no whitespace runs to sample into
                                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         # as `vllm serve` builds it: the usage context picks vLLM's defaults for an API server (batched tokens, ...)
@@ -172,6 +198,7 @@ class VllmEngine:
         import vllm
 
         return {"engine": "vllm", "vllm_version": vllm.__version__, "max_model_len": self.max_model_len,
+                "kv_cache_dtype": self.config.kv_cache_dtype,
                 "trained_len": self.trained_len, "position": self.position.describe()}
 
     def is_alive(self) -> bool:

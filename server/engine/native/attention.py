@@ -4,7 +4,8 @@ Built once per step from its inputs (step_inputs.py) and its Encoding
 (positions.py); the model runner calls it once per layer with the step's flat
 q [tokens, heads, d], k and v [tokens, kv_heads, d]. It turns q and k, writes
 every token's key and value into its slot in one index_copy per plane
-(planes are [kv_heads, slots, d], kv_cache.py), and
+(planes are [kv_heads, slots, d], kv_cache.py; quantized on the way in with
+--kv-cache-dtype int8 or fp8), and
 runs the backend's calls (attention_backend.py):
 
 - plain and scaled-RoPE rows: one call over the keys cached after rotation,
@@ -56,16 +57,16 @@ class StepAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         encoding, pool, slots = self.encoding, self.pool, self.step.slot_mapping
-        pool.keys[layer].index_copy_(1, slots, encoding.rotate_key(k).transpose(0, 1))
-        pool.values[layer].index_copy_(1, slots, v.transpose(0, 1))
         keys, values = pool.keys[layer], pool.values[layer]
+        keys.write(slots, encoding.rotate_key(k))
+        values.write(slots, v)
         parts = []  # (the call's tokens, their output), one per kind of row
         query = encoding.rotate_query(q) if self.plain is not None or self.near is not None else None  # R_i, once
         if self.plain is not None:
             parts.append((self.plain.tokens, self.backend.attend(self.plain, query, keys, values)[0]))
         if self.near is not None:
             near_keys = encoding.rotate_near_key(k if self.near.tokens is None else k[self.near.tokens], self.near.tokens)
-            pool.near_keys[layer].index_copy_(1, self.near_slots, near_keys.transpose(0, 1))
+            pool.near_keys[layer].write(self.near_slots, near_keys)
             parts.append((self.near.tokens, merge_attention([
                 self.backend.attend(self.near, query, pool.near_keys[layer], values),
                 self.backend.attend(self.far, encoding.rotate_far_query(q), keys, values),

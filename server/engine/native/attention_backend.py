@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from longserve.patches.rerope import flash_cpu
-from longserve.server.engine.native.kv_cache import BLOCK_SIZE
+from longserve.server.engine.native.kv_cache import BLOCK_SIZE, Plane
+from longserve.server.engine.native.kv_quant import dequantize
 from longserve.server.engine.native.loading import to_device
 from longserve.server.engine.native.step_inputs import StepInputs
 
@@ -197,14 +198,14 @@ class GatherBackend:
         start = table[k0 // BLOCK_SIZE] * BLOCK_SIZE + k0 % BLOCK_SIZE
         return slice(start, start + k1 - k0)
 
-    def attend(self, plan: CallPlan, query: torch.Tensor, key_plane: torch.Tensor, value_plane: torch.Tensor):
-        """query [step tokens, heads, d] (turned); planes [slots, kv_heads, d]. Returns the output [call tokens,
+    def attend(self, plan: CallPlan, query: torch.Tensor, key_plane: Plane, value_plane: Plane):
+        """query [step tokens, heads, d] (turned); planes [kv_heads, slots, d] (kv_cache.Plane). Returns the output [call tokens,
         heads, d] and, when planned so, the log-sum-exp [call tokens, heads] (float32)."""
         out = query.new_zeros(plan.count, self.num_heads, query.shape[-1])
         lse = torch.full((plan.count, self.num_heads), float("-inf"), device=query.device) if plan.need_lse else None
         for group in plan.groups:
             q = query[group.queries] if isinstance(group.queries, slice) else query.index_select(0, group.queries)
-            keys, values = self._gather(key_plane, group), self._gather(value_plane, group)
+            keys, values = self._gather(key_plane, group, query.dtype), self._gather(value_plane, group, query.dtype)
             if isinstance(group.queries, slice):  # one row, its queries along the query axis
                 part, part_lse = self._kernel(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                               group, plan.need_lse)
@@ -224,18 +225,22 @@ class GatherBackend:
                 lse[group.into] = part_lse
         return out, lse
 
-    def _gather(self, plane: torch.Tensor, group: Group) -> torch.Tensor:
-        """The group's keys [kv_heads, rows * width, d], each head's contiguous: a view for a slice, else whole
-        blocks by index_select over the pool's rows of blocks (1.8x faster than token slots over the slot axis
-        with 2 threads; plane[:, index] is 4x slower than either)."""
+    def _gather(self, plane: Plane, group: Group, dtype: torch.dtype) -> torch.Tensor:
+        """The group's keys [kv_heads, rows * width, d] in `dtype`, each head's contiguous: a view for a slice,
+        else whole blocks by index_select over the pool's rows of blocks (1.8x faster than token slots over the
+        slot axis with 2 threads; plane[:, index] is 4x slower than either). An 8-bit cache's codes and scales
+        are read the same way, and only what was read is dequantized (kv_quant.py)."""
+        data, scales = plane.data, plane.scales
         if isinstance(group.keys, slice):
-            return plane[:, group.keys]
-        kv_heads, _, dim = plane.shape
-        blocks = plane.view(kv_heads * self.num_blocks, BLOCK_SIZE * dim).index_select(0, group.keys)
-        keys = blocks.view(kv_heads, -1, dim)
-        if isinstance(group.queries, slice):  # one row: its span within the blocks
-            return keys[:, group.skip : group.skip + group.width]
-        return keys
+            keys, key_scales = data[:, group.keys], None if scales is None else scales[:, group.keys]
+        else:
+            kv_heads, _, dim = data.shape
+            keys = data.view(kv_heads * self.num_blocks, BLOCK_SIZE * dim).index_select(0, group.keys).view(kv_heads, -1, dim)
+            key_scales = None if scales is None else scales.view(-1, BLOCK_SIZE).index_select(0, group.keys).view(kv_heads, -1)
+            if isinstance(group.queries, slice):  # one row: its span within the blocks
+                keys = keys[:, group.skip : group.skip + group.width]
+                key_scales = None if scales is None else key_scales[:, group.skip : group.skip + group.width]
+        return keys if scales is None else dequantize(keys, key_scales, plane.cache, dtype)
 
     def _one_query(self, q, keys, values, group: Group, need_lse: bool):
         """One query per row over keys [kv_heads, rows, width, d]: the KV heads are the batch, the rows are its

@@ -7,8 +7,10 @@ held, not rows x longest sequence.
 
 Prefix caching (vLLM's automatic prefix caching, nano-vllm's block manager):
 a block, once full and computed, is registered under a hash of its token ids,
-the hash of the block before it, and the sequence's position key (what
-changes a cached key: the rotary table, log-n, the ReRoPE window and leak).
+the hash of the block before it, the sequence's position key (what
+changes a cached key: the rotary table, log-n, the ReRoPE window and leak)
+and what the cache stores (--kv-cache-dtype: a block of int8 codes is never
+read as one of floats, should pools ever be shared).
 A new sequence whose leading blocks hash the same takes them instead of
 computing them. Blocks nobody holds stay cached and are evicted least
 recently used first when a fresh block is needed.
@@ -75,6 +77,10 @@ class BlockManager:
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of which found
 
+    def identity(self, seq: Sequence) -> tuple:
+        """What a cached block's keys depend on besides its tokens: the cache's format and the position key."""
+        return (self.pool.cache.name, seq.positions.cache_key)
+
     @property
     def num_free(self) -> int:
         return len(self.free_ids) + len(self.cached_free)
@@ -103,7 +109,7 @@ class BlockManager:
         found, parent, ids = [], None, seq.all_ids  # all_ids builds a list: once, not once per block
         for index in range((target - 1) // BLOCK_SIZE):
             tokens = tuple(ids[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
-            parent = block_digest(parent, tokens, seq.positions.cache_key)
+            parent = block_digest(parent, tokens, self.identity(seq))
             block_id = self.by_hash.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -199,7 +205,7 @@ class BlockManager:
             if block.hash is not None or (index > 0 and parent is None):
                 continue
             block.token_ids = tuple(seq.all_ids[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
-            block.hash = block_digest(parent, block.token_ids, seq.positions.cache_key)
+            block.hash = block_digest(parent, block.token_ids, self.identity(seq))
             self.by_hash.setdefault(block.hash, block_id)  # an equal block computed at once by another: keep the first
 
     def _take(self, block_id: int) -> None:

@@ -35,6 +35,7 @@ from longserve.server.engine.native.constraint import constraint_of, mask_logits
 from longserve.server.engine.native.heap import give_back_freed_memory
 from longserve.server.engine.native.isolation import by_request, is_fatal
 from longserve.server.engine.native.kv_cache import sized_pool
+from longserve.server.engine.native.kv_quant import cache_format
 from longserve.server.engine.config import DEFAULT_STEP_TOKENS, EngineConfig
 from longserve.server.engine.native.loading import eos_ids, load_model, pick_device, pick_dtype
 from longserve.server.engine.native.model_runner import ModelRunner, StepLogits, check_servable
@@ -82,18 +83,20 @@ class NativeEngine:
 
         self.positions = Positions(model, self.position, self.device)
         # the start-up passes run on a probe pool; the real one is sized from what they took (memory_profile.py)
+        cache = cache_format(config.kv_cache_dtype)
         self.runner = ModelRunner(model, probe_pool(self.facts, self.dtype, self.device, self.position.clipped,
-                                                    min(self.max_model_len, config.max_num_batched_tokens or DEFAULT_STEP_TOKENS)),
+                                                    min(self.max_model_len, config.max_num_batched_tokens or DEFAULT_STEP_TOKENS),
+                                                    cache),
                                   self.positions, owns_model=owns_model)
         step_tokens, activation_bytes = profile_start_up(self.runner, config.max_num_batched_tokens, config.kv_cache_memory,
                                                          self.max_model_len, config.max_num_seqs)
         self.pool = sized_pool(self.facts, self.dtype, self.device, config.kv_cache_memory, self.max_model_len,
                                near_keys=self.position.clipped, budget_near_keys=config.request_rerope,
                                activation_bytes=activation_bytes,
-                               utilization=config.gpu_memory_utilization)
+                               utilization=config.gpu_memory_utilization, cache=cache)
         self.runner.use_pool(self.pool)
         self.blocks = BlockManager(self.pool, prefix_caching=config.enable_prefix_caching)
-        self.observe.watch(self.blocks)
+        self.observe.watch(self.blocks, self.pool)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_waiting, step_tokens,
                                    config.prefill_chunk, self.max_model_len)
         self.generator = torch.Generator()  # on the host: it gives each unseeded sampled row one uniform number
@@ -123,6 +126,7 @@ class NativeEngine:
             "trained_len": self.trained_len,
             "position": self.position.describe(),
             "kv_cache_tokens": self.pool.num_tokens,
+            "kv_cache_dtype": self.pool.cache.name,
             "prefix_caching": self.blocks.prefix_caching,
         }
 

@@ -22,23 +22,53 @@ server that is not clipped the plane is only added at the first such request,
 inside the budget all the same: a third of it waits for the plane (on CPU as
 unbacked pages, so it costs nothing until then). --no-request-rerope gives
 that third to tokens and refuses clipped requests.
+
+With --kv-cache-dtype int8 or fp8 each plane holds one-byte codes and, beside
+them, one scale per (token, KV head) (kv_quant.py); a Plane keeps the two and
+quantizes on write. Both have the slot axis second, so blocks move, zero and
+copy the same way.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from longserve.patches.model_facts import ModelFacts
+from longserve.server.engine.native.kv_quant import FORMATS, CacheFormat, code_bytes, quantize, scale_dtype
 
 log = logging.getLogger("longserve.engine")
 
 BLOCK_SIZE = 16
 
 
-def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, planes: int) -> int:
-    return num_layers * num_kv_heads * head_dim * planes * torch.empty((), dtype=dtype).element_size()
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, planes: int,
+                    cache: CacheFormat = FORMATS["auto"]) -> int:
+    return num_layers * num_kv_heads * planes * code_bytes(cache, dtype, head_dim)
+
+
+@dataclass
+class Plane:
+    """One layer's keys, values or near keys: [kv_heads, slots, d] in the model's dtype, or codes of an 8-bit
+    cache with their scales [kv_heads, slots]."""
+
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    cache: CacheFormat
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data] if self.scales is None else [self.data, self.scales]
+
+    def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """x [tokens, kv_heads, d] into `slots`, quantized where the cache is."""
+        if self.scales is None:
+            self.data.index_copy_(1, slots, x.transpose(0, 1))
+            return
+        codes, scales = quantize(x.transpose(0, 1), self.cache, self.scales.dtype)
+        self.data.index_copy_(1, slots, codes)
+        self.scales.index_copy_(1, slots, scales)
 
 
 def default_budget_bytes(device: torch.device, activation_bytes: int, utilization: float) -> int:
@@ -72,8 +102,10 @@ class KvPool:
     ZERO_RUN = 256  # blocks zeroed at a time on first use
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, dtype: torch.dtype,
-                 device: torch.device, near_keys: bool, budgets_near_keys: bool | None = None):
+                 device: torch.device, near_keys: bool, budgets_near_keys: bool | None = None,
+                 cache: CacheFormat = FORMATS["auto"]):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.cache = cache
         self.budgets_near_keys = near_keys if budgets_near_keys is None else budgets_near_keys  # room left for the plane
         self.num_blocks = num_blocks
         self.dtype, self.device = dtype, device
@@ -85,9 +117,17 @@ class KvPool:
         if device.type == "cuda":
             self.prepare(num_blocks - 1)
 
-    def _planes(self) -> list[torch.Tensor]:
+    def _planes(self) -> list[Plane]:
         shape = (self.num_kv_heads, self.num_blocks * BLOCK_SIZE, self.head_dim)
-        return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        if not self.cache.quantized:
+            return [Plane(torch.empty(shape, dtype=self.dtype, device=self.device), None, self.cache)
+                    for _ in range(self.num_layers)]
+        return [Plane(torch.empty(shape, dtype=self.cache.stored, device=self.device),
+                      torch.empty(shape[:2], dtype=scale_dtype(self.dtype), device=self.device), self.cache)
+                for _ in range(self.num_layers)]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [tensor for plane in self.keys + self.values + self.near_keys for tensor in plane.tensors()]
 
     def ensure_near_keys(self) -> None:
         """Add the near-form key plane (ReRoPE). A server started without a clipped --position adds it at its
@@ -101,7 +141,8 @@ class KvPool:
         with torch.inference_mode(False):  # called in the runner's inference-mode step: plain tensors, which prepare() zeroes later
             self.near_keys = self._planes()
         for plane in self.near_keys:
-            plane[:, : self.ready * BLOCK_SIZE].zero_()
+            for tensor in plane.tensors():
+                tensor[:, : self.ready * BLOCK_SIZE].zero_()
         self.with_near_keys = True
 
     def prepare(self, block_id: int) -> None:
@@ -109,8 +150,8 @@ class KvPool:
         if block_id < self.ready:
             return
         ready = min(self.num_blocks, max(block_id + 1, self.ready + self.ZERO_RUN))
-        for plane in self.keys + self.values + self.near_keys:
-            plane[:, self.ready * BLOCK_SIZE : ready * BLOCK_SIZE].zero_()
+        for tensor in self._tensors():
+            tensor[:, self.ready * BLOCK_SIZE : ready * BLOCK_SIZE].zero_()
         self.ready = ready
 
     @property
@@ -119,7 +160,7 @@ class KvPool:
 
     def bytes_per_block(self) -> int:
         planes = len(self.keys) + len(self.values) + len(self.near_keys)
-        return planes * BLOCK_SIZE * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return planes * BLOCK_SIZE * self.num_kv_heads * code_bytes(self.cache, self.dtype, self.head_dim)
 
     def bytes_allocated(self) -> int:
         """What the pool may take: every plane of every block."""
@@ -128,19 +169,18 @@ class KvPool:
     def copy_block(self, source: int, destination: int) -> None:
         src = slice(source * BLOCK_SIZE, (source + 1) * BLOCK_SIZE)
         dst = slice(destination * BLOCK_SIZE, (destination + 1) * BLOCK_SIZE)
-        for planes in (self.keys, self.values, self.near_keys):
-            for plane in planes:
-                plane[:, dst] = plane[:, src]
+        for tensor in self._tensors():
+            tensor[:, dst] = tensor[:, src]
 
 
 def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memory_gib: float | None, max_model_len: int,
                near_keys: bool, budget_near_keys: bool = False, activation_bytes: int = 0,
-               utilization: float = 0.9) -> KvPool:
+               utilization: float = 0.9, cache: CacheFormat = FORMATS["auto"]) -> KvPool:
     """The block pool, sized by --kv-cache-memory (or default_budget_bytes); says how many tokens fit.
     near_keys: the plane from the start; budget_near_keys: room kept for it, added at the first clipped request."""
     budgeted = near_keys or budget_near_keys
     waiting = budget_near_keys and not near_keys  # a third kept, the plane not made yet
-    token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype, 3 if budgeted else 2)
+    token_bytes = bytes_per_token(facts.num_layers, facts.num_kv_heads, facts.head_dim, dtype, 3 if budgeted else 2, cache)
     budget = int(memory_gib * 2**30) if memory_gib else default_budget_bytes(device, activation_bytes, utilization)
     num_blocks = budget // (token_bytes * BLOCK_SIZE)
     if num_blocks * BLOCK_SIZE < max_model_len:
@@ -150,10 +190,11 @@ def sized_pool(facts: ModelFacts, dtype: torch.dtype, device: torch.device, memo
             f"of --max-model-len {max_model_len}; raise --kv-cache-memory or lower --max-model-len{kept}"
         )
     pool = KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, num_blocks, dtype, device, near_keys=near_keys,
-                  budgets_near_keys=budgeted)
+                  budgets_near_keys=budgeted, cache=cache)
     total = num_blocks * BLOCK_SIZE * token_bytes
     kept = f" ({total / 3 / 2**30:.2f} GiB of it kept for the near keys of clipped requests)" if waiting else ""
-    log.info("KV cache: %.2f GiB%s, %d blocks of %d: %d tokens fit (%.1f sequences of --max-model-len %d)",
-             total / 2**30, kept, num_blocks, BLOCK_SIZE, pool.num_tokens, pool.num_tokens / max_model_len, max_model_len)
+    log.info("KV cache: %.2f GiB%s in %s (%d bytes a token), %d blocks of %d: %d tokens fit (%.1f sequences of "
+             "--max-model-len %d)", total / 2**30, kept, cache.describe(), token_bytes, num_blocks, BLOCK_SIZE,
+             pool.num_tokens, pool.num_tokens / max_model_len, max_model_len)
     return pool
 

@@ -12,9 +12,10 @@ class SequenceMetrics:
         self.metrics = metrics
         self._counted = (0, 0, 0)  # prefix-cache queries, hits and preemptions already exported
 
-    def watch(self, blocks) -> None:
+    def watch(self, blocks, pool) -> None:
         if self.metrics:
             self.metrics.watch_kv_cache(lambda: blocks.usage)
+            self.metrics.set_kv_cache_size(pool.num_tokens, pool.cache.name)
 
     def queue(self, scheduler) -> None:
         if not self.metrics:

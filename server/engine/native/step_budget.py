@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 from longserve.server.engine.config import DEFAULT_STEP_TOKENS
 from longserve.server.engine.native.kv_cache import BLOCK_SIZE, KvPool
+from longserve.server.engine.native.kv_quant import FORMATS, CacheFormat
 from longserve.server.engine.native.memory_profile import PeakMemory
 from longserve.server.engine.native.scheduler import Chunk
 
@@ -66,10 +67,11 @@ def profiled_budget(runner, max_model_len: int, max_num_seqs: int) -> int:
     return budget
 
 
-def probe_pool(facts, dtype, device, near_keys: bool, tokens: int) -> KvPool:
-    """A pool just large enough for the start-up passes of `tokens` tokens."""
+def probe_pool(facts, dtype, device, near_keys: bool, tokens: int, cache: CacheFormat = FORMATS["auto"]) -> KvPool:
+    """A pool just large enough for the start-up passes of `tokens` tokens, in the cache's own format (so the
+    passes pay for quantizing and reading back as the real steps will)."""
     return KvPool(facts.num_layers, facts.num_kv_heads, facts.head_dim, -(-tokens // BLOCK_SIZE), dtype, device,
-                  near_keys=near_keys)
+                  near_keys=near_keys, cache=cache)
 
 
 def profile_start_up(runner, max_num_batched_tokens: int | None, kv_cache_memory: float | None, max_model_len: int,
