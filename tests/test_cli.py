@@ -14,8 +14,8 @@ from longserve.server.models import ModelError, resolve
 from tests.conftest import free_port, healthy, openai_client, wait_until
 
 
-def longserve(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def longserve(*args: str, env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "longserve.server.cli", *args], capture_output=True, text=True, env=env, timeout=120, **kwargs)
 
 
@@ -50,6 +50,13 @@ def test_corrupt_directory_is_rejected(tmp_path):
 def test_bad_flag_value_fails_with_exit_2():
     result = longserve("serve", "--max-num-seqs", "0")
     assert result.returncode == 2 and "--max-num-seqs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_kv_cache_dtype_stops_serve_with_the_valid_choices():
+    for result in (longserve("serve", "--kv-cache-dtype", "int3"),
+                   longserve("serve", env_extra={"LONGSERVE_KV_CACHE_DTYPE": "int3"})):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "kv-cache-dtype" in result.stderr and "'int8'" in result.stderr and "'fp8_e5m2'" in result.stderr
 
 
 def test_fetch_model_is_idempotent(bundled_path):

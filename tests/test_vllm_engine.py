@@ -156,3 +156,46 @@ def test_the_loss_evaluation_scores_alike_through_either_engine(vllm_server, bun
               for url in (bundled_server, vllm_server)]
     assert None not in losses[0] + losses[1]
     assert losses[1] == pytest.approx(losses[0], abs=2e-3)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
+def test_vllm_stores_fp8_where_its_cpu_backend_can_and_refuses_int8_at_start_up(bundled_path):
+    """--kv-cache-dtype reaches vLLM's own cache config (on a CPU with AVX-512 or AMX, as vLLM's CPU backend needs for
+    fp8), and a dtype vLLM cannot store here stops the engine before it starts, naming what to do instead."""
+    import asyncio
+
+    import torch
+
+    from longserve.server.engine.base import GenerationRequest, SamplingParams
+    from longserve.server.engine.config import EngineConfig
+    from longserve.server.engine.metrics import Metrics
+    from longserve.server.engine.vllm import VllmEngine, torch_has_cuda
+
+    def config(cache_dtype: str) -> EngineConfig:
+        return EngineConfig(model_path=str(bundled_path), model_name=MODEL, dtype="float32", max_num_seqs=2,
+                            enforce_eager=True, kv_cache_memory=1, kv_cache_dtype=cache_dtype)
+
+    if not torch_has_cuda():
+        with pytest.raises(ValueError, match="int8: vLLM's CPU backend stores fp8 only"):
+            VllmEngine(config("int8"))
+        if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+            with pytest.raises(ValueError, match="AVX-512 or AMX"):
+                VllmEngine(config("fp8"))
+            return
+    engine = VllmEngine(config("fp8"), metrics=Metrics(MODEL))
+    try:
+        assert engine.engine.vllm_config.cache_config.cache_dtype == "fp8"
+        assert engine.describe()["kv_cache_dtype"] == "fp8"
+
+        async def answer():
+            tokens = []
+            params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+            async for delta in engine.generate(GenerationRequest("fp8", [engine.tokenizer.encode("Hello")], params)):
+                assert delta.error is None, delta.error
+                tokens += delta.token_ids
+            return tokens
+
+        assert len(asyncio.run(answer())) == 8
+    finally:
+        engine.shutdown()
