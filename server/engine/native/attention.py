@@ -27,7 +27,7 @@ import torch
 
 from longserve.patches import dca
 from longserve.patches.rerope import merge_attention
-from longserve.server.engine.native.attention_backend import UNBOUNDED, GatherBackend, RowBand
+from longserve.server.engine.native.attention_backend import UNBOUNDED, GatherBackend, RowBand, Scratch
 from longserve.server.engine.native.kv_cache import KvPool
 from longserve.server.engine.native.positions import Encoding
 from longserve.server.engine.native.step_inputs import StepInputs
@@ -36,6 +36,7 @@ from longserve.server.engine.native.step_inputs import StepInputs
 class StepAttention:
     def __init__(self, pool: KvPool, step: StepInputs, encoding: Encoding, backend: GatherBackend):
         self.pool, self.step, self.encoding, self.backend = pool, step, encoding, backend
+        self.scratch = Scratch()  # every layer gathers the same amounts: one set of buffers for the step
         settings = [row.seq.positions for row in step.rows]
         plain = [RowBand(index, 0, UNBOUNDED) for index, row in enumerate(settings) if row.window is None and row.chunk is None]
         clipped = [index for index, row in enumerate(settings) if row.window is not None]
@@ -63,18 +64,18 @@ class StepAttention:
         parts = []  # (the call's tokens, their output), one per kind of row
         query = encoding.rotate_query(q) if self.plain is not None or self.near is not None else None  # R_i, once
         if self.plain is not None:
-            parts.append((self.plain.tokens, self.backend.attend(self.plain, query, keys, values)[0]))
+            parts.append((self.plain.tokens, self.backend.attend(self.plain, query, keys, values, self.scratch)[0]))
         if self.near is not None:
             near_keys = encoding.rotate_near_key(k if self.near.tokens is None else k[self.near.tokens], self.near.tokens)
             pool.near_keys[layer].write(self.near_slots, near_keys)
             parts.append((self.near.tokens, merge_attention([
-                self.backend.attend(self.near, query, pool.near_keys[layer], values),
-                self.backend.attend(self.far, encoding.rotate_far_query(q), keys, values),
+                self.backend.attend(self.near, query, pool.near_keys[layer], values, self.scratch),
+                self.backend.attend(self.far, encoding.rotate_far_query(q), keys, values, self.scratch),
             ])))
         if self.chunk_calls is not None:
             queries = encoding.rotate_chunk_queries(q)
             parts.append((self.chunk_calls[0].tokens, merge_attention([
-                self.backend.attend(plan, query, keys, values) for plan, query in zip(self.chunk_calls, queries)])))
+                self.backend.attend(plan, query, keys, values, self.scratch) for plan, query in zip(self.chunk_calls, queries)])))
         if len(parts) == 1:
             return parts[0][1]
         out = q.new_empty(q.shape)

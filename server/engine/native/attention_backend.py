@@ -34,6 +34,7 @@ log-sum-exp, the scores made explicit, a block of query rows at a time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -198,14 +199,18 @@ class GatherBackend:
         start = table[k0 // BLOCK_SIZE] * BLOCK_SIZE + k0 % BLOCK_SIZE
         return slice(start, start + k1 - k0)
 
-    def attend(self, plan: CallPlan, query: torch.Tensor, key_plane: Plane, value_plane: Plane):
+    def attend(self, plan: CallPlan, query: torch.Tensor, key_plane: Plane, value_plane: Plane,
+               scratch: Scratch | None = None):
         """query [step tokens, heads, d] (turned); planes [kv_heads, slots, d] (kv_cache.Plane). Returns the output [call tokens,
-        heads, d] and, when planned so, the log-sum-exp [call tokens, heads] (float32)."""
+        heads, d] and, when planned so, the log-sum-exp [call tokens, heads] (float32). Gathered keys and values go
+        into `scratch`'s buffers where given (one per step, kept by every layer's calls)."""
+        scratch = scratch or Scratch()
         out = query.new_zeros(plan.count, self.num_heads, query.shape[-1])
         lse = torch.full((plan.count, self.num_heads), float("-inf"), device=query.device) if plan.need_lse else None
         for group in plan.groups:
             q = query[group.queries] if isinstance(group.queries, slice) else query.index_select(0, group.queries)
-            keys, values = self._gather(key_plane, group, query.dtype), self._gather(value_plane, group, query.dtype)
+            keys = self._gather(key_plane, group, query.dtype, scratch, "keys")
+            values = self._gather(value_plane, group, query.dtype, scratch, "values")
             if isinstance(group.queries, slice):  # one row, its queries along the query axis
                 part, part_lse = self._kernel(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                               group, plan.need_lse)
@@ -225,22 +230,26 @@ class GatherBackend:
                 lse[group.into] = part_lse
         return out, lse
 
-    def _gather(self, plane: Plane, group: Group, dtype: torch.dtype) -> torch.Tensor:
+    def _gather(self, plane: Plane, group: Group, dtype: torch.dtype, scratch: Scratch, name: str) -> torch.Tensor:
         """The group's keys [kv_heads, rows * width, d] in `dtype`, each head's contiguous: a view for a slice,
         else whole blocks by index_select over the pool's rows of blocks (1.8x faster than token slots over the
-        slot axis with 2 threads; plane[:, index] is 4x slower than either). An 8-bit cache's codes and scales
-        are read the same way, and only what was read is dequantized (kv_quant.py)."""
+        slot axis with 2 threads; plane[:, index] is 4x slower than either), into a scratch buffer. An 8-bit
+        cache's codes and scales are read the same way, and only what was read is dequantized (kv_quant.py)."""
         data, scales = plane.data, plane.scales
+        kv_heads, _, dim = data.shape
         if isinstance(group.keys, slice):
             keys, key_scales = data[:, group.keys], None if scales is None else scales[:, group.keys]
         else:
-            kv_heads, _, dim = data.shape
-            keys = data.view(kv_heads * self.num_blocks, BLOCK_SIZE * dim).index_select(0, group.keys).view(kv_heads, -1, dim)
+            blocks = scratch.take(name, (group.keys.numel(), BLOCK_SIZE * dim), data.dtype, data.device)
+            keys = torch.index_select(data.view(kv_heads * self.num_blocks, BLOCK_SIZE * dim), 0, group.keys, out=blocks)
+            keys = keys.view(kv_heads, -1, dim)
             key_scales = None if scales is None else scales.view(-1, BLOCK_SIZE).index_select(0, group.keys).view(kv_heads, -1)
             if isinstance(group.queries, slice):  # one row: its span within the blocks
                 keys = keys[:, group.skip : group.skip + group.width]
                 key_scales = None if scales is None else key_scales[:, group.skip : group.skip + group.width]
-        return keys if scales is None else dequantize(keys, key_scales, plane.cache, dtype)
+        if scales is None:
+            return keys
+        return dequantize(keys, key_scales, plane.cache, dtype, out=scratch.take(name + " read back", keys.shape, dtype, keys.device))
 
     def _one_query(self, q, keys, values, group: Group, need_lse: bool):
         """One query per row over keys [kv_heads, rows, width, d]: the KV heads are the batch, the rows are its
@@ -277,6 +286,21 @@ class GatherBackend:
         if group.causal:
             visible = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
         return explicit(q, keys, values, visible, self.scale)
+
+
+class Scratch:
+    """Buffers a step's calls gather into, made at the first layer and kept by the others: a gather of many MB
+    then faults its pages in once a step instead of once per layer and plane."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        count = math.prod(shape)
+        buffer = self.buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < count:
+            buffer = self.buffers[name, dtype] = torch.empty(count, dtype=dtype, device=device)
+        return buffer[:count].view(shape)
 
 
 def fused_kernel_for(device: torch.device) -> bool:
