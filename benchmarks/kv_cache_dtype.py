@@ -10,8 +10,8 @@ last 16 tokens (the shared part comes from the prefix cache, prefilled once befo
 --tokens tokens, greedy; the figure is the median gap between a row's tokens (TPOT) and rows / TPOT. Each
 dtype runs in a child process of its own, in turn, cases in the same order.
 
-loss: the mean loss of the last --score-last tokens of tinyshakespeare.txt with the context's length before
-them (the loss table's measure, docs/positions.md), under ReRoPE w4096 + log-n, and the mean KL divergence of
+loss: the mean loss of --score-last tokens of tinyshakespeare.txt with the context's length before them, the
+scored tokens ending at the largest context (the loss table's measure, `longserve eval loss`, docs/positions.md), under ReRoPE w4096 + log-n, and the mean KL divergence of
 each position's next-token distribution from the unquantized cache's, in nats.
 
 fit: the longest prompt (prompt + answer) that --kv-cache-memory GiB holds with each dtype, as the engine sizes
@@ -75,9 +75,9 @@ def engine_for(cache_dtype: str, max_model_len: int, max_num_seqs: int, position
 
 
 def text_ids(tokenizer, count: int) -> list[int]:
+    """The first `count` tokens of the text, as `longserve eval loss` takes them."""
     text = TEXT.read_text(encoding="utf-8")
-    ids = tokenizer.encode(text[-12 * count:])
-    return ids[-count:]
+    return tokenizer.encode(text[: 12 * count])[:count]
 
 
 # ---- rate ---------------------------------------------------------------------------------------------------------
@@ -162,8 +162,9 @@ def loss_child(args) -> None:
 
     engine_module.prompt_logprobs = keep
     out = {}
+    text = text_ids(engine.tokenizer, max(contexts))
     for context in contexts:
-        ids = text_ids(engine.tokenizer, context)
+        ids = text[len(text) - context:]  # every window ends on the same scored tokens, as in `longserve eval loss`
         kept.clear()
 
         async def score():

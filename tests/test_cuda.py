@@ -1,6 +1,6 @@
 """The native engine on CUDA, on a tiny random model: greedy equality with transformers in bfloat16, ReRoPE and DCA
 rows beside plain rows giving the CPU engine's tokens, and the attention backend against its naive reference on mixed
-steps. Skipped, saying why, where there is no CUDA device; benchmarks/gpu_check.py runs it first on a lent GPU."""
+steps, over the unquantized and the 8-bit caches. Skipped, saying why, where there is no CUDA device; benchmarks/gpu_check.py runs it first on a lent GPU."""
 
 from __future__ import annotations
 
@@ -62,3 +62,12 @@ def test_the_attention_backend_matches_the_naive_reference_on_mixed_steps_in_bfl
 
     check_mixed_steps("cuda", torch.bfloat16, 0.05)
     check_mixed_steps("cuda", torch.float32, 1e-4)
+
+
+def test_the_same_mixed_steps_over_an_8_bit_cache_on_cuda():
+    """The int8 and fp8 caches (kv_quant.py) on CUDA: quantized on write, read back through the explicit path, within
+    the tolerances the CPU test states."""
+    from tests.test_attention_backend import QUANTIZED_TOLERANCE, check_mixed_steps
+
+    for cache_dtype, tolerance in QUANTIZED_TOLERANCE.items():
+        check_mixed_steps("cuda", torch.bfloat16, tolerance, cache_dtype)
