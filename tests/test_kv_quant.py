@@ -131,3 +131,12 @@ def test_vllm_gets_the_dtype_where_its_backend_stores_it_and_refuses_it_in_one_l
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     with pytest.raises(ValueError, match="AVX-512 or AMX"):
         cache_dtype_args("fp8", 64, cuda=False)
+
+
+def test_engine_auto_takes_the_native_engine_for_a_dtype_vllm_cannot_store_here():
+    from longserve.server.cli import pick_engine
+    from longserve.server.settings import ServerSettings
+
+    if torch.cuda.is_available():
+        pytest.skip("vLLM stores int8 on CUDA")
+    assert pick_engine(ServerSettings(engine="auto", kv_cache_dtype="int8")) == "native"

@@ -249,7 +249,8 @@ class GatherBackend:
                 key_scales = None if scales is None else key_scales[:, group.skip : group.skip + group.width]
         if scales is None:
             return keys
-        return dequantize(keys, key_scales, plane.cache, dtype, out=scratch.take(name + " read back", keys.shape, dtype, keys.device))
+        read_back = scratch.take(name + " read back", keys.shape, dtype, keys.device)
+        return dequantize(keys, key_scales, plane.cache, dtype, out=read_back)
 
     def _one_query(self, q, keys, values, group: Group, need_lse: bool):
         """One query per row over keys [kv_heads, rows, width, d]: the KV heads are the batch, the rows are its
