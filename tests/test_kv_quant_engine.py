@@ -1,5 +1,5 @@
 """The engine over an 8-bit KV cache (--kv-cache-dtype int8, fp8): what uses the cache keeps working, on a tiny
-random-weight model: every position method, prefix hits, NBCE rows, preemption."""
+random-weight model: every position method, prefix hits, NBCE rows, preemption, copy-on-write beams."""
 
 from __future__ import annotations
 
@@ -102,3 +102,27 @@ def test_preemption_over_an_int8_cache_recomputes_the_same_tokens(model, tokeniz
         assert wait_until(lambda: tight.blocks.in_use == 0)
     finally:
         tight.shutdown()
+
+
+@pytest.mark.server
+def test_beam_search_over_an_int8_cache_scores_every_key_near_its_exact_score(tokenizer, tmp_path):
+    """Beam rows share the prompt's partial block and copy it before writing (codes and scales together): every key
+    comes back once, best first by its score, and each score within the prompt-scoring tolerance of the exact one."""
+    from tests.conftest import openai_client, running_server
+    from tests.test_tries import exact_key_scores
+
+    choices = ["ab", "ab cd", "ab cde", "Lyon ||| river", "Paris", "Paris ||| capital of"]
+    reference = exact_key_scores(tiny_model("llama", seed=33), tokenizer, "Answer:", choices)
+    engine = make_engine(tiny_model("llama", seed=33), tokenizer, max_model_len=256, max_num_seqs=8, kv_cache_dtype="int8")
+    copies, copy_block = [], engine.pool.copy_block
+    engine.pool.copy_block = lambda source, destination: (copies.append(source), copy_block(source, destination))
+    with running_server(engine, data_dir=str(tmp_path)) as url:
+        reply = openai_client(url).completions.create(
+            model="tiny", prompt="Answer:", max_tokens=16, n=len(choices),
+            extra_body={"constraint": {"choices": choices}, "use_beam_search": True})
+        found = sorted(reply.choices, key=lambda choice: choice.index)
+        keys, scores = [c.model_extra["key"] for c in found], [c.model_extra["score"] for c in found]
+        assert copies  # a shared block was copied before a beam wrote into it
+        assert sorted(keys) == sorted(choices) and scores == sorted(scores, reverse=True)
+        assert scores == pytest.approx([reference[key] for key in keys], abs=TOLERANCE["int8"])
+        assert wait_until(lambda: engine.scheduler.num_running == 0 and engine.blocks.in_use == 0)
