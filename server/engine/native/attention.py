@@ -28,7 +28,7 @@ import torch
 from longserve.patches import dca
 from longserve.patches.rerope import merge_attention
 from longserve.server.engine.native.attention_backend import UNBOUNDED, GatherBackend, RowBand, Scratch
-from longserve.server.engine.native.kv_cache import KvPool
+from longserve.server.engine.native.kv_cache import KvPool, write_keys_and_values
 from longserve.server.engine.native.positions import Encoding
 from longserve.server.engine.native.step_inputs import StepInputs
 
@@ -59,8 +59,7 @@ class StepAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         encoding, pool, slots = self.encoding, self.pool, self.step.slot_mapping
         keys, values = pool.keys[layer], pool.values[layer]
-        keys.write(slots, encoding.rotate_key(k))
-        values.write(slots, v)
+        write_keys_and_values(keys, values, slots, encoding.rotate_key(k), v)
         parts = []  # (the call's tokens, their output), one per kind of row
         query = encoding.rotate_query(q) if self.plain is not None or self.near is not None else None  # R_i, once
         if self.plain is not None:

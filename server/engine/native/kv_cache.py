@@ -67,8 +67,23 @@ class Plane:
             self.data.index_copy_(1, slots, x.transpose(0, 1))
             return
         codes, scales = quantize(x.transpose(0, 1), self.cache, self.scales.dtype)
+        self.store(slots, codes, scales)
+
+    def store(self, slots: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
         self.data.index_copy_(1, slots, codes)
         self.scales.index_copy_(1, slots, scales)
+
+
+def write_keys_and_values(keys: Plane, values: Plane, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """A step's k and v [tokens, kv_heads, d] into their planes; quantized as one tensor where the cache is (half
+    the small ops of two: a one-row decode step is mostly such ops)."""
+    if keys.scales is None:
+        keys.write(slots, k)
+        values.write(slots, v)
+        return
+    codes, scales = quantize(torch.stack([k, v]).transpose(1, 2), keys.cache, keys.scales.dtype)
+    keys.store(slots, codes[0], scales[0])
+    values.store(slots, codes[1], scales[1])
 
 
 def default_budget_bytes(device: torch.device, activation_bytes: int, utilization: float) -> int:
