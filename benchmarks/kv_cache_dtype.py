@@ -322,7 +322,7 @@ def main() -> None:
     rate_args.add_argument("--dtypes", default="auto,int8,fp8")
     rate_args.add_argument("--contexts", default="2k,16k")
     rate_args.add_argument("--concurrency", default="1,32")
-    rate_args.add_argument("--tokens", type=int, default=24)
+    rate_args.add_argument("--tokens", type=int, default=16)
     rate_args.add_argument("--only", help=argparse.SUPPRESS)
     loss_args = sub.add_parser("loss")
     loss_args.add_argument("--dtypes", default="auto,int8,fp8,fp8_e5m2")
