@@ -49,16 +49,11 @@ def header() -> None:
     import torch
 
     from longserve.server.engine.native.loading import speed_flags
+    from step_rate import machine_limits  # benchmarks/, on the path when run as a script
 
-    source = torch.empty(2**30, dtype=torch.uint8).fill_(1)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    started = time.perf_counter()
-    for _ in range(3):
-        target.copy_(source)
-    bandwidth = 3 * 2 * 2**30 / (time.perf_counter() - started) / 1e9
-    print(f"CPU flags: {speed_flags()}; {torch.get_num_threads()} threads; memory copy {bandwidth:.1f} GB/s (read + write)",
-          flush=True)
+    limits = machine_limits("auto")
+    print(f"CPU flags: {speed_flags()}; {torch.get_num_threads()} threads; {limits['dtype']} matmul peak "
+          f"{limits['gflops']:.0f} GFLOPS; memory copy {limits['bandwidth']:.1f} GB/s (read + write)", flush=True)
 
 
 def engine_for(cache_dtype: str, max_model_len: int, max_num_seqs: int, position=None, prefix_caching: bool = True):

@@ -8,11 +8,9 @@ import asyncio
 import pytest
 import torch
 
-from longserve.patches.nbce import NbceParams
 from longserve.patches.rope import PositionSpec
-from longserve.server.engine.base import GenerationRequest, SamplingParams
 from tests.conftest import make_engine, running_engine, tiny_model, wait_until
-from tests.test_paged_engine import generate, one, words
+from tests.test_paged_engine import generate, nbce_answer, one, words
 
 POSITIONS = {
     "plain": None,
@@ -66,19 +64,9 @@ def test_prefix_hits_and_nbce_rows_reuse_int8_blocks(model, tokenizer):
         assert again["cached"] == 288 and again["tokens"] == first["tokens"]
         assert again["logprobs"] == pytest.approx(first["logprobs"], abs=1e-5)
         documents = [words(tokenizer, 150, salt=10 + k) for k in range(3)]
-
-        async def nbce(request_id: str, question: list[int]):
-            rows = [question] + [document + question for document in documents]
-            params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-            tokens, cached = [], 0
-            async for delta in engine.generate(GenerationRequest(request_id, rows, params, nbce=NbceParams())):
-                assert delta.error is None, delta.error
-                tokens += delta.token_ids
-                cached = max(cached, delta.cached_tokens)
-            return tokens, cached
-
-        tokens, _ = asyncio.run(nbce("nbce-1", words(tokenizer, 8, salt=9)))
-        tokens_again, cached = asyncio.run(nbce("nbce-2", words(tokenizer, 8, salt=19)))
+        tokens, _ = asyncio.run(nbce_answer(engine, "nbce-1", documents, words(tokenizer, 8, salt=9), max_tokens=8))
+        tokens_again, cached = asyncio.run(nbce_answer(engine, "nbce-2", documents, words(tokenizer, 8, salt=19),
+                                                       max_tokens=8))
         assert len(tokens) == len(tokens_again) == 8 and cached == 3 * (150 // 16 * 16)
 
 

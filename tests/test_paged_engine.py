@@ -197,23 +197,24 @@ def test_the_sdk_sees_cached_tokens_in_usage_and_metrics_count_hits(model, token
         assert wait_until(lambda: metric_value(url, "vllm:prefix_cache_hits_total", model_name="tiny") >= 512)
 
 
-def test_nbce_rows_reuse_their_documents_for_a_new_question(cached_engine, uncached_engine, tokenizer):
+async def nbce_answer(engine, request_id: str, documents: list[list[int]], question: list[int], max_tokens: int = 6):
+    """One NBCE answer over the documents, each followed by the question: (its tokens, the most cached tokens)."""
     from longserve.patches.nbce import NbceParams
 
+    rows = [question] + [document + question for document in documents]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    tokens, cached = [], 0
+    async for delta in engine.generate(GenerationRequest(request_id, rows, params, nbce=NbceParams())):
+        assert delta.error is None, delta.error
+        tokens += delta.token_ids
+        cached = max(cached, delta.cached_tokens)
+    return tokens, cached
+
+
+def test_nbce_rows_reuse_their_documents_for_a_new_question(cached_engine, uncached_engine, tokenizer):
     documents = [words(tokenizer, 200, salt=90 + k) for k in range(3)]
-
-    async def ask(engine, request_id: str, question: list[int]):
-        rows = [question] + [document + question for document in documents]
-        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-        tokens, cached = [], 0
-        async for delta in engine.generate(GenerationRequest(request_id, rows, params, nbce=NbceParams())):
-            assert delta.error is None, delta.error
-            tokens += delta.token_ids
-            cached = max(cached, delta.cached_tokens)
-        return tokens, cached
-
-    asyncio.run(ask(cached_engine, "nbce-1", words(tokenizer, 8, salt=95)))
-    warm_tokens, warm_cached = asyncio.run(ask(cached_engine, "nbce-2", words(tokenizer, 8, salt=96)))
-    cold_tokens, cold_cached = asyncio.run(ask(uncached_engine, "nbce-2", words(tokenizer, 8, salt=96)))
+    asyncio.run(nbce_answer(cached_engine, "nbce-1", documents, words(tokenizer, 8, salt=95)))
+    warm_tokens, warm_cached = asyncio.run(nbce_answer(cached_engine, "nbce-2", documents, words(tokenizer, 8, salt=96)))
+    cold_tokens, cold_cached = asyncio.run(nbce_answer(uncached_engine, "nbce-2", documents, words(tokenizer, 8, salt=96)))
     assert cold_cached == 0 and warm_cached == 3 * (200 // 16 * 16)  # every document's full blocks
     assert warm_tokens == cold_tokens
