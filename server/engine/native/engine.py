@@ -83,10 +83,9 @@ class NativeEngine:
 
         self.positions = Positions(model, self.position, self.device)
         # the start-up passes run on a probe pool; the real one is sized from what they took (memory_profile.py)
-        cache = cache_format(config.kv_cache_dtype)
+        cache, probe_tokens = cache_format(config.kv_cache_dtype), config.max_num_batched_tokens or DEFAULT_STEP_TOKENS
         self.runner = ModelRunner(model, probe_pool(self.facts, self.dtype, self.device, self.position.clipped,
-                                                    min(self.max_model_len, config.max_num_batched_tokens or DEFAULT_STEP_TOKENS),
-                                                    cache),
+                                                    min(self.max_model_len, probe_tokens), cache),
                                   self.positions, owns_model=owns_model)
         step_tokens, activation_bytes = profile_start_up(self.runner, config.max_num_batched_tokens, config.kv_cache_memory,
                                                          self.max_model_len, config.max_num_seqs)
