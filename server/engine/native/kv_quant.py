@@ -27,7 +27,6 @@ for an unquantized cache.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -100,17 +99,9 @@ def quantize(x: torch.Tensor, cache: CacheFormat, scales_as: torch.dtype) -> tup
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, cache: CacheFormat, dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """codes [..., d] and scales [...] back to values [..., d] in `dtype`, into `out` where given."""
-    if cache.codes == torch.int8:
-        values = codes.to(dtype) if out is None else out.copy_(codes)
-    else:  # torch widens float8 one value at a time on CPU; a lookup of the 256 codes runs 2x faster
-        values = torch.index_select(code_values(cache, dtype, codes.device), 0, codes.reshape(-1).int(),
-                                    out=None if out is None else out.view(-1)).view(codes.shape)
+    """codes [..., d] and scales [...] back to values [..., d] in `dtype`, into `out` where given. On CPU torch
+    widens int8 vectorized and float8 one value at a time: reading back 12.6M codes in bfloat16 took 2.5 ms from
+    int8, 29 ms from e4m3 and 8 ms from e5m2 (2 threads); a lookup of the 256 codes was no faster."""
+    typed = codes.view(cache.codes)
+    values = typed.to(dtype) if out is None else out.copy_(typed)
     return values.mul_(scales.to(dtype).unsqueeze(-1))
-
-
-@functools.lru_cache(maxsize=16)
-def code_values(cache: CacheFormat, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The value of each of the 256 float8 codes in `dtype` (the NaN codes, never written, as 0)."""
-    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(cache.codes).float()
-    return torch.nan_to_num(every, nan=0.0).to(device=device, dtype=dtype)
