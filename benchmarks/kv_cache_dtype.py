@@ -110,15 +110,20 @@ def rate_child(args) -> None:
     print(json.dumps(figures), flush=True)
 
 
+def in_child(command: str, cache_dtype: str, *options: str):
+    """This script's `command` for one cache dtype in a process of its own: the JSON it prints last."""
+    child = subprocess.run([sys.executable, __file__, command, "--only", cache_dtype, *options], capture_output=True,
+                           text=True)
+    if child.returncode:
+        sys.exit(f"{cache_dtype}: {child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def rate(args) -> None:
     results = {}
     for cache_dtype in args.dtypes.split(","):
-        child = subprocess.run([sys.executable, __file__, "rate", "--only", cache_dtype, "--contexts", args.contexts,
-                                "--concurrency", args.concurrency, "--tokens", str(args.tokens)],
-                               capture_output=True, text=True)
-        if child.returncode:
-            sys.exit(f"{cache_dtype}: {child.stderr[-3000:]}")
-        for figure in json.loads(child.stdout.strip().splitlines()[-1]):
+        options = ("--contexts", args.contexts, "--concurrency", args.concurrency, "--tokens", str(args.tokens))
+        for figure in in_child("rate", cache_dtype, *options):
             results[figure["context"], figure["rows"], cache_dtype] = figure
         print(f"  {cache_dtype} done", flush=True)
     dtypes = args.dtypes.split(",")
@@ -188,11 +193,9 @@ def loss(args) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for cache_dtype in dtypes:
-            child = subprocess.run([sys.executable, __file__, "loss", "--only", cache_dtype, "--contexts", args.contexts,
-                                    "--score-last", str(args.score_last), "--scratch", scratch], capture_output=True, text=True)
-            if child.returncode:
-                sys.exit(f"{cache_dtype}: {child.stderr[-3000:]}")
-            results[cache_dtype] = {int(k): v for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items()}
+            figures = in_child("loss", cache_dtype, "--contexts", args.contexts, "--score-last", str(args.score_last),
+                               "--scratch", scratch)
+            results[cache_dtype] = {int(k): v for k, v in figures.items()}
             print(f"  {cache_dtype} done ({sum(v['seconds'] for v in results[cache_dtype].values()):.0f} s)", flush=True)
         contexts = sorted(results[dtypes[0]])
         print("| cache | " + " | ".join(f"loss {c}" for c in contexts) + " | " + " | ".join(f"vs {dtypes[0]} {c}" for c in contexts)
@@ -218,17 +221,18 @@ def fit(args) -> None:
     from longserve.server.engine.native.kv_cache import sized_pool
     from longserve.server.engine.native.kv_quant import cache_format
 
-    shapes = {
-        "bundled (30 layers, 3 KV heads x 64)": ModelFacts(head_dim=64, rope_base=1e5, trained_len=8192, num_layers=30,
-                                                           num_heads=9, num_kv_heads=3, vocab_size=49152),
-        "Llama-3-8B shape (32 layers, 8 KV heads x 128)": ModelFacts(head_dim=128, rope_base=5e5, trained_len=8192,
-                                                                     num_layers=32, num_heads=32, num_kv_heads=8,
-                                                                     vocab_size=128256),
-    }
+    from transformers import AutoConfig
+
+    from gpu_check import LLAMA3_8B  # benchmarks/, on the path when run as a script
+    from longserve.server.models import DEFAULT_MODEL, resolve
+
+    shapes = {"bundled": ModelFacts.of(AutoConfig.from_pretrained(str(resolve(DEFAULT_MODEL)))),
+              "Llama-3-8B shape": ModelFacts.of(AutoConfig.for_model("llama", **LLAMA3_8B))}
     print(f"--kv-cache-memory {args.memory:g}: the longest sequence (prompt + answer) the pool holds")
     print("| model | model dtype | planes | auto | int8 | fp8 | int8 / auto |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, facts in shapes.items():
+    for label, facts in shapes.items():
+        name = f"{label} ({facts.num_layers} layers, {facts.num_kv_heads} KV heads x {facts.head_dim})"
         for dtype in (torch.float32, torch.bfloat16):
             for clipped in (False, True):
                 tokens = [sized_pool(facts, dtype, torch.device("cpu"), args.memory, 16, near_keys=clipped,

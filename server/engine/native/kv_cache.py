@@ -134,11 +134,10 @@ class KvPool:
 
     def _planes(self) -> list[Plane]:
         shape = (self.num_kv_heads, self.num_blocks * BLOCK_SIZE, self.head_dim)
-        if not self.cache.quantized:
-            return [Plane(torch.empty(shape, dtype=self.dtype, device=self.device), None, self.cache)
-                    for _ in range(self.num_layers)]
-        return [Plane(torch.empty(shape, dtype=self.cache.stored, device=self.device),
-                      torch.empty(shape[:2], dtype=scale_dtype(self.dtype), device=self.device), self.cache)
+        quantized = self.cache.quantized
+        return [Plane(torch.empty(shape, dtype=self.cache.stored if quantized else self.dtype, device=self.device),
+                      torch.empty(shape[:2], dtype=scale_dtype(self.dtype), device=self.device) if quantized else None,
+                      self.cache)
                 for _ in range(self.num_layers)]
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -174,8 +173,8 @@ class KvPool:
         return self.num_blocks * BLOCK_SIZE
 
     def bytes_per_block(self) -> int:
-        planes = len(self.keys) + len(self.values) + len(self.near_keys)
-        return planes * BLOCK_SIZE * self.num_kv_heads * code_bytes(self.cache, self.dtype, self.head_dim)
+        planes = 3 if self.near_keys else 2
+        return BLOCK_SIZE * bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, planes, self.cache)
 
     def bytes_allocated(self) -> int:
         """What the pool may take: every plane of every block."""
