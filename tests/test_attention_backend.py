@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from longserve.patches.rope import PositionSpec, cos_sin, rotate_half
+from longserve.server.engine.native import paged_decode
 from longserve.server.engine.native.attention import StepAttention
 from longserve.server.engine.native.kv_cache import BLOCK_SIZE, KvPool
 from longserve.server.engine.native.kv_quant import cache_format
@@ -120,7 +121,8 @@ def run_step(attention_rows: list[tuple[Row, int, int]], pool, positions, backen
     return attention(0, cat("q"), cat("k"), cat("v"))
 
 
-def check_mixed_steps(device: str, dtype: torch.dtype, tolerance: float, cache_dtype: str = "auto") -> None:
+def check_mixed_steps(device: str, dtype: torch.dtype, tolerance: float, cache_dtype: str = "auto",
+                      paged: bool = False) -> None:
     device = torch.device(device)
     model = tiny_model("llama", seed=3, hidden_size=HEADS * DIM, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                        head_dim=DIM, max_position_embeddings=TRAINED, num_hidden_layers=1)
@@ -129,7 +131,7 @@ def check_mixed_steps(device: str, dtype: torch.dtype, tolerance: float, cache_d
     pool = KvPool(1, KV_HEADS, DIM, 200, dtype, device, near_keys=False, budgets_near_keys=True,
                   cache=cache_format(cache_dtype))
     pool.prepare(199)
-    backend = GatherBackend(HEADS, KV_HEADS, DIM**-0.5, pool.num_blocks, device)
+    backend = GatherBackend(HEADS, KV_HEADS, DIM**-0.5, pool.num_blocks, device, paged=paged)
     rows = build_rows(seed=1)
     for row in rows:
         row.positions = positions.for_sequence(row.spec, row.length)
@@ -149,12 +151,21 @@ def check_mixed_steps(device: str, dtype: torch.dtype, tolerance: float, cache_d
             at += end - first
 
 
-def test_mixed_steps_match_the_naive_full_matrix_reference():
-    check_mixed_steps("cpu", torch.float32, 1e-4)
+def decode_paths():
+    """Decode rows gathered, and read in place by the paged kernel where it builds here (paged_decode.py)."""
+    reason = "no C compiler here: the paged decode kernel did not build"
+    return [pytest.param(False, id="gathered"),
+            pytest.param(True, id="paged", marks=pytest.mark.skipif(paged_decode.library() is None, reason=reason))]
 
 
-def test_mixed_steps_match_the_reference_in_bfloat16():
-    check_mixed_steps("cpu", torch.bfloat16, 0.05)
+@pytest.mark.parametrize("paged", decode_paths())
+def test_mixed_steps_match_the_naive_full_matrix_reference(paged):
+    check_mixed_steps("cpu", torch.float32, 1e-4, paged=paged)
+
+
+@pytest.mark.parametrize("paged", decode_paths())
+def test_mixed_steps_match_the_reference_in_bfloat16(paged):
+    check_mixed_steps("cpu", torch.bfloat16, 0.05, paged=paged)
 
 
 # Over an 8-bit cache (kv_quant.py), against the same float64 reference: twice the worst error measured here on
@@ -163,10 +174,11 @@ def test_mixed_steps_match_the_reference_in_bfloat16():
 QUANTIZED_TOLERANCE = {"int8": 0.04, "fp8": 0.16, "fp8_e5m2": 0.4}
 
 
+@pytest.mark.parametrize("paged", decode_paths())
 @pytest.mark.parametrize("cache_dtype", sorted(QUANTIZED_TOLERANCE))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_mixed_steps_over_an_8_bit_cache_stay_near_the_reference(cache_dtype, dtype):
-    check_mixed_steps("cpu", dtype, QUANTIZED_TOLERANCE[cache_dtype], cache_dtype)
+def test_mixed_steps_over_an_8_bit_cache_stay_near_the_reference(cache_dtype, dtype, paged):
+    check_mixed_steps("cpu", dtype, QUANTIZED_TOLERANCE[cache_dtype], cache_dtype, paged)
 
 
 def test_one_query_rows_are_grouped_so_padding_stays_within_a_quarter_of_the_blocks_read():
@@ -174,7 +186,7 @@ def test_one_query_rows_are_grouped_so_padding_stays_within_a_quarter_of_the_blo
     rows = [SimpleNamespace(all_ids=[0] * n, block_table=list(range(1, 1 + -(-n // BLOCK_SIZE))), positions=None)
             for n in lengths]
     step = StepInputs.build([StepRow(row, n - 1, n) for row, n in zip(rows, lengths)], torch.device("cpu"))
-    backend = GatherBackend(4, 2, 0.25, 2000, torch.device("cpu"))
+    backend = GatherBackend(4, 2, 0.25, 2000, torch.device("cpu"), paged=False)
     plan = backend.plan(step, [RowBand(index, 0, UNBOUNDED) for index in range(len(lengths))], need_lse=False)
     padded = sum(group.rows * group.width for group in plan.groups)
     assert padded <= PADDING * sum(-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in lengths)  # whole blocks move
@@ -210,7 +222,8 @@ for n in lengths:
                                 positions=positions.for_sequence(None, n)))
 step = StepInputs.build([StepRow(row, n - 1, n) for row, n in zip(rows, lengths)], torch.device("cpu"))
 encoding = positions.encode([row.positions for row in rows], step.positions, step.row_of_token, torch.float32)
-attention = StepAttention(pool, step, encoding, GatherBackend(heads, kv_heads, dim**-0.5, blocks, torch.device("cpu")))
+backend = GatherBackend(heads, kv_heads, dim**-0.5, blocks, torch.device("cpu"), paged=sys.argv[1] == "paged")
+attention = StepAttention(pool, step, encoding, backend)
 q, k, v = torch.randn(32, heads, dim), torch.randn(32, kv_heads, dim), torch.randn(32, kv_heads, dim)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 attention(0, q, k, v)
@@ -220,9 +233,11 @@ print(json.dumps({"scratch": after - before, "read": read}))
 """
 
 
-def test_a_long_row_beside_short_rows_takes_scratch_under_twice_the_kv_bytes_read():
+@pytest.mark.parametrize("paged", decode_paths())
+def test_a_long_row_beside_short_rows_takes_scratch_under_twice_the_kv_bytes_read(paged):
     """Rows x longest would gather 32 x 16k keys (2 GiB a plane here); the step reads 34 MiB of keys and values."""
-    probe = subprocess.run([sys.executable, "-c", SCRATCH_PROBE], capture_output=True, text=True, timeout=600)
+    path = "paged" if paged else "gathered"
+    probe = subprocess.run([sys.executable, "-c", SCRATCH_PROBE, path], capture_output=True, text=True, timeout=600)
     assert probe.returncode == 0, probe.stderr
     figures = json.loads(probe.stdout.strip().splitlines()[-1])
     assert figures["scratch"] < 2 * figures["read"], figures

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from longserve.patches.rerope import flash_cpu
+from longserve.server.engine.native import paged_decode
 from longserve.server.engine.native.kv_cache import BLOCK_SIZE, Plane
 from longserve.server.engine.native.kv_quant import dequantize
 from longserve.server.engine.native.loading import to_device
@@ -87,11 +88,22 @@ class Group:
 
 
 @dataclass
+class PagedRows:
+    """One-query rows read in place by the paged decode kernel (paged_decode.py): no gather, no padding."""
+
+    queries: torch.Tensor  # long [n]: their step tokens
+    items: torch.Tensor  # int32 [n, 3]: (step row, k0, k1)
+    into: torch.Tensor  # long [n]: where their outputs go among the call's tokens
+    table: torch.Tensor  # the step's block table, int32 [rows, width]
+
+
+@dataclass
 class CallPlan:
     tokens: torch.Tensor | None  # long [call tokens]: the step tokens this call answers; None: all, in order
     count: int
     groups: list[Group]
     need_lse: bool
+    paged: PagedRows | None = None
 
 
 def key_span(first: int, end: int, band: RowBand) -> tuple[int, int]:
@@ -108,9 +120,12 @@ def consecutive(block_table: list[int], k0: int, k1: int) -> bool:
 
 
 class GatherBackend:
-    def __init__(self, num_heads: int, num_kv_heads: int, scale: float, num_blocks: int, device: torch.device):
+    def __init__(self, num_heads: int, num_kv_heads: int, scale: float, num_blocks: int, device: torch.device,
+                 paged: bool | None = None):
+        """paged: one-query rows through the paged decode kernel; None: wherever it serves (CPU, a compiler)."""
         self.num_heads, self.num_kv_heads, self.scale, self.num_blocks = num_heads, num_kv_heads, scale, num_blocks
         self.device = device
+        self.paged = paged_decode.supported(device) if paged is None else paged
 
     def plan(self, step: StepInputs, bands: list[RowBand], need_lse: bool) -> CallPlan:
         """Groups for `bands` (rows in step order); host arithmetic and a few small copies, once per step."""
@@ -132,6 +147,8 @@ class GatherBackend:
                 decode.append(((k1 - 1) // BLOCK_SIZE - k0 // BLOCK_SIZE + 1, band, offset, k0, k1))
             else:
                 groups.append(self._one_row(step, band, offset, k0, k1))
+        paged = self._paged(step, decode) if self.paged and decode else None
+        decode = [] if paged else decode
         decode.sort(key=lambda item: -item[0])
         while decode:
             width, taken, held = decode[0][0], 0, 0  # in blocks: a group gathers whole ones
@@ -141,7 +158,12 @@ class GatherBackend:
                 taken += 1
             groups.append(self._one_query_rows(step, decode[:taken]))
             decode = decode[taken:]
-        return CallPlan(tokens, count, groups, need_lse)
+        return CallPlan(tokens, count, groups, need_lse, paged)
+
+    def _paged(self, step: StepInputs, members: list) -> PagedRows:
+        facts = torch.tensor([(band.row, k0, k1, step.query_start[band.row], offset)
+                              for _, band, offset, k0, k1 in members])
+        return PagedRows(facts[:, 3], facts[:, :3].to(torch.int32), facts[:, 4], step.block_table)
 
     def _block_rows(self, step: StepInputs, rows: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
                     blocks: int) -> torch.Tensor:
@@ -207,6 +229,13 @@ class GatherBackend:
         scratch = scratch or Scratch()
         out = query.new_zeros(plan.count, self.num_heads, query.shape[-1])
         lse = torch.full((plan.count, self.num_heads), float("-inf"), device=query.device) if plan.need_lse else None
+        if plan.paged is not None:
+            rows = plan.paged
+            part, part_lse = paged_decode.paged_decode(query.index_select(0, rows.queries), key_plane, value_plane,
+                                                       rows.table, rows.items, self.scale, self.num_kv_heads)
+            out.index_copy_(0, rows.into, part.to(out.dtype))
+            if lse is not None:
+                lse[rows.into] = part_lse
         for group in plan.groups:
             q = query[group.queries] if isinstance(group.queries, slice) else query.index_select(0, group.queries)
             keys = self._gather(key_plane, group, query.dtype, scratch, "keys")

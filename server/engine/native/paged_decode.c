@@ -1,0 +1,265 @@
+/* Decode attention over the paged KV cache, read in place (paged_decode.py builds and calls it).
+ *
+ * Written by hand because no library reads our cache layout: torch's CPU flash
+ * kernel takes only bf16/float32 keys gathered into one tensor, so an 8-bit
+ * cache had to be widened and scaled into a copy first (two extra passes over
+ * every key a step reads), and even an unquantized cache was copied once by
+ * the gather. Here each key is widened in registers as it is read, through the
+ * block table, and the per-(token, head) scale is applied once per key to its
+ * score and once per value to its weight, never per element.
+ *
+ * Layout (kv_cache.py): a plane is [kv_heads, slots, d], slot = block * 16 +
+ * offset; an 8-bit plane has scales [kv_heads, slots] in bf16 or fp16. Each
+ * item is one decode row of a call: its block-table row and the keys [k0, k1)
+ * its band sees. The work is (item, KV head, split of the keys), run on
+ * torch's own OpenMP threads, each split with an online softmax in float32;
+ * splits are merged by their log-sum-exp, which is also returned.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK 16
+#define LANES 16
+
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_E4M3 = 4, KIND_E5M2 = 5 };
+
+static inline float bf16_value(uint16_t bits) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)bits << 16;
+    return x.f;
+}
+
+static inline float f16_value(uint16_t bits) {
+    union { uint32_t u; float f; } x;
+    uint32_t sign = (uint32_t)(bits & 0x8000u) << 16, exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
+    if (exponent == 0) {
+        float tiny = ldexpf((float)mantissa, -24);
+        return sign ? -tiny : tiny;
+    }
+    x.u = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13) : ((exponent + 112) << 23) | (mantissa << 13));
+    return x.f;
+}
+
+/* exp(x) for x <= 0, vectorizable (libm's expf is not, without -ffast-math): 2^n * 2^f, f in [0, 1), by its
+ * Taylor series to degree 7 (relative error under 2e-6); under -87 it gives 2^-126 * 2^f, not 0. */
+static inline float exp_nonpositive(float x) {
+    const float t = (x < -87.0f ? -87.0f : x) * 1.44269504f;
+    const float n = floorf(t), f = (t - n) * 0.69314718f;
+    const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f + f * (8.3333338e-3f
+                    + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
+    union { uint32_t u; float f; } scale;
+    scale.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+/* A float8 code by its bits (sign, exponent with `bias`, `mantissa_bits`), branch-free so a loop of them
+ * vectorizes; a zero exponent is subnormal, mantissa * `tiny`. No code is inf or NaN: quantize clamps. */
+static inline float fp8_value(uint8_t code, int mantissa_bits, int bias, float tiny) {
+    const uint32_t sign = (uint32_t)(code & 0x80u) << 24, exponent = (code & 0x7fu) >> mantissa_bits;
+    const uint32_t mantissa = code & ((1u << mantissa_bits) - 1u);
+    union { uint32_t u; float f; } normal, subnormal;
+    normal.u = sign | ((exponent + 127u - bias) << 23) | (mantissa << (23 - mantissa_bits));
+    subnormal.f = (float)mantissa * tiny;
+    subnormal.u |= sign;
+    return exponent ? normal.f : subnormal.f;
+}
+
+static inline float scale_value(const void *scales, int scale_kind, int64_t at) {
+    if (!scales) return 1.0f;
+    uint16_t bits = ((const uint16_t *)scales)[at];
+    return scale_kind == KIND_BF16 ? bf16_value(bits) : f16_value(bits);
+}
+
+/* `dim` values of one (token, head) vector, starting at element `at`, as float32. */
+static inline void widen(const void *plane, int kind, int64_t at, int dim, float *out) {
+    switch (kind) {
+    case KIND_F32: {
+        const float *from = (const float *)plane + at;
+        for (int d = 0; d < dim; d++) out[d] = from[d];
+        break;
+    }
+    case KIND_BF16: {
+        const uint16_t *from = (const uint16_t *)plane + at;
+        for (int d = 0; d < dim; d++) out[d] = bf16_value(from[d]);
+        break;
+    }
+    case KIND_F16: {
+        const uint16_t *from = (const uint16_t *)plane + at;
+        for (int d = 0; d < dim; d++) out[d] = f16_value(from[d]);
+        break;
+    }
+    case KIND_I8: {
+        const int8_t *from = (const int8_t *)plane + at;
+        for (int d = 0; d < dim; d++) out[d] = (float)from[d];
+        break;
+    }
+    case KIND_E4M3: {
+        const uint8_t *from = (const uint8_t *)plane + at;
+        for (int d = 0; d < dim; d++) out[d] = fp8_value(from[d], 3, 7, 0x1p-9f);
+        break;
+    }
+    default: {
+        const uint8_t *from = (const uint8_t *)plane + at;
+        for (int d = 0; d < dim; d++) out[d] = fp8_value(from[d], 2, 15, 0x1p-16f);
+    }
+    }
+}
+
+/* Partial sums in 16 lanes, added up once at the end: one vector of independent chains instead of a reduction
+ * per step. */
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int dim) {
+    float total = 0.0f;
+    if (dim % LANES == 0) {
+        float lanes[LANES] = {0.0f};
+        for (int d = 0; d < dim; d += LANES)
+            for (int l = 0; l < LANES; l++) lanes[l] += a[d + l] * b[d + l];
+        for (int l = 0; l < LANES; l++) total += lanes[l];
+    } else {
+        for (int d = 0; d < dim; d++) total += a[d] * b[d];
+    }
+    return total;
+}
+
+typedef struct {
+    const void *keys, *key_scales, *values, *value_scales;
+    int kind, scale_kind;
+    int64_t slots;  /* per KV head */
+    int kv_heads, group, dim;
+    const int32_t *table;
+    int64_t table_width;
+    float scale;
+} Cache;
+
+/* One split: queries q [group, dim] over keys [a, b) of table row `row`, head `head`. Leaves the unnormalized
+ * output in acc [group, dim], the running max in top [group] and the sum of weights in total [group]. */
+static inline __attribute__((always_inline)) void attend_split(const Cache *c, const float *q, int row, int head,
+                                                               int a, int b, int dim, float *acc, float *top,
+                                                               float *total, float *work) {
+    const int group = c->group;
+    float (*widened)[dim] = (float (*)[dim])work;  /* [BLOCK][dim] */
+    float (*scores)[BLOCK] = (float (*)[BLOCK])(work + BLOCK * dim);  /* [group][BLOCK] */
+    for (int g = 0; g < group; g++) {
+        top[g] = -INFINITY;
+        total[g] = 0.0f;
+        for (int d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
+    }
+    const int64_t head_base = (int64_t)head * c->slots;
+    for (int at = a; at < b;) {
+        const int offset = at % BLOCK, run = (b - at < BLOCK - offset) ? b - at : BLOCK - offset;
+        const int64_t slot = head_base + (int64_t)c->table[row * c->table_width + at / BLOCK] * BLOCK + offset;
+        float key_scales[BLOCK], weights[BLOCK];
+        for (int t = 0; t < run; t++) {
+            widen(c->keys, c->kind, (slot + t) * dim, dim, widened[t]);
+            key_scales[t] = scale_value(c->key_scales, c->scale_kind, slot + t) * c->scale;
+        }
+        for (int g = 0; g < group; g++)
+            for (int t = 0; t < run; t++) scores[g][t] = dot(q + g * dim, widened[t], dim) * key_scales[t];
+        for (int g = 0; g < group; g++) {
+            float best = top[g];
+            for (int t = 0; t < run; t++) best = scores[g][t] > best ? scores[g][t] : best;
+            const float shrink = expf(top[g] - best);  /* exp(-inf) = 0 on the first run */
+            float sum = 0.0f;
+            for (int t = 0; t < run; t++) {
+                scores[g][t] = exp_nonpositive(scores[g][t] - best);
+                sum += scores[g][t];
+            }
+            total[g] = total[g] * shrink + sum;
+            top[g] = best;
+            if (shrink != 1.0f)
+                for (int d = 0; d < dim; d++) acc[g * dim + d] *= shrink;
+        }
+        for (int t = 0; t < run; t++) {
+            widen(c->values, c->kind, (slot + t) * dim, dim, widened[t]);
+            key_scales[t] = scale_value(c->value_scales, c->scale_kind, slot + t);  /* now the values' */
+        }
+        for (int g = 0; g < group; g++) {
+            float *out = acc + g * dim;
+            for (int t = 0; t < run; t++) weights[t] = scores[g][t] * key_scales[t];
+#pragma omp simd
+            for (int d = 0; d < dim; d++) {  /* each output value stays in a register over the run's keys */
+                float sum = out[d];
+                for (int t = 0; t < run; t++) sum += weights[t] * widened[t][d];
+                out[d] = sum;
+            }
+        }
+        at += run;
+    }
+}
+
+static void run_split(const Cache *c, const float *q, int row, int head, int a, int b, float *acc, float *top,
+                      float *total, float *work) {
+    /* the usual head sizes as constants, so the loops over d unroll and vectorize fully */
+    if (c->dim == 64) attend_split(c, q, row, head, a, b, 64, acc, top, total, work);
+    else if (c->dim == 128) attend_split(c, q, row, head, a, b, 128, acc, top, total, work);
+    else attend_split(c, q, row, head, a, b, c->dim, acc, top, total, work);
+}
+
+/* q [items, kv_heads * group, dim] float32; items [n, 3] int32: (table row, k0, k1). Writes out [items, heads,
+ * dim] and lse [items, heads] (float32; a row that sees no key gets 0 and -inf). Returns 0, or -2 when memory
+ * runs out. */
+int paged_decode(const float *q, const void *keys, const void *key_scales, const void *values,
+                 const void *value_scales, int kind, int scale_kind, int64_t slots, int kv_heads,
+                 int group, int dim, const int32_t *table, int64_t table_width, const int32_t *items, int n,
+                 int split, float scale, float *out, float *lse, int threads) {
+    if (split < 1 || threads < 1) return -1;
+    const Cache c = {keys, key_scales, values, value_scales, kind, scale_kind, slots, kv_heads, group, dim,
+                     table, table_width, scale};
+    int *first_split = malloc(sizeof(int) * (n + 1));
+    if (!first_split) return -2;
+    first_split[0] = 0;
+    for (int i = 0; i < n; i++) {
+        const int span = items[3 * i + 2] - items[3 * i + 1];
+        first_split[i + 1] = first_split[i] + (span > 0 ? (span + split - 1) / split : 0);
+    }
+    const int splits = first_split[n], units = splits * kv_heads, per_unit = group * (dim + 2);
+    float *partial = malloc(sizeof(float) * (size_t)(units > 0 ? units : 1) * per_unit);
+    int *item_of_split = malloc(sizeof(int) * (splits > 0 ? splits : 1));
+    const int per_thread = BLOCK * dim + group * BLOCK;
+    float *work = malloc(sizeof(float) * (size_t)per_thread * threads);
+    if (!partial || !item_of_split || !work) {
+        free(first_split), free(partial), free(item_of_split), free(work);
+        return -2;
+    }
+    for (int i = 0; i < n; i++)
+        for (int s = first_split[i]; s < first_split[i + 1]; s++) item_of_split[s] = i;
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int unit = 0; unit < units; unit++) {
+        const int s = unit / kv_heads, head = unit % kv_heads, i = item_of_split[s];
+        const int k0 = items[3 * i + 1], k1 = items[3 * i + 2];
+        const int a = k0 + (s - first_split[i]) * split, b = a + split < k1 ? a + split : k1;
+        float *mine = partial + (size_t)unit * per_unit;
+        run_split(&c, q + ((size_t)i * kv_heads + head) * group * dim, items[3 * i], head, a, b, mine,
+                  mine + group * dim, mine + group * (dim + 1), work + (size_t)omp_get_thread_num() * per_thread);
+    }
+
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int pair = 0; pair < n * kv_heads; pair++) {
+        const int i = pair / kv_heads, head = pair % kv_heads;
+        for (int g = 0; g < group; g++) {
+            float *o = out + ((size_t)i * kv_heads * group + head * group + g) * dim;
+            float best = -INFINITY, total = 0.0f;
+            for (int s = first_split[i]; s < first_split[i + 1]; s++) {
+                const float top = partial[(size_t)(s * kv_heads + head) * per_unit + group * dim + g];
+                best = top > best ? top : best;
+            }
+            for (int d = 0; d < dim; d++) o[d] = 0.0f;
+            for (int s = first_split[i]; s < first_split[i + 1]; s++) {
+                const float *mine = partial + (size_t)(s * kv_heads + head) * per_unit;
+                const float weight = expf(mine[group * dim + g] - best);
+                total += mine[group * (dim + 1) + g] * weight;
+                for (int d = 0; d < dim; d++) o[d] += weight * mine[g * dim + d];
+            }
+            if (total > 0.0f) {
+                for (int d = 0; d < dim; d++) o[d] /= total;
+                lse[(size_t)i * kv_heads * group + head * group + g] = best + logf(total);
+            } else {
+                lse[(size_t)i * kv_heads * group + head * group + g] = -INFINITY;
+            }
+        }
+    }
+    free(first_split), free(partial), free(item_of_split), free(work);
+    return 0;
+}
