@@ -1,6 +1,6 @@
 """The 8-bit KV cache (--kv-cache-dtype) against the unquantized one, side by side, bundled model.
 
-    python benchmarks/kv_cache_dtype.py rate [--dtypes auto,int8,fp8] [--contexts 2k,16k] [--concurrency 1,32]
+    python benchmarks/kv_cache_dtype.py rate [--dtypes auto/gathered,auto,int8,fp8] [--contexts 2k,16k] [--concurrency 1,32]
     python benchmarks/kv_cache_dtype.py loss [--dtypes auto,int8,fp8,fp8_e5m2] [--contexts 4k,8k,16k]
     python benchmarks/kv_cache_dtype.py fit [--memory 2]
     python benchmarks/kv_cache_dtype.py rotation [--context 4096]
@@ -8,7 +8,8 @@
 rate: decode speed with a long context. Every row of a case shares one prompt of the context's length but its
 last 16 tokens (the shared part comes from the prefix cache, prefilled once before the case), then decodes
 --tokens tokens, greedy; the figure is the median gap between a row's tokens (TPOT) and rows / TPOT. Each
-dtype runs in a child process of its own, in turn, cases in the same order.
+dtype runs in a child process of its own, in turn, cases in the same order. A dtype written "auto/gathered"
+runs with the paged decode kernel off (LONGSERVE_PAGED_DECODE=0): decode keys gathered first, as before it.
 
 loss: the mean loss of --score-last tokens of tinyshakespeare.txt with the context's length before them, the
 scored tokens ending at the largest context (the loss table's measure, `longserve eval loss`, docs/positions.md), under ReRoPE w4096 + log-n, and the mean KL divergence of
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -82,7 +84,7 @@ def rate_child(args) -> None:
 
     contexts = [tokens_of(c) for c in args.contexts.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    engine = engine_for(args.only, max(contexts) + args.tokens + 16, max(concurrencies))
+    engine = engine_for(args.only.partition("/")[0], max(contexts) + args.tokens + 16, max(concurrencies))
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
 
     async def row(name: str, ids: list[int]) -> list[float]:
@@ -111,9 +113,11 @@ def rate_child(args) -> None:
 
 
 def in_child(command: str, cache_dtype: str, *options: str):
-    """This script's `command` for one cache dtype in a process of its own: the JSON it prints last."""
+    """This script's `command` for one cache dtype in a process of its own: the JSON it prints last. "/gathered"
+    after the dtype: with the paged decode kernel off."""
+    gathered = {"LONGSERVE_PAGED_DECODE": "0"} if cache_dtype.endswith("/gathered") else {}
     child = subprocess.run([sys.executable, __file__, command, "--only", cache_dtype, *options], capture_output=True,
-                           text=True)
+                           text=True, env={**os.environ, **gathered})
     if child.returncode:
         sys.exit(f"{cache_dtype}: {child.stderr[-3000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
@@ -318,7 +322,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     rate_args = sub.add_parser("rate")
-    rate_args.add_argument("--dtypes", default="auto,int8,fp8")
+    rate_args.add_argument("--dtypes", default="auto/gathered,auto,int8,fp8")
     rate_args.add_argument("--contexts", default="2k,16k")
     rate_args.add_argument("--concurrency", default="1,32")
     rate_args.add_argument("--tokens", type=int, default=16)

