@@ -32,6 +32,11 @@ static inline float bf16_value(uint16_t bits) {
 }
 
 static inline float f16_value(uint16_t bits) {
+#ifdef __FLT16_MAX__  /* the compiler's own half type: one instruction where the CPU has F16C */
+    union { uint16_t u; _Float16 h; } x;
+    x.u = bits;
+    return (float)x.h;
+#else
     union { uint32_t u; float f; } x;
     uint32_t sign = (uint32_t)(bits & 0x8000u) << 16, exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
     if (exponent == 0) {
@@ -40,6 +45,7 @@ static inline float f16_value(uint16_t bits) {
     }
     x.u = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13) : ((exponent + 112) << 23) | (mantissa << 13));
     return x.f;
+#endif
 }
 
 /* exp(x) for x <= 0, vectorizable (libm's expf is not, without -ffast-math): 2^n * 2^f, f in [0, 1), by its
