@@ -19,10 +19,13 @@ final rounding to the model's dtype. A scale never goes below the smallest norma
 of its dtype (a vector of zeros stays zeros; one of values under 0.008 in a
 float32 model then has an absolute error under 3e-5).
 
-Reading back (dequantize) happens in the attention backend for the blocks a
-call reads, never for the whole cache. Codes widen to the model's dtype and are
-multiplied by their scale; the kernels then accumulate in float32 as they do
-for an unquantized cache.
+Reading back happens in the attention backend for the blocks a call reads,
+never for the whole cache. On CPU, decode rows are read in place by the paged
+decode kernel (paged_decode.c), which widens codes in registers and applies a
+scale once per key's score and value's weight. Elsewhere, and for prefill
+chunks, dequantize widens the gathered codes to the model's dtype and
+multiplies them by their scales; the kernels then accumulate in float32 as
+they do for an unquantized cache.
 """
 
 from __future__ import annotations
