@@ -8,6 +8,10 @@ kernel's splits (SPLIT_KEYS) and hold one key or none."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -89,3 +93,25 @@ def test_every_finite_float8_code_widens_as_torch_reads_it(cache_dtype):
     items = torch.tensor([[0, key, key + 1] for key in range(4)], dtype=torch.int32)
     out, _ = paged_decode.paged_decode(torch.randn(4, 1, 64), pool.keys[0], pool.values[0], table, items, 0.125, 1)
     torch.testing.assert_close(out.flatten()[finite], meaning[finite], rtol=0, atol=0)
+
+
+def load_in_a_fresh_process(tmp_path, **env) -> subprocess.CompletedProcess:
+    script = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+              "from longserve.server.engine.native import paged_decode\n"
+              "print('built' if paged_decode.library() else 'none')")
+    environment = {**os.environ, "LONGSERVE_KERNEL_CACHE": str(tmp_path / "kernels"), **env}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=600)
+
+
+def test_a_fresh_cache_builds_the_kernel_for_this_cpu(tmp_path):
+    loaded = load_in_a_fresh_process(tmp_path)
+    assert loaded.stdout.strip() == "built", loaded.stderr
+    assert len(list((tmp_path / "kernels").glob("paged_decode-*.so"))) == 1
+
+
+def test_without_a_compiler_decode_falls_back_to_the_gather_path_and_says_so(tmp_path):
+    loaded = load_in_a_fresh_process(tmp_path, CC=str(tmp_path / "no-such-compiler"))
+    assert loaded.stdout.strip() == "none", loaded.stderr
+    assert "no C compiler found" in loaded.stderr and "install gcc" in loaded.stderr
+    off = load_in_a_fresh_process(tmp_path, LONGSERVE_PAGED_DECODE="0")
+    assert off.stdout.strip() == "none" and "LONGSERVE_PAGED_DECODE=0" in off.stderr
