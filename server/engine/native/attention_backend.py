@@ -13,8 +13,9 @@ How this backend runs a call:
 - on CPU, one-query rows (decode) go to the paged decode kernel
   (paged_decode.py) in one call: it reads each row's blocks in place through
   the block table, whatever the cache's format, so nothing is gathered or
-  padded (32 rows x 2,048 keys, bf16: 6.2 ms against 7.2 for the gather and
-  flash kernel below; from int8, 4.0 ms against 12.6; docs/engine.md);
+  padded (32 rows x 2,048 keys, bf16: 6.3 ms against 8.3 for the gather and
+  flash kernel below; from int8, 5.4 ms against 12.9; make bench-kernels,
+  docs/engine.md);
 - elsewhere (or with LONGSERVE_PAGED_DECODE=0) one-query rows are sorted by
   how many blocks they read and grouped
   so that a group, padded to its longest row, holds at most a quarter more
