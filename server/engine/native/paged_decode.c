@@ -203,8 +203,8 @@ static void run_split(const Cache *c, const float *q, int row, int head, int a, 
 }
 
 /* q [items, kv_heads * group, dim] float32; items [n, 3] int32: (table row, k0, k1). Writes out [items, heads,
- * dim] and lse [items, heads] (float32; a row that sees no key gets 0 and -inf). Returns 0, or -2 when memory
- * runs out. */
+ * dim] and lse [items, heads] (float32; a row that sees no key gets 0 and -inf). Returns 0; -1 for a split or
+ * thread count under 1; -2 when memory runs out. */
 int paged_decode(const float *q, const void *keys, const void *key_scales, const void *values,
                  const void *value_scales, int kind, int scale_kind, int64_t slots, int kv_heads,
                  int group, int dim, const int32_t *table, int64_t table_width, const int32_t *items, int n,
