@@ -154,8 +154,9 @@ class GatherBackend:
                 decode.append(((k1 - 1) // BLOCK_SIZE - k0 // BLOCK_SIZE + 1, band, offset, k0, k1))
             else:
                 groups.append(self._one_row(step, band, offset, k0, k1))
-        paged = self._paged(step, decode) if self.paged and decode else None
-        decode = [] if paged else decode
+        paged = None
+        if self.paged and decode:  # all one-query rows in one kernel call; nothing left to group
+            paged, decode = self._paged(step, decode), []
         decode.sort(key=lambda item: -item[0])
         while decode:
             width, taken, held = decode[0][0], 0, 0  # in blocks: a group gathers whole ones

@@ -24,24 +24,17 @@ from pathlib import Path
 import torch
 
 from longserve.server.engine.native.kv_quant import CacheFormat
+from longserve.server.engine.native.loading import cpu_flags
 
 log = logging.getLogger("longserve.engine")
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 # the reassociation vectorizes the dot products; no -ffast-math, whose finite-only maths would break -inf
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
-         "-fno-signed-zeros", "-fassociative-math"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
+         "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 CODES = {torch.int8: 3, torch.float8_e4m3fn: 4, torch.float8_e5m2: 5}
 SPLIT_KEYS = 512  # keys per unit of work: a long row is spread over the threads, each split merged by its log-sum-exp
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 @functools.cache
@@ -55,7 +48,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler found: decode attention gathers keys first (install gcc for the paged kernel)")
         return None
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([compiler, *FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
+    built_for = " ".join([compiler, *FLAGS, *sorted(cpu_flags())])  # -march=native: a build per CPU
+    digest = hashlib.sha256(source + built_for.encode()).hexdigest()[:16]
     folder = Path(os.environ.get("LONGSERVE_KERNEL_CACHE", Path.home() / ".cache" / "longserve" / "kernels"))
     built = folder / f"paged_decode-{digest}.so"
     if not built.exists():
