@@ -171,9 +171,9 @@ def paged_decode(dtype: torch.dtype) -> dict[str, float]:
         int8 = cache_format("int8")
         quantized = [Plane(*quantize(plane, int8, dtype), int8) for plane in (keys, values)]
         figures["our paged decode kernel, in place (paged_decode.c)"] = mean_us(
-            lambda: kernel.paged_decode(query, *planes, table32, items, DIM**-0.5, KV_HEADS))
+            lambda: kernel.paged_decode(query, *planes, table32, items, DIM**-0.5))
         figures["our paged decode kernel, in place, from int8"] = mean_us(
-            lambda: kernel.paged_decode(query, *quantized, table32, items, DIM**-0.5, KV_HEADS))
+            lambda: kernel.paged_decode(query, *quantized, table32, items, DIM**-0.5))
     else:
         figures["our paged decode kernel: no C compiler here, skipped"] = float("nan")
     try:

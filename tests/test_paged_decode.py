@@ -70,7 +70,7 @@ def test_the_kernel_matches_a_float64_reference(cache_dtype, dtype, heads, kv_he
     items = torch.tensor([[0, 0, 300], [1, 17, width - 1], [0, 100, 100], [1, 0, width], [0, 555, 556],
                           [1, 513, 1100]], dtype=torch.int32)  # spans: plain, mid-block, none, 3 splits, one key
     q = torch.randn(len(items), heads, dim, generator=torch.Generator().manual_seed(2)).to(dtype)
-    out, lse = paged_decode.paged_decode(q, pool.keys[0], pool.values[0], table, items, dim**-0.5, kv_heads)
+    out, lse = paged_decode.paged_decode(q, pool.keys[0], pool.values[0], table, items, dim**-0.5)
     expected, expected_lse = reference(q, read_plainly(pool.keys[0]), read_plainly(pool.values[0]), table, items,
                                        dim**-0.5)
     # float32 accumulation of O(1) products over up to 1,568 keys; the exponential is good to 2e-6 relative
@@ -91,7 +91,7 @@ def test_every_finite_float8_code_widens_as_torch_reads_it(cache_dtype):
     pool.values[0].scales.fill_(1.0)
     table = torch.zeros(1, 1, dtype=torch.int32)
     items = torch.tensor([[0, key, key + 1] for key in range(4)], dtype=torch.int32)
-    out, _ = paged_decode.paged_decode(torch.randn(4, 1, 64), pool.keys[0], pool.values[0], table, items, 0.125, 1)
+    out, _ = paged_decode.paged_decode(torch.randn(4, 1, 64), pool.keys[0], pool.values[0], table, items, 0.125)
     torch.testing.assert_close(out.flatten()[finite], meaning[finite], rtol=0, atol=0)
 
 

@@ -243,7 +243,7 @@ class GatherBackend:
         if plan.paged is not None:
             rows = plan.paged
             part, part_lse = paged_decode.paged_decode(query.index_select(0, rows.queries), key_plane, value_plane,
-                                                       rows.table, rows.items, self.scale, self.num_kv_heads)
+                                                       rows.table, rows.items, self.scale)
             out.index_copy_(0, rows.into, part.to(out.dtype))
             if lse is not None:
                 lse[rows.into] = part_lse

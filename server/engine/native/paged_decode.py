@@ -87,12 +87,13 @@ def supported(device: torch.device) -> bool:
     return device.type == "cpu" and library() is not None
 
 
-def paged_decode(q: torch.Tensor, keys, values, table: torch.Tensor, items: torch.Tensor, scale: float,
-                 num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def paged_decode(q: torch.Tensor, keys, values, table: torch.Tensor, items: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [n, heads, d] (one query per item); keys, values: kv_cache.Plane; table int32 [rows, width]; items int32
     [n, 3]: (table row, k0, k1). Returns out [n, heads, d] and lse [n, heads], float32."""
     kernel = library()
     n, heads, dim = q.shape
+    num_kv_heads = keys.data.shape[0]  # planes are [kv_heads, slots, d]
     q = q.float().contiguous()
     out = torch.empty(n, heads, dim)
     lse = torch.empty(n, heads)
