@@ -46,7 +46,7 @@ from longserve.server.engine.native.sampler import prompt_logprobs, sample
 from longserve.server.engine.native.scheduler import Scheduler, Step
 from longserve.server.engine.native.sequence import Sequence
 from longserve.server.engine.native.step_budget import probe_pool, profile_start_up
-from longserve.server.engine.native.step_threads import StepThreads
+from longserve.server.engine.native.engine_thread import start_engine_thread
 from longserve.server.log_ids import log_context
 
 log = logging.getLogger("longserve.engine")
@@ -62,11 +62,26 @@ class NativeEngine:
         self.model_name = config.model_name
         self.max_num_seqs = config.max_num_seqs
         self.device = pick_device(config.device)
+        self.metrics = metrics
+        self.observe = SequenceMetrics(metrics)
+        self._lock = threading.RLock()  # _end takes it, also inside _fail_requests, which holds it
+        self._wakeup = threading.Event()
+        self._aborts: set[str] = set()
+        self._fail_all_pending: tuple[str, int] | None = None  # fail_all's message and status, for the thread
+        self._requests: dict[str, list[Sequence]] = {}
+        self._stopped = False
+        self._dead_reason: str | None = None
+        self._heartbeat = time.monotonic()  # the loop's last sign of progress: a finished step, or an idle look
+        self.on_dead: Callable[[str], None] | None = None  # the server's hook: exit so a supervisor restarts us
+        self._thread = start_engine_thread(lambda: self._build(model, tokenizer), self._loop, "longserve-engine")
+
+    def _build(self, model, tokenizer) -> None:
+        """The model, its cache and scheduler, on the engine's thread (engine_thread.py says why)."""
+        config = self.config
         owns_model = model is None
         if owns_model:
             model, tokenizer = load_model(config.model_path, self.device, pick_dtype(config.dtype, self.device))
-        self.dtype = model.dtype
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.dtype = model, tokenizer, model.dtype
         model_config = model.config
         self.facts = ModelFacts.of(model_config)
         self.trained_len = self.facts.trained_len
@@ -78,9 +93,6 @@ class NativeEngine:
             log.warning(warning)
         self.eos_token_ids = eos_ids(model, tokenizer)
         check_servable(model_config, self.max_model_len)
-        self.metrics = metrics
-        self.observe = SequenceMetrics(metrics)
-
         self.positions = Positions(model, self.position, self.device)
         # the start-up passes run on a probe pool; the real one is sized from what they took (memory_profile.py)
         cache, probe_tokens = cache_format(config.kv_cache_dtype), config.max_num_batched_tokens or DEFAULT_STEP_TOKENS
@@ -100,19 +112,6 @@ class NativeEngine:
                                    config.prefill_chunk, self.max_model_len)
         self.generator = torch.Generator()  # on the host: it gives each unseeded sampled row one uniform number
         self.generator.seed()
-
-        self._lock = threading.RLock()  # _end takes it, also inside _fail_requests, which holds it
-        self._wakeup = threading.Event()
-        self._aborts: set[str] = set()
-        self._fail_all_pending: tuple[str, int] | None = None  # fail_all's message and status, for the thread
-        self._requests: dict[str, list[Sequence]] = {}
-        self._stopped = False
-        self._dead_reason: str | None = None
-        self._heartbeat = time.monotonic()  # the loop's last sign of progress: a finished step, or an idle look
-        self.on_dead: Callable[[str], None] | None = None  # the server's hook: exit so a supervisor restarts us
-        self._threads = StepThreads(self.device)
-        self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
-        self._thread.start()
 
     # ---- the asyncio side -------------------------------------------------
 
@@ -228,7 +227,6 @@ class NativeEngine:
                         give_back_freed_memory()
                         worked_since_trim = False
                     continue
-                self._threads.set_for(step.num_tokens)
                 self._step(step)
                 self._heartbeat = time.monotonic()
                 worked_since_trim = True
