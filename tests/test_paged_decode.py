@@ -2,9 +2,10 @@
 
 The kernel reads a plane's blocks in place through the block table, widening each code as it goes. The
 reference reads the same plane the plain way: torch's own widening of every code times its scale, the slots
-looked up one by one, a softmax over the span in float64. Shapes cover GQA groups of 1, 3 and 4, the head
-sizes the kernel specializes (64, 128) and two it does not (48, 80), spans that start mid-block, cross the
-kernel's splits (SPLIT_KEYS) and hold one key or none."""
+looked up one by one, a softmax over the span in float64. Shapes cover GQA groups of 1, 3, 4 and 7, the head
+sizes the kernel specializes (64, 128), 96 (in bfloat16 its vector path takes any multiple of 32) and two
+that take its plain loops (48, 80), spans that start mid-block, cross the kernel's splits (SPLIT_KEYS) and
+hold one key or none."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def reference(q, keys, values, table, items, scale):
 
 @pytest.mark.parametrize("cache_dtype", ["auto", "int8", "fp8", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (2, 2, 48), (4, 1, 80)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (14, 2, 96), (2, 2, 48), (4, 1, 80)])
 def test_the_kernel_matches_a_float64_reference(cache_dtype, dtype, heads, kv_heads, dim):
     pool = filled_pool(cache_dtype, dtype, kv_heads, dim, seed=dim + heads)
     table = torch.randperm(BLOCKS, generator=torch.Generator().manual_seed(1)).to(torch.int32)[:196].view(2, 98)

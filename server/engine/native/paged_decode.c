@@ -13,12 +13,18 @@
  * item is one decode row of a call: its block-table row and the keys [k0, k1)
  * its band sees. The work is (item, KV head, split of the keys), run on
  * torch's own OpenMP threads, each split with an online softmax in float32;
- * splits are merged by their log-sum-exp, which is also returned.
+ * splits are merged by their log-sum-exp, which is also returned. Bfloat16
+ * planes on a CPU with AVX512-BF16 take paged_decode_bf16.h's split; every
+ * next block is prefetched while one is worked on (blocks lie anywhere in
+ * the pool: 602 against 661 us for 32 rows x 320 scattered keys).
  */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 16
 #define LANES 16
@@ -128,6 +134,35 @@ static inline __attribute__((always_inline)) float dot(const float *a, const flo
     return total;
 }
 
+#ifdef __AVX512F__
+/* The lane sums of 16 vectors as one vector, sum[t] = the sum of v[t]'s lanes: a four-level butterfly of 30
+ * shuffles and adds, where a horizontal sum per vector would take 16 chains of them. */
+static inline __m512 lane_sums16(const __m512 v[16]) {
+    __m512 pairs[8], quads[4], halves[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: v[2i]'s two partial sums at 0 and 2, v[2i+1]'s at 1 and 3 */
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int j = 0; j < 4; j++)  /* per 128-bit lane: element e, that lane's share of v[4j + e] */
+        quads[j] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int h = 0; h < 2; h++)  /* 128-bit lanes summed in pairs: [q0 + q1 of lanes 0|1, 2|3; then the next] */
+        halves[h] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * h], quads[2 * h + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2 * h], quads[2 * h + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* scores[t] = q . keys[t] for a whole block of 16 widened keys [16][dim], dim a multiple of 16. */
+static inline void block_scores(const float *q, const float *keys, int dim, float *scores) {
+    __m512 sums[BLOCK];
+    for (int t = 0; t < BLOCK; t++) sums[t] = _mm512_setzero_ps();
+    for (int d = 0; d < dim; d += LANES) {
+        const __m512 part = _mm512_loadu_ps(q + d);
+        for (int t = 0; t < BLOCK; t++) sums[t] = _mm512_fmadd_ps(part, _mm512_loadu_ps(keys + t * dim + d), sums[t]);
+    }
+    _mm512_storeu_ps(scores, lane_sums16(sums));
+}
+#endif
+
 typedef struct {
     const void *keys, *key_scales, *values, *value_scales;
     int kind, scale_kind;
@@ -137,6 +172,21 @@ typedef struct {
     int64_t table_width;
     float scale;
 } Cache;
+
+static const int ELEMENT_BYTES[] = {4, 2, 2, 1, 1, 1};  /* by kind */
+
+/* Ask the memory for one block's keys and values (and their scales) starting at `slot`, a cache line at a time. */
+static inline void prefetch_block(const Cache *c, int64_t slot, int dim) {
+    const int64_t bytes = (int64_t)BLOCK * dim * ELEMENT_BYTES[c->kind], at = slot * dim * ELEMENT_BYTES[c->kind];
+    for (int64_t line = 0; line < bytes; line += 64) {
+        __builtin_prefetch((const char *)c->keys + at + line);
+        __builtin_prefetch((const char *)c->values + at + line);
+    }
+    if (c->key_scales) {
+        __builtin_prefetch((const uint16_t *)c->key_scales + slot);
+        __builtin_prefetch((const uint16_t *)c->value_scales + slot);
+    }
+}
 
 /* One split: queries q [group, dim] over keys [a, b) of table row `row`, head `head`. Leaves the unnormalized
  * output in acc [group, dim], the running max in top [group] and the sum of weights in total [group]. */
@@ -155,11 +205,21 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
     for (int at = a; at < b;) {
         const int offset = at % BLOCK, run = (b - at < BLOCK - offset) ? b - at : BLOCK - offset;
         const int64_t slot = head_base + (int64_t)c->table[row * c->table_width + at / BLOCK] * BLOCK + offset;
+        if (at + run < b)  /* the next block lies anywhere in the pool: ask for it while this one is worked on */
+            prefetch_block(c, head_base + (int64_t)c->table[row * c->table_width + (at + run) / BLOCK] * BLOCK, dim);
         float key_scales[BLOCK], weights[BLOCK];
         for (int t = 0; t < run; t++) {
             widen(c->keys, c->kind, (slot + t) * dim, dim, widened[t]);
             key_scales[t] = scale_value(c->key_scales, c->scale_kind, slot + t) * c->scale;
         }
+#ifdef __AVX512F__
+        if (run == BLOCK && dim % LANES == 0) {
+            for (int g = 0; g < group; g++) {
+                block_scores(q + g * dim, widened[0], dim, scores[g]);
+                for (int t = 0; t < BLOCK; t++) scores[g][t] *= key_scales[t];
+            }
+        } else
+#endif
         for (int g = 0; g < group; g++)
             for (int t = 0; t < run; t++) scores[g][t] = dot(q + g * dim, widened[t], dim) * key_scales[t];
         for (int g = 0; g < group; g++) {
@@ -194,8 +254,16 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
     }
 }
 
+#include "paged_decode_bf16.h"
+
 static void run_split(const Cache *c, const float *q, int row, int head, int a, int b, float *acc, float *top,
                       float *total, float *work) {
+#ifdef BF16_SPLITS
+    if (c->kind == KIND_BF16 && c->dim == 64) return attend_split_bf16(c, q, row, head, a, b, 64, acc, top, total);
+    if (c->kind == KIND_BF16 && c->dim == 128) return attend_split_bf16(c, q, row, head, a, b, 128, acc, top, total);
+    if (c->kind == KIND_BF16 && c->dim % 32 == 0)
+        return attend_split_bf16(c, q, row, head, a, b, c->dim, acc, top, total);
+#endif
     /* the usual head sizes as constants, so the loops over d unroll and vectorize fully */
     if (c->dim == 64) attend_split(c, q, row, head, a, b, 64, acc, top, total, work);
     else if (c->dim == 128) attend_split(c, q, row, head, a, b, 128, acc, top, total, work);

@@ -29,6 +29,7 @@ from longserve.server.engine.native.loading import cpu_flags
 log = logging.getLogger("longserve.engine")
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
+HEADERS = [Path(__file__).with_name("paged_decode_bf16.h")]  # included by SOURCE: part of what a build is named by
 # the reassociation vectorizes the dot products; no -ffast-math, whose finite-only maths would break -inf
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
          "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
@@ -47,7 +48,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found: decode attention gathers keys first (install gcc for the paged kernel)")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in [SOURCE, *HEADERS])
     built_for = " ".join([compiler, *FLAGS, *sorted(cpu_flags())])  # -march=native: a build per CPU
     digest = hashlib.sha256(source + built_for.encode()).hexdigest()[:16]
     folder = Path(os.environ.get("LONGSERVE_KERNEL_CACHE", Path.home() / ".cache" / "longserve" / "kernels"))
