@@ -35,7 +35,7 @@ def test_the_wheel_holds_one_top_level_package_with_every_module(wheel):
     assert expected - set(names) == set()  # every module of the three folders, under longserve/
     assert "longserve/clients/data/haystack.txt" in names and "longserve/__main__.py" in names
     assert "longserve/server/engine/native/paged_decode.c" in names  # built where it is installed
-    assert "longserve/server/engine/native/paged_decode_bf16.h" in names  # and what it includes
+    assert "longserve/server/engine/native/paged_decode_avx512.h" in names  # and what it includes
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "longserve = longserve.server.cli:main" in entry_points
     assert "longserve.patches.vllm_plugin:register" in entry_points

@@ -14,9 +14,11 @@
  * its band sees. The work is (item, KV head, split of the keys), run on
  * torch's own OpenMP threads, each split with an online softmax in float32;
  * splits are merged by their log-sum-exp, which is also returned. Bfloat16
- * planes on a CPU with AVX512-BF16 take paged_decode_bf16.h's split; every
- * next block is prefetched while one is worked on (blocks lie anywhere in
- * the pool: 602 against 661 us for 32 rows x 320 scattered keys).
+ * planes (on a CPU with AVX512-BF16) and int8 planes (with AVX-512) take
+ * paged_decode_avx512.h's split, held in registers; the others, and other
+ * CPUs, the plain loops below. Every next block is prefetched while one is
+ * worked on (blocks lie anywhere in the pool: 602 against 661 us for 32 rows
+ * x 320 scattered keys).
  */
 #include <math.h>
 #include <omp.h>
@@ -254,15 +256,20 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
     }
 }
 
-#include "paged_decode_bf16.h"
+#include "paged_decode_avx512.h"
 
 static void run_split(const Cache *c, const float *q, int row, int head, int a, int b, float *acc, float *top,
                       float *total, float *work) {
-#ifdef BF16_SPLITS
-    if (c->kind == KIND_BF16 && c->dim == 64) return attend_split_bf16(c, q, row, head, a, b, 64, acc, top, total);
-    if (c->kind == KIND_BF16 && c->dim == 128) return attend_split_bf16(c, q, row, head, a, b, 128, acc, top, total);
-    if (c->kind == KIND_BF16 && c->dim % 32 == 0)
-        return attend_split_bf16(c, q, row, head, a, b, c->dim, acc, top, total);
+#ifdef WIDE_SPLITS
+    if (wide_kind(c->kind) && c->dim % 32 == 0) {  /* each (kind, usual head size) compiled apart */
+        const int bf16 = c->kind == KIND_BF16;
+        if (bf16 && c->dim == 64) return attend_split_wide(c, KIND_BF16, q, row, head, a, b, 64, acc, top, total);
+        if (bf16 && c->dim == 128) return attend_split_wide(c, KIND_BF16, q, row, head, a, b, 128, acc, top, total);
+        if (bf16) return attend_split_wide(c, KIND_BF16, q, row, head, a, b, c->dim, acc, top, total);
+        if (c->dim == 64) return attend_split_wide(c, KIND_I8, q, row, head, a, b, 64, acc, top, total);
+        if (c->dim == 128) return attend_split_wide(c, KIND_I8, q, row, head, a, b, 128, acc, top, total);
+        return attend_split_wide(c, KIND_I8, q, row, head, a, b, c->dim, acc, top, total);
+    }
 #endif
     /* the usual head sizes as constants, so the loops over d unroll and vectorize fully */
     if (c->dim == 64) attend_split(c, q, row, head, a, b, 64, acc, top, total, work);

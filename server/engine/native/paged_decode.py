@@ -29,7 +29,7 @@ from longserve.server.engine.native.loading import cpu_flags
 log = logging.getLogger("longserve.engine")
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
-HEADERS = [Path(__file__).with_name("paged_decode_bf16.h")]  # included by SOURCE: part of what a build is named by
+HEADERS = [Path(__file__).with_name("paged_decode_avx512.h")]  # included by SOURCE: part of what a build is named by
 # the reassociation vectorizes the dot products; no -ffast-math, whose finite-only maths would break -inf
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
          "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]

@@ -1,0 +1,146 @@
+/* One split over bfloat16 or int8 planes in AVX-512 registers (included by paged_decode.c, whose helpers it
+ * uses).
+ *
+ * The same online softmax as attend_split, with fewer instructions per key. Scores: bfloat16 keys by the
+ * CPU's bfloat16 dot product (vdpbf16ps, with AVX512-BF16: the query was bfloat16, so its pairs are exact;
+ * products exact, sums in float32), int8 codes widened in registers and multiplied in float32; no key is
+ * widened into memory, and a block's 16 scores are summed across lanes in one butterfly (lane_sums16).
+ * Values: widened in registers 32 at a time and shared by up to four of the group's queries. A bfloat16
+ * vector splits into its even and odd elements (a shift and a mask), so the running output keeps that order
+ * and is put back in order at the end of the split. A token's scale multiplies its score and its value's
+ * weight, once each.
+ */
+#ifdef __AVX512F__
+#define WIDE_SPLITS 1
+
+/* 32 values of a vector from element `at`, as float32: bfloat16 as [even elements][odd elements], int8 in order */
+static inline __attribute__((always_inline)) void wide32(const void *plane, int kind, int64_t at, __m512 *first,
+                                                         __m512 *second) {
+    if (kind == KIND_BF16) {
+        const __m512i bits = _mm512_loadu_si512((const uint16_t *)plane + at);
+        *first = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+        *second = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32((int)0xffff0000u)));
+    } else {
+        const int8_t *codes = (const int8_t *)plane + at;
+        *first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
+        *second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
+    }
+}
+
+/* q . key for one stored key at element `at`, as 16 partial sums; `query` holds the query's pairs (bf16) or
+ * its float32 vectors (int8) */
+static inline __attribute__((always_inline)) __m512 key_dot(const Cache *c, int kind, const __m512 *query,
+                                                            int64_t at, int dim) {
+    __m512 sum = _mm512_setzero_ps();
+#ifdef __AVX512BF16__
+    if (kind == KIND_BF16) {
+        for (int p = 0; p < dim / 32; p++)
+            sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512((const uint16_t *)c->keys + at + 32 * p),
+                                   (__m512bh)query[p]);
+        return sum;
+    }
+#endif
+    for (int p = 0; p < dim / 32; p++) {
+        __m512 first, second;
+        wide32(c->keys, kind, at + 32 * p, &first, &second);
+        sum = _mm512_fmadd_ps(first, query[2 * p], _mm512_fmadd_ps(second, query[2 * p + 1], sum));
+    }
+    return sum;
+}
+
+static inline __attribute__((always_inline)) void attend_split_wide(const Cache *c, int kind, const float *q,
+                                                                    int row, int head, int a, int b, int dim,
+                                                                    float *acc, float *top, float *total) {
+    const int group = c->group, per_query = dim / 16;
+    __m512 queries[group * per_query];  /* per query: dim/32 bf16 pairs, or dim/16 float32 vectors for int8 */
+    float weights[group][BLOCK];
+    for (int i = 0; i < group * per_query; i++) {
+        if (kind != KIND_BF16) queries[i] = _mm512_loadu_ps(q + 16 * i);
+#ifdef __AVX512BF16__
+        else if (i < group * per_query / 2)
+            queries[i] = (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 32 * i + 16), _mm512_loadu_ps(q + 32 * i));
+#endif
+    }
+    const int query_stride = kind == KIND_BF16 ? per_query / 2 : per_query;
+    for (int g = 0; g < group; g++) {
+        top[g] = -INFINITY;
+        total[g] = 0.0f;
+        for (int d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
+    }
+    const int64_t head_base = (int64_t)head * c->slots;
+    for (int at = a; at < b;) {
+        const int offset = at % BLOCK, run = (b - at < BLOCK - offset) ? b - at : BLOCK - offset;
+        const int64_t slot = head_base + (int64_t)c->table[row * c->table_width + at / BLOCK] * BLOCK + offset;
+        if (at + run < b)
+            prefetch_block(c, head_base + (int64_t)c->table[row * c->table_width + (at + run) / BLOCK] * BLOCK, dim);
+        const __mmask16 live = (__mmask16)((1u << run) - 1u);  /* the lanes of this run's keys */
+        float key_scales[BLOCK], value_scales[BLOCK];
+        for (int t = 0; t < BLOCK; t++) {
+            key_scales[t] = t < run ? scale_value(c->key_scales, c->scale_kind, slot + t) * c->scale : 0.0f;
+            value_scales[t] = t < run ? scale_value(c->value_scales, c->scale_kind, slot + t) : 0.0f;
+        }
+        for (int g = 0; g < group; g++) {
+            __m512 sums[BLOCK];
+            for (int t = 0; t < BLOCK; t++)
+                sums[t] = t < run ? key_dot(c, kind, queries + g * query_stride, (slot + t) * dim, dim) : _mm512_setzero_ps();
+            const __m512 scores = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY),
+                                                       _mm512_mul_ps(lane_sums16(sums), _mm512_loadu_ps(key_scales)));
+            const float best = fmaxf(top[g], _mm512_reduce_max_ps(scores));
+            const float shrink = expf(top[g] - best);  /* exp(-inf) = 0 on the first run */
+            _mm512_storeu_ps(weights[g], _mm512_sub_ps(scores, _mm512_set1_ps(best)));
+            float sum = 0.0f;
+            for (int t = 0; t < BLOCK; t++) {
+                weights[g][t] = t < run ? exp_nonpositive(weights[g][t]) : 0.0f;
+                sum += weights[g][t];
+                weights[g][t] *= value_scales[t];  /* from here on, the value's weight */
+            }
+            total[g] = total[g] * shrink + sum;
+            top[g] = best;
+            if (shrink != 1.0f)
+                for (int d = 0; d < dim; d++) acc[g * dim + d] *= shrink;
+        }
+        for (int d = 0; d < dim; d += 32)
+            for (int g0 = 0; g0 < group; g0 += 4) {
+                const int count = group - g0 < 4 ? group - g0 : 4;
+                __m512 first[4], second[4];
+                for (int j = 0; j < 4; j++) {
+                    first[j] = j < count ? _mm512_loadu_ps(acc + (g0 + j) * dim + d) : _mm512_setzero_ps();
+                    second[j] = j < count ? _mm512_loadu_ps(acc + (g0 + j) * dim + d + 16) : _mm512_setzero_ps();
+                }
+                for (int t = 0; t < run; t++) {
+                    __m512 low, high;
+                    wide32(c->values, kind, (slot + t) * dim + d, &low, &high);
+                    for (int j = 0; j < 4; j++)
+                        if (j < count) {
+                            const __m512 weight = _mm512_set1_ps(weights[g0 + j][t]);
+                            first[j] = _mm512_fmadd_ps(weight, low, first[j]);
+                            second[j] = _mm512_fmadd_ps(weight, high, second[j]);
+                        }
+                }
+                for (int j = 0; j < count; j++) {
+                    _mm512_storeu_ps(acc + (g0 + j) * dim + d, first[j]);
+                    _mm512_storeu_ps(acc + (g0 + j) * dim + d + 16, second[j]);
+                }
+            }
+        at += run;
+    }
+    if (kind == KIND_BF16)
+        for (int g = 0; g < group; g++)  /* each 32 values as 16 even, then 16 odd: back in order */
+            for (int d = 0; d < dim; d += 32) {
+                float ordered[32];
+                for (int i = 0; i < 16; i++) {
+                    ordered[2 * i] = acc[g * dim + d + i];
+                    ordered[2 * i + 1] = acc[g * dim + d + 16 + i];
+                }
+                for (int i = 0; i < 32; i++) acc[g * dim + d + i] = ordered[i];
+            }
+}
+
+/* Whether attend_split_wide serves this plane here: int8 with AVX-512, bfloat16 with AVX512-BF16 too. */
+static inline int wide_kind(int kind) {
+#ifdef __AVX512BF16__
+    if (kind == KIND_BF16) return 1;
+#endif
+    return kind == KIND_I8;
+}
+#endif
