@@ -13,6 +13,18 @@
 #ifdef __AVX512F__
 #define WIDE_SPLITS 1
 
+/* exp_nonpositive for 16 lanes: the same clamp and polynomial, 2^n applied by vscalefps */
+static inline __m512 exp_nonpositive16(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));
+    static const float taylor[] = {1.9841270e-4f, 1.3888889e-3f, 8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f,
+                                   1.0f, 1.0f};
+    __m512 p = _mm512_set1_ps(taylor[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(taylor[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* 32 values of a vector from element `at`, as float32: bfloat16 as [even elements][odd elements], int8 in order */
 static inline __attribute__((always_inline)) void wide32(const void *plane, int kind, int64_t at, __m512 *first,
                                                          __m512 *second) {
@@ -74,26 +86,27 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
         if (at + run < b)
             prefetch_block(c, head_base + (int64_t)c->table[row * c->table_width + (at + run) / BLOCK] * BLOCK, dim);
         const __mmask16 live = (__mmask16)((1u << run) - 1u);  /* the lanes of this run's keys */
-        float key_scales[BLOCK], value_scales[BLOCK];
-        for (int t = 0; t < BLOCK; t++) {
-            key_scales[t] = t < run ? scale_value(c->key_scales, c->scale_kind, slot + t) * c->scale : 0.0f;
-            value_scales[t] = t < run ? scale_value(c->value_scales, c->scale_kind, slot + t) : 0.0f;
+        __m512 key_scales = _mm512_set1_ps(c->scale), value_scales = _mm512_set1_ps(1.0f);
+        if (c->key_scales) {  /* an 8-bit plane: each token's own scales */
+            float keys_of[BLOCK] = {0.0f}, values_of[BLOCK] = {0.0f};
+            for (int t = 0; t < run; t++) {
+                keys_of[t] = scale_value(c->key_scales, c->scale_kind, slot + t) * c->scale;
+                values_of[t] = scale_value(c->value_scales, c->scale_kind, slot + t);
+            }
+            key_scales = _mm512_loadu_ps(keys_of);
+            value_scales = _mm512_loadu_ps(values_of);
         }
         for (int g = 0; g < group; g++) {
             __m512 sums[BLOCK];
             for (int t = 0; t < BLOCK; t++)
                 sums[t] = t < run ? key_dot(c, kind, queries + g * query_stride, (slot + t) * dim, dim) : _mm512_setzero_ps();
             const __m512 scores = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY),
-                                                       _mm512_mul_ps(lane_sums16(sums), _mm512_loadu_ps(key_scales)));
+                                                       _mm512_mul_ps(lane_sums16(sums), key_scales));
             const float best = fmaxf(top[g], _mm512_reduce_max_ps(scores));
             const float shrink = expf(top[g] - best);  /* exp(-inf) = 0 on the first run */
-            _mm512_storeu_ps(weights[g], _mm512_sub_ps(scores, _mm512_set1_ps(best)));
-            float sum = 0.0f;
-            for (int t = 0; t < BLOCK; t++) {
-                weights[g][t] = t < run ? exp_nonpositive(weights[g][t]) : 0.0f;
-                sum += weights[g][t];
-                weights[g][t] *= value_scales[t];  /* from here on, the value's weight */
-            }
+            const __m512 exps = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(scores, _mm512_set1_ps(best))));
+            const float sum = _mm512_reduce_add_ps(exps);
+            _mm512_storeu_ps(weights[g], _mm512_mul_ps(exps, value_scales));  /* each value's weight */
             total[g] = total[g] * shrink + sum;
             top[g] = best;
             if (shrink != 1.0f)
