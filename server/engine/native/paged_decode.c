@@ -263,12 +263,13 @@ static void run_split(const Cache *c, const float *q, int row, int head, int a, 
 #ifdef WIDE_SPLITS
     if (wide_kind(c->kind) && c->dim % 32 == 0) {  /* each (kind, usual head size) compiled apart */
         const int bf16 = c->kind == KIND_BF16;
-        if (bf16 && c->dim == 64) return attend_split_wide(c, KIND_BF16, q, row, head, a, b, 64, acc, top, total);
-        if (bf16 && c->dim == 128) return attend_split_wide(c, KIND_BF16, q, row, head, a, b, 128, acc, top, total);
-        if (bf16) return attend_split_wide(c, KIND_BF16, q, row, head, a, b, c->dim, acc, top, total);
-        if (c->dim == 64) return attend_split_wide(c, KIND_I8, q, row, head, a, b, 64, acc, top, total);
-        if (c->dim == 128) return attend_split_wide(c, KIND_I8, q, row, head, a, b, 128, acc, top, total);
-        return attend_split_wide(c, KIND_I8, q, row, head, a, b, c->dim, acc, top, total);
+        if (bf16 && c->dim == 64) attend_split_wide(c, KIND_BF16, q, row, head, a, b, 64, acc, top, total);
+        else if (bf16 && c->dim == 128) attend_split_wide(c, KIND_BF16, q, row, head, a, b, 128, acc, top, total);
+        else if (bf16) attend_split_wide(c, KIND_BF16, q, row, head, a, b, c->dim, acc, top, total);
+        else if (c->dim == 64) attend_split_wide(c, KIND_I8, q, row, head, a, b, 64, acc, top, total);
+        else if (c->dim == 128) attend_split_wide(c, KIND_I8, q, row, head, a, b, 128, acc, top, total);
+        else attend_split_wide(c, KIND_I8, q, row, head, a, b, c->dim, acc, top, total);
+        return;
     }
 #endif
     /* the usual head sizes as constants, so the loops over d unroll and vectorize fully */
