@@ -190,6 +190,25 @@ static inline void prefetch_block(const Cache *c, int64_t slot, int dim) {
     }
 }
 
+/* A split's running state before its first key: no maximum yet, no weight, no output. */
+static inline void start_split(int group, int dim, float *acc, float *top, float *total) {
+    for (int g = 0; g < group; g++) {
+        top[g] = -INFINITY;
+        total[g] = 0.0f;
+        for (int d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
+    }
+}
+
+/* The keys of [at, b) that at's block holds: their count in *run, and the slot of the first. The next block
+ * lies anywhere in the pool: it is asked for while this one is worked on. */
+static inline int64_t block_run(const Cache *c, int row, int64_t head_base, int at, int b, int dim, int *run) {
+    const int offset = at % BLOCK;
+    *run = (b - at < BLOCK - offset) ? b - at : BLOCK - offset;
+    if (at + *run < b)
+        prefetch_block(c, head_base + (int64_t)c->table[row * c->table_width + (at + *run) / BLOCK] * BLOCK, dim);
+    return head_base + (int64_t)c->table[row * c->table_width + at / BLOCK] * BLOCK + offset;
+}
+
 /* One split: queries q [group, dim] over keys [a, b) of table row `row`, head `head`. Leaves the unnormalized
  * output in acc [group, dim], the running max in top [group] and the sum of weights in total [group]. */
 static inline __attribute__((always_inline)) void attend_split(const Cache *c, const float *q, int row, int head,
@@ -198,17 +217,10 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
     const int group = c->group;
     float (*widened)[dim] = (float (*)[dim])work;  /* [BLOCK][dim] */
     float (*scores)[BLOCK] = (float (*)[BLOCK])(work + BLOCK * dim);  /* [group][BLOCK] */
-    for (int g = 0; g < group; g++) {
-        top[g] = -INFINITY;
-        total[g] = 0.0f;
-        for (int d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
-    }
+    start_split(group, dim, acc, top, total);
     const int64_t head_base = (int64_t)head * c->slots;
-    for (int at = a; at < b;) {
-        const int offset = at % BLOCK, run = (b - at < BLOCK - offset) ? b - at : BLOCK - offset;
-        const int64_t slot = head_base + (int64_t)c->table[row * c->table_width + at / BLOCK] * BLOCK + offset;
-        if (at + run < b)  /* the next block lies anywhere in the pool: ask for it while this one is worked on */
-            prefetch_block(c, head_base + (int64_t)c->table[row * c->table_width + (at + run) / BLOCK] * BLOCK, dim);
+    for (int at = a, run; at < b; at += run) {
+        const int64_t slot = block_run(c, row, head_base, at, b, dim, &run);
         float key_scales[BLOCK], weights[BLOCK];
         for (int t = 0; t < run; t++) {
             widen(c->keys, c->kind, (slot + t) * dim, dim, widened[t]);
@@ -252,7 +264,6 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
                 out[d] = sum;
             }
         }
-        at += run;
     }
 }
 

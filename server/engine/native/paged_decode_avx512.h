@@ -74,17 +74,10 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
 #endif
     }
     const int query_stride = kind == KIND_BF16 ? per_query / 2 : per_query;
-    for (int g = 0; g < group; g++) {
-        top[g] = -INFINITY;
-        total[g] = 0.0f;
-        for (int d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
-    }
+    start_split(group, dim, acc, top, total);
     const int64_t head_base = (int64_t)head * c->slots;
-    for (int at = a; at < b;) {
-        const int offset = at % BLOCK, run = (b - at < BLOCK - offset) ? b - at : BLOCK - offset;
-        const int64_t slot = head_base + (int64_t)c->table[row * c->table_width + at / BLOCK] * BLOCK + offset;
-        if (at + run < b)
-            prefetch_block(c, head_base + (int64_t)c->table[row * c->table_width + (at + run) / BLOCK] * BLOCK, dim);
+    for (int at = a, run; at < b; at += run) {
+        const int64_t slot = block_run(c, row, head_base, at, b, dim, &run);
         const __mmask16 live = (__mmask16)((1u << run) - 1u);  /* the lanes of this run's keys */
         __m512 key_scales = _mm512_set1_ps(c->scale), value_scales = _mm512_set1_ps(1.0f);
         if (c->key_scales) {  /* an 8-bit plane: each token's own scales */
@@ -135,7 +128,6 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
                     _mm512_storeu_ps(acc + (g0 + j) * dim + d + 16, second[j]);
                 }
             }
-        at += run;
     }
     if (kind == KIND_BF16)
         for (int g = 0; g < group; g++)  /* each 32 values as 16 even, then 16 odd: back in order */
