@@ -60,6 +60,7 @@ static inline __attribute__((always_inline)) __m512 key_dot(const Cache *c, int 
     return sum;
 }
 
+/* attend_split's work and results for a bfloat16 (`kind` KIND_BF16) or int8 (KIND_I8) plane, dim a multiple of 32 */
 static inline __attribute__((always_inline)) void attend_split_wide(const Cache *c, int kind, const float *q,
                                                                     int row, int head, int a, int b, int dim,
                                                                     float *acc, float *top, float *total) {
