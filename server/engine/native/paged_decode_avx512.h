@@ -1,10 +1,11 @@
-/* One split over bfloat16 or int8 planes in AVX-512 registers (included by paged_decode.c, whose helpers it
- * uses).
+/* One split over bfloat16, int8 or float8 planes in AVX-512 registers (included by paged_decode.c, whose
+ * helpers it uses).
  *
- * The same online softmax as attend_split, with fewer instructions per key. Scores: bfloat16 keys by the
- * CPU's bfloat16 dot product (vdpbf16ps, with AVX512-BF16: the query was bfloat16, so its pairs are exact;
- * products exact, sums in float32), int8 codes widened in registers and multiplied in float32; no key is
- * widened into memory, and a block's 16 scores are summed across lanes in one butterfly (lane_sums16).
+ * The same online softmax as attend_split, with fewer instructions per key. Scores: bfloat16 keys read as
+ * they are by the CPU's bfloat16 dot product (vdpbf16ps, with AVX512-BF16: the query was bfloat16, so its
+ * pairs are exact; products exact, sums in float32); 8-bit codes widened in registers (int8 by conversion,
+ * float8 from its bits) once per block for the whole group, multiplied in float32. A block's 16 scores are
+ * summed across lanes in one butterfly (lane_sums16).
  * Values: widened in registers 32 at a time and shared by up to four of the group's queries. A bfloat16
  * vector splits into its even and odd elements (a shift and a mask), so the running output keeps that order
  * and is put back in order at the end of the split. A token's scale multiplies its score and its value's
@@ -25,24 +26,45 @@ static inline __m512 exp_nonpositive16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* 32 values of a vector from element `at`, as float32: bfloat16 as [even elements][odd elements], int8 in order */
+/* fp8_value for 16 codes: the exponent and mantissa moved into float32's fields for a normal code, the
+ * mantissa times `tiny` for a subnormal one, then the sign */
+static inline __m512 fp8_values16(const uint8_t *codes, int mantissa_bits, int bias, float tiny) {
+    const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
+    const __m512i exponent = _mm512_srli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x7f)), mantissa_bits);
+    const __m512i mantissa = _mm512_and_si512(code, _mm512_set1_epi32((1 << mantissa_bits) - 1));
+    const __m512i normal = _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(exponent, _mm512_set1_epi32(127 - bias)), 23),
+                                           _mm512_slli_epi32(mantissa, 23 - mantissa_bits));
+    const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(mantissa), _mm512_set1_ps(tiny));
+    const __m512i magnitude = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(exponent, exponent),
+                                                      _mm512_castps_si512(subnormal), normal);
+    return _mm512_castsi512_ps(_mm512_or_si512(magnitude, _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x80)), 24)));
+}
+
+/* 32 values of a vector from element `at`, as float32: bfloat16 as [even elements][odd elements], 8-bit codes
+ * in order */
 static inline __attribute__((always_inline)) void wide32(const void *plane, int kind, int64_t at, __m512 *first,
                                                          __m512 *second) {
+    const int8_t *codes = (const int8_t *)plane + at;
     if (kind == KIND_BF16) {
         const __m512i bits = _mm512_loadu_si512((const uint16_t *)plane + at);
         *first = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
         *second = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32((int)0xffff0000u)));
-    } else {
-        const int8_t *codes = (const int8_t *)plane + at;
+    } else if (kind == KIND_I8) {
         *first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
         *second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
+    } else if (kind == KIND_E4M3) {
+        *first = fp8_values16((const uint8_t *)codes, 3, 7, 0x1p-9f);
+        *second = fp8_values16((const uint8_t *)codes + 16, 3, 7, 0x1p-9f);
+    } else {
+        *first = fp8_values16((const uint8_t *)codes, 2, 15, 0x1p-16f);
+        *second = fp8_values16((const uint8_t *)codes + 16, 2, 15, 0x1p-16f);
     }
 }
 
-/* q . key for one stored key at element `at`, as 16 partial sums; `query` holds the query's pairs (bf16) or
- * its float32 vectors (int8) */
+/* q . key as 16 partial sums: a bfloat16 key read at element `at` of the plane, against the query's pairs; an
+ * 8-bit key from `widened` (its float32 values, widened once for the group), against the query's vectors */
 static inline __attribute__((always_inline)) __m512 key_dot(const Cache *c, int kind, const __m512 *query,
-                                                            int64_t at, int dim) {
+                                                            int64_t at, const float *widened, int dim) {
     __m512 sum = _mm512_setzero_ps();
 #ifdef __AVX512BF16__
     if (kind == KIND_BF16) {
@@ -52,21 +74,17 @@ static inline __attribute__((always_inline)) __m512 key_dot(const Cache *c, int 
         return sum;
     }
 #endif
-    for (int p = 0; p < dim / 32; p++) {
-        __m512 first, second;
-        wide32(c->keys, kind, at + 32 * p, &first, &second);
-        sum = _mm512_fmadd_ps(first, query[2 * p], _mm512_fmadd_ps(second, query[2 * p + 1], sum));
-    }
+    for (int p = 0; p < dim / 16; p++) sum = _mm512_fmadd_ps(_mm512_loadu_ps(widened + 16 * p), query[p], sum);
     return sum;
 }
 
-/* attend_split's work and results for a bfloat16 (`kind` KIND_BF16) or int8 (KIND_I8) plane, dim a multiple of 32 */
+/* attend_split's work and results for a bfloat16 or 8-bit plane (`kind`), dim a multiple of 32 */
 static inline __attribute__((always_inline)) void attend_split_wide(const Cache *c, int kind, const float *q,
                                                                     int row, int head, int a, int b, int dim,
                                                                     float *acc, float *top, float *total) {
     const int group = c->group, per_query = dim / 16;
     __m512 queries[group * per_query];  /* per query: dim/32 bf16 pairs, or dim/16 float32 vectors for int8 */
-    float weights[group][BLOCK];
+    float weights[group][BLOCK], widened[kind == KIND_BF16 ? 1 : BLOCK * dim];  /* a block's 8-bit keys */
     for (int i = 0; i < group * per_query; i++) {
         if (kind != KIND_BF16) queries[i] = _mm512_loadu_ps(q + 16 * i);
 #ifdef __AVX512BF16__
@@ -90,10 +108,19 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
             key_scales = _mm512_loadu_ps(keys_of);
             value_scales = _mm512_loadu_ps(values_of);
         }
+        if (kind != KIND_BF16)  /* 8-bit keys widened once for every query of the group */
+            for (int t = 0; t < run; t++)
+                for (int d = 0; d < dim; d += 32) {
+                    __m512 first, second;
+                    wide32(c->keys, kind, (slot + t) * dim + d, &first, &second);
+                    _mm512_storeu_ps(widened + t * dim + d, first);
+                    _mm512_storeu_ps(widened + t * dim + d + 16, second);
+                }
         for (int g = 0; g < group; g++) {
             __m512 sums[BLOCK];
             for (int t = 0; t < BLOCK; t++)
-                sums[t] = t < run ? key_dot(c, kind, queries + g * query_stride, (slot + t) * dim, dim) : _mm512_setzero_ps();
+                sums[t] = t < run ? key_dot(c, kind, queries + g * query_stride, (slot + t) * dim, widened + t * dim, dim)
+                                  : _mm512_setzero_ps();
             const __m512 scores = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY),
                                                        _mm512_mul_ps(lane_sums16(sums), key_scales));
             const float best = fmaxf(top[g], _mm512_reduce_max_ps(scores));
@@ -142,11 +169,11 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
             }
 }
 
-/* Whether attend_split_wide serves this plane here: int8 with AVX-512, bfloat16 with AVX512-BF16 too. */
+/* Whether attend_split_wide serves this plane here: 8-bit codes with AVX-512, bfloat16 with AVX512-BF16 too. */
 static inline int wide_kind(int kind) {
 #ifdef __AVX512BF16__
     if (kind == KIND_BF16) return 1;
 #endif
-    return kind == KIND_I8;
+    return kind == KIND_I8 || kind == KIND_E4M3 || kind == KIND_E5M2;
 }
 #endif
