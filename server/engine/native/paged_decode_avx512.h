@@ -19,10 +19,8 @@ static inline __m512 exp_nonpositive16(__m512 x) {
     const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));
-    static const float taylor[] = {1.9841270e-4f, 1.3888889e-3f, 8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f,
-                                   1.0f, 1.0f};
-    __m512 p = _mm512_set1_ps(taylor[0]);
-    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(taylor[i]));
+    __m512 p = _mm512_set1_ps(EXP_TAYLOR[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP_TAYLOR[i]));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -53,11 +51,11 @@ static inline __attribute__((always_inline)) void wide32(const void *plane, int 
         *first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
         *second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
     } else if (kind == KIND_E4M3) {
-        *first = fp8_values16((const uint8_t *)codes, 3, 7, 0x1p-9f);
-        *second = fp8_values16((const uint8_t *)codes + 16, 3, 7, 0x1p-9f);
+        *first = fp8_values16((const uint8_t *)codes, E4M3);
+        *second = fp8_values16((const uint8_t *)codes + 16, E4M3);
     } else {
-        *first = fp8_values16((const uint8_t *)codes, 2, 15, 0x1p-16f);
-        *second = fp8_values16((const uint8_t *)codes + 16, 2, 15, 0x1p-16f);
+        *first = fp8_values16((const uint8_t *)codes, E5M2);
+        *second = fp8_values16((const uint8_t *)codes + 16, E5M2);
     }
 }
 
