@@ -276,11 +276,11 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
 
 #include "paged_decode_avx512.h"
 
-#define WIDE_SPLIT(kind)                                                                                           \
-    do {                                                                                                           \
-        if (c->dim == 64) attend_split_wide(c, kind, q, row, head, a, b, 64, acc, top, total);                   \
-        else if (c->dim == 128) attend_split_wide(c, kind, q, row, head, a, b, 128, acc, top, total);            \
-        else attend_split_wide(c, kind, q, row, head, a, b, c->dim, acc, top, total);                            \
+#define WIDE_SPLIT(kind)                                                                                    \
+    do {                                                                                                    \
+        if (c->dim == 64) attend_split_wide(c, kind, q, row, head, a, b, 64, acc, top, total, work);        \
+        else if (c->dim == 128) attend_split_wide(c, kind, q, row, head, a, b, 128, acc, top, total, work); \
+        else attend_split_wide(c, kind, q, row, head, a, b, c->dim, acc, top, total, work);                 \
     } while (0)
 
 static void run_split(const Cache *c, const float *q, int row, int head, int a, int b, float *acc, float *top,
@@ -322,7 +322,8 @@ int paged_decode(const float *q, const void *keys, const void *key_scales, const
     const int splits = first_split[n], units = splits * kv_heads, per_unit = group * (dim + 2);
     float *partial = malloc(sizeof(float) * (size_t)(units > 0 ? units : 1) * per_unit);
     int *item_of_split = malloc(sizeof(int) * (splits > 0 ? splits : 1));
-    const int per_thread = BLOCK * dim + group * BLOCK;
+    const int plain_work = BLOCK * dim + group * BLOCK, wide_work = (group + 1) * (split + BLOCK);
+    const int per_thread = plain_work > wide_work ? plain_work : wide_work;
     float *work = malloc(sizeof(float) * (size_t)per_thread * threads);
     if (!partial || !item_of_split || !work) {
         free(first_split), free(partial), free(item_of_split), free(work);
