@@ -153,7 +153,7 @@ def check_mixed_steps(device: str, dtype: torch.dtype, tolerance: float, cache_d
 
 def decode_paths():
     """Decode rows gathered, and read in place by the paged kernel where it builds here (paged_decode.py)."""
-    reason = "no C compiler here: the paged decode kernel did not build"
+    reason = "no C compiler here: the C kernels did not build"
     return [pytest.param(False, id="gathered"),
             pytest.param(True, id="paged", marks=pytest.mark.skipif(paged_decode.library() is None, reason=reason))]
 

@@ -107,7 +107,7 @@ def load_in_a_fresh_process(tmp_path, **env) -> subprocess.CompletedProcess:
 def test_a_fresh_cache_builds_the_kernel_for_this_cpu(tmp_path):
     loaded = load_in_a_fresh_process(tmp_path)
     assert loaded.stdout.strip() == "built", loaded.stderr
-    assert len(list((tmp_path / "kernels").glob("paged_decode-*.so"))) == 1
+    assert len(list((tmp_path / "kernels").glob("kernels-*.so"))) == 1
 
 
 def test_without_a_compiler_decode_falls_back_to_the_gather_path_and_says_so(tmp_path):

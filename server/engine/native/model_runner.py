@@ -27,6 +27,7 @@ from transformers.activations import ACT2FN
 from longserve.patches.model_facts import ModelFacts
 from longserve.server.engine.native.attention import StepAttention
 from longserve.server.engine.native.attention_backend import GatherBackend
+from longserve.server.engine.native.elementwise import AddNorm, SiluMul
 from longserve.server.engine.native.kv_cache import KvPool
 from longserve.server.engine.native.linear import Linear, linear_maker
 from longserve.server.engine.native.loading import to_device
@@ -109,7 +110,11 @@ class ModelRunner:
         self.device = pool.device
         self.dtype = model.dtype
         self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
-        self.act = ACT2FN[config.hidden_act]
+        # the residual adds, norms and SiLU as one call each (elementwise.py), where that gives what the modules give
+        self.input_norms = [AddNorm(l.input_layernorm, self.device, self.dtype) for l in self.decoder.layers]
+        self.post_attention_norms = [AddNorm(l.post_attention_layernorm, self.device, self.dtype) for l in self.decoder.layers]
+        self.final_norm = AddNorm(self.decoder.norm, self.device, self.dtype)
+        self.silu_mul = SiluMul(config.hidden_act, ACT2FN[config.hidden_act], self.device, self.dtype)
         self.use_pool(pool)
         # Fewer, larger matmuls: q/k/v as one projection, gate/up as another (Phi-3 ships them so: the same order).
         make = linear_maker(self.device, self.dtype)
@@ -182,20 +187,19 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, attention: StepAttention) -> torch.Tensor:
         """The decoder stack over the step's flat ids [tokens]; `attention(layer, q, k, v)` places and attends."""
         tokens = ids.shape[0]
-        hidden = self.decoder.embed_tokens(ids)
+        hidden, mlp_out = self.decoder.embed_tokens(ids), None  # the MLP's output joins the residual in the next norm
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        for index, layer in enumerate(self.decoder.layers):
-            x = layer.input_layernorm(hidden)
+        for index in range(len(self.decoder.layers)):
+            hidden, x = self.input_norms[index](hidden, mlp_out)
             q, k, v = self.qkv[index](x).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(tokens, self.num_heads, self.head_dim)
             k = k.view(tokens, self.num_kv_heads, self.head_dim)
             if self.qk_norms[index] is not None:
                 q, k = self.qk_norms[index][0](q), self.qk_norms[index][1](k)
             out = attention(index, q, k, v.view(tokens, self.num_kv_heads, self.head_dim))
-            hidden = hidden + self.o[index](out.reshape(tokens, q_size))
-            gate, up = self.gate_up[index](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-            hidden = hidden + self.down[index](self.act(gate) * up)
-        return self.decoder.norm(hidden)
+            hidden, x = self.post_attention_norms[index](hidden, self.o[index](out.reshape(tokens, q_size)))
+            mlp_out = self.down[index](self.silu_mul(self.gate_up[index](x)))
+        return self.final_norm(hidden, mlp_out)[1]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden).float()

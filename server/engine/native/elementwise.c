@@ -1,0 +1,104 @@
+/* A decoder layer's element-wise work in one pass each (elementwise.py calls these; c_kernels.py builds them).
+ *
+ * Written by hand because torch runs each as a chain of small ops: the residual add and the RMSNorm took 11
+ * ops and 19.5 us for one row of the bundled model (2.9 us here), SiLU times up 3 ops. What a decode step
+ * spends is those ops' fixed costs, not their arithmetic. Each function rounds where transformers' modules
+ * round, so a bfloat16 result is the one torch gives, bit for bit: the residual sum to the model's dtype, the
+ * normalized row to the model's dtype before the weight multiplies it, SiLU to the model's dtype before up
+ * multiplies it. Rows are spread over torch's OpenMP threads once there are enough of them.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+
+enum { ELEMENT_F32 = 0, ELEMENT_BF16 = 1 };  /* as paged_decode.c's KIND_F32, KIND_BF16 */
+
+#define PARALLEL_ROWS 16  /* fewer rows run on the calling thread: a parallel region costs more than they do */
+
+static inline float from_bf16(uint16_t bits) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)bits << 16;
+    return x.f;
+}
+
+/* Round to nearest even, as torch's bfloat16 does; a NaN stays a (quiet) NaN. */
+static inline uint16_t to_bf16(float value) {
+    union { uint32_t u; float f; } x;
+    x.f = value;
+    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40u);
+    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
+}
+
+/* What torch stores for a float32 result in `kind`, read back as float32. */
+static inline float stored(float value, int kind) {
+    return kind == ELEMENT_BF16 ? from_bf16(to_bf16(value)) : value;
+}
+
+static inline float load(const void *data, int kind, int64_t at) {
+    return kind == ELEMENT_BF16 ? from_bf16(((const uint16_t *)data)[at]) : ((const float *)data)[at];
+}
+
+static inline void store(void *data, int kind, int64_t at, float value) {
+    if (kind == ELEMENT_BF16) ((uint16_t *)data)[at] = to_bf16(value);
+    else ((float *)data)[at] = value;
+}
+
+/* exp(x) for x <= 0 in float32, vectorizable (libm's expf is not): x = n ln2 + f with |f| <= ln2 / 2 (ln2 in
+ * two parts, the first exact in a few bits, so f keeps its bits for any n), 2^n from the exponent bits, e^f by its Taylor series to degree 7
+ * (relative error about 1e-8, under float32's own). Under -87 it gives about 2^-126, not 0. */
+static inline float exp_nonpositive(float x) {
+    const float clamped = x < -87.0f ? -87.0f : x;
+    const float n = rintf(clamped * 1.44269504f);
+    const float f = fmaf(n, 2.12194440e-4f, fmaf(n, -0.693359375f, clamped));  /* ln2 = 0.693359375 - 2.12194440e-4 */
+    const float p = ((((((1.9841270e-4f * f + 1.3888889e-3f) * f + 8.3333338e-3f) * f + 4.1666668e-2f) * f +
+                       1.6666667e-1f) * f + 0.5f) * f + 1.0f) * f + 1.0f;
+    union { uint32_t u; float f; } scale;
+    scale.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+/* hidden [rows, dim] += delta (where given), rounded to the model's dtype; then out = weight * (hidden /
+ * sqrt(mean(hidden^2) + eps)), the quotient rounded to the model's dtype first (transformers' RMSNorm).
+ * hidden, delta, weight and out all hold `kind`. */
+void add_rms_norm(void *hidden, const void *delta, const void *weight, void *out, int kind, int rows, int dim,
+                  float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows >= PARALLEL_ROWS)
+    for (int r = 0; r < rows; r++) {
+        const int64_t base = (int64_t)r * dim;
+        float squares = 0.0f;
+        if (delta) {
+#pragma omp simd reduction(+ : squares)
+            for (int i = 0; i < dim; i++) {
+                const float sum = stored(load(hidden, kind, base + i) + load(delta, kind, base + i), kind);
+                store(hidden, kind, base + i, sum);
+                squares += sum * sum;
+            }
+        } else {
+#pragma omp simd reduction(+ : squares)
+            for (int i = 0; i < dim; i++) {
+                const float value = load(hidden, kind, base + i);
+                squares += value * value;
+            }
+        }
+        const float inverse = 1.0f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+        for (int i = 0; i < dim; i++)
+            store(out, kind, base + i, load(weight, kind, i) * stored(load(hidden, kind, base + i) * inverse, kind));
+    }
+}
+
+/* out [rows, dim] = silu(gate) * up, where gate_up [rows, 2 * dim] holds gate then up per row; SiLU rounded
+ * to the model's dtype before the product, as torch computes `act(gate) * up`. */
+void silu_mul(const void *gate_up, void *out, int kind, int rows, int dim, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows >= PARALLEL_ROWS)
+    for (int r = 0; r < rows; r++) {
+        const int64_t in = (int64_t)r * 2 * dim, at = (int64_t)r * dim;
+#pragma omp simd
+        for (int i = 0; i < dim; i++) {
+            const float x = load(gate_up, kind, in + i);
+            const float e = exp_nonpositive(-fabsf(x));  /* exp(-|x|): x sigmoid(x) without overflow, one division */
+            const float silu = (x >= 0.0f ? x : x * e) / (1.0f + e);
+            store(out, kind, at + i, stored(silu, kind) * load(gate_up, kind, in + dim + i));
+        }
+    }
+}
