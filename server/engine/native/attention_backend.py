@@ -102,6 +102,7 @@ class PagedRows:
     items: torch.Tensor  # int32 [n, 3]: (step row, k0, k1)
     into: torch.Tensor  # long [n]: where their outputs go among the call's tokens
     table: torch.Tensor  # the step's block table, int32 [rows, width]
+    every_token: bool = False  # they are the whole call, and the call is the step's tokens in order: no copies
 
 
 @dataclass
@@ -156,7 +157,10 @@ class GatherBackend:
                 groups.append(self._one_row(step, band, offset, k0, k1))
         paged = None
         if self.paged and decode:  # all one-query rows in one kernel call; nothing left to group
-            paged, decode = self._paged(step, decode), []
+            paged = self._paged(step, decode)
+            paged.every_token = (tokens is None and not groups and len(decode) == count
+                                 and all(offset == index for index, (_, _, offset, _, _) in enumerate(decode)))
+            decode = []
         decode.sort(key=lambda item: -item[0])
         while decode:
             width, taken, held = decode[0][0], 0, 0  # in blocks: a group gathers whole ones
@@ -237,6 +241,10 @@ class GatherBackend:
         """query [step tokens, heads, d] (turned); planes [kv_heads, slots, d] (kv_cache.Plane). Returns the output [call tokens,
         heads, d] and, when planned so, the log-sum-exp [call tokens, heads] (float32). Gathered keys and values go
         into `scratch`'s buffers where given (one per step, kept by every layer's calls)."""
+        if plan.paged is not None and plan.paged.every_token:  # a decode step: the kernel's answer is the call's
+            part, part_lse = paged_decode.paged_decode(query, key_plane, value_plane, plan.paged.table, plan.paged.items,
+                                                       self.scale)
+            return part.to(query.dtype), part_lse if plan.need_lse else None
         scratch = scratch or Scratch()
         out = query.new_zeros(plan.count, self.num_heads, query.shape[-1])
         lse = torch.full((plan.count, self.num_heads), float("-inf"), device=query.device) if plan.need_lse else None
