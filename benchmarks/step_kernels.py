@@ -21,7 +21,9 @@
 6. A decode call through the attention backend (GatherBackend.attend, one layer's keys and values, 9 query heads
    over 3 KV heads of 64, rows' blocks scattered) at 32 rows x 320 and x 2,048 keys and 1 row x 16,384, from
    each cache format: gathered (and widened) then the flash kernel, against the paged decode kernel in place.
-7. Drawing one token for each of 32 sampled rows over the bundled model's 49,152 tokens (float32, whatever the
+7. A layer's residual add and RMSNorm, and SiLU times up, at 1, 32 and 256 rows: the model's torch modules
+   against one call into elementwise.c each (elementwise.py).
+8. Drawing one token for each of 32 sampled rows over the bundled model's 49,152 tokens (float32, whatever the
    model's dtype): torch.multinomial (the sampler before), the inverse of a float64 cumulative sum over the
    whole vocabulary, and sampler.draw_tokens (the same inverse in two levels, what the sampler does).
 Times are the mean of repeated calls after warm-up, in microseconds (ms for the linear chain).
@@ -235,6 +237,37 @@ def backend_decode(dtype: torch.dtype) -> dict[str, float]:
     return figures
 
 
+def elementwise(dtype: torch.dtype) -> dict[str, float]:
+    """A layer's residual add with the RMSNorm after it, and SiLU times up, at the bundled model's sizes: the
+    model's own torch modules against one C call each (elementwise.py)."""
+    from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from longserve.server.engine.native.elementwise import AddNorm, SiluMul
+
+    hidden_size, intermediate = LINEARS[0][1], LINEARS[3][1]
+    norm = LlamaRMSNorm(hidden_size).to(dtype)
+    add_norm = AddNorm(norm, torch.device("cpu"), dtype)
+    silu_mul = SiluMul("silu", ACT2FN["silu"], torch.device("cpu"), dtype)
+    if not (add_norm.fused and silu_mul.fused):
+        return {"elementwise.c: not built here (no C compiler), skipped": float("nan")}
+    figures = {}
+    for rows in (1, ROWS, 256):
+        hidden, delta = torch.randn(rows, hidden_size, dtype=dtype), torch.randn(rows, hidden_size, dtype=dtype)
+        gate_up = torch.randn(rows, 2 * intermediate, dtype=dtype)
+
+        def torch_silu():
+            gate, up = gate_up.chunk(2, dim=-1)
+            return ACT2FN["silu"](gate) * up
+
+        figures[f"{rows} rows: add + RMSNorm, the module's torch ops"] = mean_us(lambda: norm(hidden + delta), 200)
+        summed = hidden.clone()  # the C call adds into its rows: a copy of its own, growing by delta each call
+        figures[f"{rows} rows: add + RMSNorm, elementwise.c"] = mean_us(lambda: add_norm(summed, delta), 200)
+        figures[f"{rows} rows: SiLU x up, torch ops"] = mean_us(torch_silu, 200)
+        figures[f"{rows} rows: SiLU x up, elementwise.c"] = mean_us(lambda: silu_mul(gate_up), 200)
+    return figures
+
+
 def draws() -> dict[str, float]:
     from longserve.server.engine.native.sampler import draw_tokens
 
@@ -266,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             for title, figures in (("gather", gathers(dtype)), ("decode attention", decode_attention(dtype)),
                                    ("prefill attention", prefill_attention(dtype)), ("paged decode", paged_decode(dtype)),
                                    ("backend decode", backend_decode(dtype)),
-                                   ("linears", linear_chain(dtype))):
+                                   ("linears", linear_chain(dtype)), ("element-wise", elementwise(dtype))):
                 for label, value in figures.items():
                     shown = " / ".join(f"{v:.1f}" for v in value) if isinstance(value, tuple) else f"{value:.0f} us"
                     print(f"{name:<9} {title:<18} {label:<62} {shown}", flush=True)

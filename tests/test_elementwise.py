@@ -1,6 +1,7 @@
 """The decoder layer's element-wise steps in C (server/engine/native/elementwise.py, elementwise.c) against the
-model families' own torch modules: in bfloat16 bit for bit, in float32 to its rounding; a norm of another
-formula, or another activation, stays on the torch path and still gives the module's answer."""
+model families' own torch modules and patches/rope.py's rotate: in bfloat16 bit for bit, in float32 to its
+rounding; a norm of another formula, or another activation, stays on the torch path and still gives the
+module's answer."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
+from longserve.patches import rope
 from longserve.server.engine.native import c_kernels
-from longserve.server.engine.native.elementwise import AddNorm, SiluMul
+from longserve.server.engine.native.elementwise import AddNorm, SiluMul, rotate
 
 pytestmark = pytest.mark.skipif(c_kernels.library() is None, reason="no C compiler here: the kernels did not build")
 
@@ -92,3 +94,21 @@ def test_silu_stays_finite_and_right_far_out_and_another_activation_stays_in_tor
     gelu = SiluMul("gelu", ACT2FN["gelu"], CPU, torch.float32)
     assert not gelu.fused
     assert torch.equal(gelu(gate_up), ACT2FN["gelu"](gate_up[:, :6]) * gate_up[:, 6:])
+
+
+@pytest.mark.parametrize("tokens", ROWS)
+def test_the_rotation_is_ropes_own_in_bfloat16_bit_for_bit_and_to_rounding_in_float32(tokens):
+    heads, kv_heads, dim = 9, 3, 64
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    for dtype in (torch.bfloat16, torch.float32):
+        cos, sin = (table.unsqueeze(1).to(dtype) for table in rope.cos_sin(inv_freq, torch.arange(tokens) * 37 + 5))
+        qkv = randn(tokens, (heads + 2 * kv_heads) * dim, seed=tokens, scale=2, dtype=dtype)
+        q = qkv[:, : heads * dim].view(tokens, heads, dim)  # a view with the projection's row stride, as the engine's
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+        for x in (q, k):
+            if dtype == torch.bfloat16:
+                assert torch.equal(rotate(x, cos, sin), rope.rotate(x, cos, sin))
+            else:
+                torch.testing.assert_close(rotate(x, cos, sin), rope.rotate(x, cos, sin), rtol=1e-6, atol=1e-6)
+    mixed = rotate(q.float(), cos.double(), sin.double())  # tables of another dtype: rope.rotate's own promotion
+    assert mixed.dtype == torch.float64 and torch.equal(mixed, rope.rotate(q.float(), cos.double(), sin.double()))

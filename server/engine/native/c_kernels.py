@@ -43,6 +43,7 @@ SIGNATURES = {
     ],
     "add_rms_norm": [P, P, P, P, INT, INT, INT, FLOAT, INT],  # hidden, delta, weight, out, kind, rows, dim, eps, threads
     "silu_mul": [P, P, INT, INT, INT, INT],  # gate_up, out, kind, rows, dim, threads
+    "rotate": [P, INT64, INT64, P, P, P, INT, INT, INT, INT, INT],  # x, its strides, cos, sin, out, kind, shape, threads
 }
 
 

@@ -102,3 +102,24 @@ void silu_mul(const void *gate_up, void *out, int kind, int rows, int dim, int t
         }
     }
 }
+
+/* out [tokens, heads, dim] = x * cos + rotate_half(x) * sin (rotary positions, rotate-half layout: rotate_half
+ * of [x1, x2] is [-x2, x1]), cos and sin [tokens, dim]: one angle per token, shared by its heads. Each product
+ * and the sum rounded to the model's dtype, as torch's three ops round them. x is read through its strides
+ * (q and k are views of the q/k/v projection's output); its last axis is contiguous. */
+void rotate(const void *x, int64_t token_stride, int64_t head_stride, const void *cos, const void *sin, void *out,
+            int kind, int tokens, int heads, int dim, int threads) {
+    const int half = dim / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens >= PARALLEL_ROWS)
+    for (int t = 0; t < tokens; t++)
+        for (int h = 0; h < heads; h++) {
+            const int64_t from = t * token_stride + h * head_stride, to = ((int64_t)t * heads + h) * dim;
+            const int64_t angle = (int64_t)t * dim;
+#pragma omp simd
+            for (int i = 0; i < dim; i++) {
+                const float turned = i < half ? -load(x, kind, from + i + half) : load(x, kind, from + i - half);
+                store(out, kind, to + i, stored(load(x, kind, from + i) * load(cos, kind, angle + i), kind) +
+                                         stored(turned * load(sin, kind, angle + i), kind));
+            }
+        }
+}

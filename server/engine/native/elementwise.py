@@ -1,10 +1,10 @@
-"""A decoder layer's element-wise steps: the residual add with the RMSNorm after it, and SiLU times up.
+"""A decoder layer's element-wise steps: the residual add with the RMSNorm after it, SiLU times up, the rotation.
 
 Each runs as one call into elementwise.c (c_kernels.py builds it) where that
 gives what the model's own modules give, else as the modules' torch ops. The
 C path serves CPU tensors in bfloat16 or float32, norms that compute
-transformers' RMSNorm (checked once on a probe row, not by class name), and
-the SiLU activation. For a decode step of the bundled model this replaces
+transformers' RMSNorm (checked once on a probe row, not by class name), the
+SiLU activation, and the rotate-half rotation of patches/rope.py's `rotate`. For a decode step of the bundled model this replaces
 about 25 small torch ops a layer (docs/engine.md has the figures).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from longserve.patches import rope
 from longserve.server.engine.native import c_kernels
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}  # elementwise.c's ELEMENT_F32, ELEMENT_BF16
@@ -73,3 +74,16 @@ class SiluMul:
         c_kernels.library().silu_mul(gate_up.data_ptr(), out.data_ptr(), KINDS[gate_up.dtype], out.numel() // dim, dim,
                                      torch.get_num_threads())
         return out
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope.rotate(x, cos, sin) for x [tokens, heads, d] and cos, sin [tokens, 1, d], as one call where it can."""
+    fits = (_runs_in_c(x.device, x.dtype) and x.dim() == 3 and x.stride(-1) == 1 and cos.dtype == sin.dtype == x.dtype
+            and cos.shape == sin.shape == (x.shape[0], 1, x.shape[2]) and cos.is_contiguous() and sin.is_contiguous())
+    if not fits:
+        return rope.rotate(x, cos, sin)
+    tokens, heads, dim = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype)
+    c_kernels.library().rotate(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                               KINDS[x.dtype], tokens, heads, dim, torch.get_num_threads())
+    return out

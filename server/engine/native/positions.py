@@ -28,6 +28,7 @@ from longserve.patches import dca
 from longserve.patches.model_facts import ModelFacts
 from longserve.patches.rerope import far_key_positions, far_query_positions
 from longserve.patches.rope import PositionSpec, RopeTable, cos_sin, logn_factors, rope_table, rotate
+from longserve.server.engine.native import elementwise
 from longserve.server.engine.native.loading import to_device
 
 log = logging.getLogger("longserve.engine")
@@ -41,7 +42,7 @@ class Rotation:
     def apply(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """x [tokens, heads, d] turned; x holds only the step's tokens `tokens` where given."""
         if tokens is None:
-            return rotate(x, self.cos, self.sin)
+            return elementwise.rotate(x, self.cos, self.sin)
         return rotate(x, self.cos[tokens], self.sin[tokens])
 
 
