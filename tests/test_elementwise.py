@@ -16,7 +16,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from longserve.patches import rope
 from longserve.server.engine.native import c_kernels
-from longserve.server.engine.native.elementwise import AddNorm, SiluMul, rotate
+from longserve.server.engine.native.elementwise import AddNorm, SiluMul, rotate, write_keys_and_values
 
 pytestmark = pytest.mark.skipif(c_kernels.library() is None, reason="no C compiler here: the kernels did not build")
 
@@ -112,3 +112,19 @@ def test_the_rotation_is_ropes_own_in_bfloat16_bit_for_bit_and_to_rounding_in_fl
                 torch.testing.assert_close(rotate(x, cos, sin), rope.rotate(x, cos, sin), rtol=1e-6, atol=1e-6)
     mixed = rotate(q.float(), cos.double(), sin.double())  # tables of another dtype: rope.rotate's own promotion
     assert mixed.dtype == torch.float64 and torch.equal(mixed, rope.rotate(q.float(), cos.double(), sin.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_cache_write_puts_each_key_and_value_where_index_copy_puts_it_and_refuses_a_slot_outside(dtype):
+    kv_heads, dim, slots = 3, 64, 80
+    qkv = randn(5, (9 + 2 * kv_heads) * dim, seed=7, dtype=dtype)
+    k = qkv[:, 9 * dim : (9 + kv_heads) * dim].view(5, kv_heads, dim)  # views with the projection's row stride
+    v = qkv[:, (9 + kv_heads) * dim :].view(5, kv_heads, dim)
+    at = torch.tensor([3, 17, 16, 79, 40])
+    planes = [randn(kv_heads, slots, dim, seed=seed, dtype=dtype) for seed in (8, 9)]
+    expected = [plane.clone().index_copy_(1, at, x.transpose(0, 1)) for plane, x in zip(planes, (k, v))]
+    assert write_keys_and_values(*planes, at, k, v)
+    assert torch.equal(planes[0], expected[0]) and torch.equal(planes[1], expected[1])
+    with pytest.raises(IndexError, match="outside the KV planes' 80 slots"):
+        write_keys_and_values(*planes, torch.tensor([2, 80, 1, 0, 4]), k, v)
+    assert torch.equal(planes[0], expected[0])  # nothing written

@@ -44,6 +44,7 @@ SIGNATURES = {
     "add_rms_norm": [P, P, P, P, INT, INT, INT, FLOAT, INT],  # hidden, delta, weight, out, kind, rows, dim, eps, threads
     "silu_mul": [P, P, INT, INT, INT, INT],  # gate_up, out, kind, rows, dim, threads
     "rotate": [P, INT64, INT64, P, P, P, INT, INT, INT, INT, INT],  # x, its strides, cos, sin, out, kind, shape, threads
+    "write_keys_and_values": [P, P, INT64, P, P, INT64, INT64, P, INT64, INT64, INT, INT, INT, INT],  # planes, slots, k, v
 }
 
 
@@ -77,6 +78,6 @@ def library() -> ctypes.CDLL | None:
     for name, arguments in SIGNATURES.items():
         function = getattr(kernels, name)
         function.argtypes = arguments
-        function.restype = ctypes.c_int if name == "paged_decode" else None
+        function.restype = ctypes.c_int if name in ("paged_decode", "write_keys_and_values") else None
     log.info("C kernels: %s", built)
     return kernels

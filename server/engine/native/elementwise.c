@@ -1,15 +1,19 @@
-/* A decoder layer's element-wise work in one pass each (elementwise.py calls these; c_kernels.py builds them).
+/* A decoder layer's element-wise work in one pass each (elementwise.py calls these; c_kernels.py builds them):
+ * the residual add with the RMSNorm after it, SiLU times up, the rotary rotation, the write of keys and values
+ * into the cache.
  *
  * Written by hand because torch runs each as a chain of small ops: the residual add and the RMSNorm took 11
- * ops and 19.5 us for one row of the bundled model (2.9 us here), SiLU times up 3 ops. What a decode step
- * spends is those ops' fixed costs, not their arithmetic. Each function rounds where transformers' modules
- * round, so a bfloat16 result is the one torch gives, bit for bit: the residual sum to the model's dtype, the
- * normalized row to the model's dtype before the weight multiplies it, SiLU to the model's dtype before up
- * multiplies it. Rows are spread over torch's OpenMP threads once there are enough of them.
+ * ops and 19.5 us for one row of the bundled model (2.9 us here), SiLU times up 3 ops, the rotation 7, the
+ * cache write 2 index_copy_ and their transposes. What a decode step spends is those ops' fixed costs, not
+ * their arithmetic. Each function rounds where torch rounds, so a bfloat16 result is the one torch gives, bit
+ * for bit: the residual sum to the model's dtype, the normalized row to the model's dtype before the weight
+ * multiplies it, SiLU to the model's dtype before up multiplies it, each product of the rotation and their
+ * sum. Rows are spread over torch's OpenMP threads once there are enough of them.
  */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { ELEMENT_F32 = 0, ELEMENT_BF16 = 1 };  /* as paged_decode.c's KIND_F32, KIND_BF16 */
 
@@ -122,4 +126,25 @@ void rotate(const void *x, int64_t token_stride, int64_t head_stride, const void
                                          stored(turned * load(sin, kind, angle + i), kind));
             }
         }
+}
+
+/* A step's keys and values into their planes [kv_heads, plane_slots, dim] at `slots` [tokens], copied as they
+ * are (elements of `element_bytes` bytes): what index_copy_ does for each plane, as one call for both. k and v
+ * [tokens, heads, dim] are read through their strides (in elements); their last axis is contiguous. Returns 0,
+ * or -1 (writing nothing) where a slot lies outside the planes, as index_copy_ would raise. */
+int write_keys_and_values(void *keys, void *values, int64_t plane_slots, const int64_t *slots, const void *k,
+                          int64_t k_token_stride, int64_t k_head_stride, const void *v, int64_t v_token_stride,
+                          int64_t v_head_stride, int element_bytes, int tokens, int heads, int dim) {
+    for (int t = 0; t < tokens; t++)
+        if (slots[t] < 0 || slots[t] >= plane_slots) return -1;
+    const size_t row_bytes = (size_t)dim * element_bytes;
+    for (int t = 0; t < tokens; t++)
+        for (int h = 0; h < heads; h++) {
+            const int64_t to = ((int64_t)h * plane_slots + slots[t]) * dim;
+            memcpy((char *)keys + to * element_bytes,
+                   (const char *)k + (t * k_token_stride + h * k_head_stride) * element_bytes, row_bytes);
+            memcpy((char *)values + to * element_bytes,
+                   (const char *)v + (t * v_token_stride + h * v_head_stride) * element_bytes, row_bytes);
+        }
+    return 0;
 }

@@ -4,7 +4,8 @@ Each runs as one call into elementwise.c (c_kernels.py builds it) where that
 gives what the model's own modules give, else as the modules' torch ops. The
 C path serves CPU tensors in bfloat16 or float32, norms that compute
 transformers' RMSNorm (checked once on a probe row, not by class name), the
-SiLU activation, and the rotate-half rotation of patches/rope.py's `rotate`. For a decode step of the bundled model this replaces
+SiLU activation, the rotate-half rotation of patches/rope.py's `rotate`, and
+the write of a step's keys and values into an unquantized cache. For a decode step of the bundled model this replaces
 about 25 small torch ops a layer (docs/engine.md has the figures).
 """
 
@@ -87,3 +88,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     c_kernels.library().rotate(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
                                KINDS[x.dtype], tokens, heads, dim, torch.get_num_threads())
     return out
+
+
+def write_keys_and_values(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor) -> bool:
+    """k and v [tokens, kv_heads, d] into planes [kv_heads, slots, d] at `slots` (long), as index_copy_ would, in one
+    call where it can; False where it cannot (the caller's torch path runs)."""
+    fits = (_runs_in_c(keys.device, keys.dtype) and keys.dtype == values.dtype == k.dtype == v.dtype
+            and keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape
+            and k.shape == v.shape == (slots.shape[0], keys.shape[0], keys.shape[2]) and k.stride(-1) == v.stride(-1) == 1
+            and slots.dtype == torch.long and slots.is_contiguous())
+    if not fits:
+        return False
+    status = c_kernels.library().write_keys_and_values(
+        keys.data_ptr(), values.data_ptr(), keys.shape[1], slots.data_ptr(), k.data_ptr(), k.stride(0), k.stride(1),
+        v.data_ptr(), v.stride(0), v.stride(1), keys.element_size(), k.shape[0], k.shape[1], k.shape[2])
+    if status != 0:
+        raise IndexError(f"a cache slot lies outside the KV planes' {keys.shape[1]} slots")
+    return True

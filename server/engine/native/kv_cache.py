@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from longserve.patches.model_facts import ModelFacts
+from longserve.server.engine.native import elementwise
 from longserve.server.engine.native.kv_quant import FORMATS, CacheFormat, code_bytes, quantize, scale_dtype
 
 log = logging.getLogger("longserve.engine")
@@ -78,8 +79,9 @@ def write_keys_and_values(keys: Plane, values: Plane, slots: torch.Tensor, k: to
     """A step's k and v [tokens, kv_heads, d] into their planes; quantized as one tensor where the cache is (half
     the small ops of two: a one-row decode step is mostly such ops)."""
     if keys.scales is None:
-        keys.write(slots, k)
-        values.write(slots, v)
+        if not elementwise.write_keys_and_values(keys.data, values.data, slots, k, v):
+            keys.write(slots, k)
+            values.write(slots, v)
         return
     codes, scales = quantize(torch.stack([k, v]).transpose(1, 2), keys.cache, keys.scales.dtype)
     keys.store(slots, codes[0], scales[0])
