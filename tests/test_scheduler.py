@@ -62,6 +62,19 @@ def test_decodes_come_first_and_prefill_chunks_share_the_rest_of_the_budget(toke
     assert all(s.status is Status.DECODING for s in (short_a, short_b)) and long.status is Status.PREFILLING
 
 
+def test_a_prompt_already_prefilling_leaves_three_quarters_of_the_step_to_requests_that_wait(tokenizer):
+    sched = scheduler(budget=64, chunk=64)
+    long = seq(tokenizer, 400, "long")
+    sched.add([long])
+    assert [(c.seq.request_id, c.end - c.start) for c in run(sched).chunks] == [("long", 64)]  # alone: all of it
+    chat = seq(tokenizer, 40, "chat", first=1000)  # no prefix in common with the long prompt
+    sched.add([chat])
+    step = run(sched)  # the chat does not wait for the long prompt's prefill
+    assert [(c.seq.request_id, c.start, c.end) for c in step.chunks] == [("long", 64, 80), ("chat", 0, 40)]
+    step = run(sched)  # nobody waits: the long prompt takes the rest of the budget beside the chat's decode
+    assert step.decode == [chat] and [(c.seq.request_id, c.start, c.end) for c in step.chunks] == [("long", 80, 143)]
+
+
 def test_admission_is_bounded_by_max_num_seqs_and_free_blocks(tokenizer):
     sched = scheduler(num_blocks=8, max_num_seqs=2, budget=256, chunk=256)
     a, b, c = seq(tokenizer, 40, "a"), seq(tokenizer, 40, "b"), seq(tokenizer, 10, "c")

@@ -142,11 +142,16 @@ class Scheduler:
             failing = {seq.request_id for seq in step.starved}
             budget += sum(1 for seq in step.decode if seq.request_id in failing)
             step.decode = [seq for seq in step.decode if seq.request_id not in failing]
+        # While requests wait with room to run, prompts already prefilling take a quarter of what is left: a long
+        # prompt's chunk would otherwise fill every step (budget ~ chunk on a slow CPU) and a chat sent beside it
+        # would wait for its whole prefill. Alone, a prompt takes the whole budget.
+        share = max(1, budget // 4) if self.waiting and self.num_running < self.max_num_seqs else budget
         for seq in self.running:
-            if budget == 0:
+            if budget == 0 or share == 0:
                 break
             if seq.status is Status.PREFILLING:
-                budget -= self._chunk(seq, budget, step)
+                taken = self._chunk(seq, min(budget, share), step)
+                budget, share = budget - taken, share - taken
         while self.waiting and budget > 0:
             unit = self._admit()
             if unit is None:
