@@ -48,8 +48,9 @@ static inline void store(void *data, int kind, int64_t at, float value) {
 }
 
 /* exp(x) for x <= 0 in float32, vectorizable (libm's expf is not): x = n ln2 + f with |f| <= ln2 / 2 (ln2 in
- * two parts, the first exact in a few bits, so f keeps its bits for any n), 2^n from the exponent bits, e^f by its Taylor series to degree 7
- * (relative error about 1e-8, under float32's own). Under -87 it gives about 2^-126, not 0. */
+ * two parts, the first exact in a few bits, so f keeps its bits for any n), 2^n from the exponent bits, e^f by
+ * its Taylor series to degree 7 (relative error about 1e-8, under float32's own, so SiLU rounds as torch's
+ * does; paged_decode.c keeps a cheaper one for softmax weights). Under -87 it gives about 2^-126, not 0. */
 static inline float exp_nonpositive(float x) {
     const float clamped = x < -87.0f ? -87.0f : x;
     const float n = rintf(clamped * 1.44269504f);

@@ -1,12 +1,13 @@
-"""A decoder layer's element-wise steps: the residual add with the RMSNorm after it, SiLU times up, the rotation.
+"""A decoder layer's element-wise steps: residual add and RMSNorm, SiLU times up, rotation, the cache write.
 
 Each runs as one call into elementwise.c (c_kernels.py builds it) where that
 gives what the model's own modules give, else as the modules' torch ops. The
 C path serves CPU tensors in bfloat16 or float32, norms that compute
 transformers' RMSNorm (checked once on a probe row, not by class name), the
 SiLU activation, the rotate-half rotation of patches/rope.py's `rotate`, and
-the write of a step's keys and values into an unquantized cache. For a decode step of the bundled model this replaces
-about 25 small torch ops a layer (docs/engine.md has the figures).
+the write of a step's keys and values into an unquantized cache. In a decode
+step of the bundled model this replaces about 40 small torch ops a layer
+(docs/engine.md has the figures).
 """
 
 from __future__ import annotations
