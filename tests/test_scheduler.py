@@ -73,6 +73,11 @@ def test_a_prompt_already_prefilling_leaves_three_quarters_of_the_step_to_reques
     assert [(c.seq.request_id, c.start, c.end) for c in step.chunks] == [("long", 64, 80), ("chat", 0, 40)]
     step = run(sched)  # nobody waits: the long prompt takes the rest of the budget beside the chat's decode
     assert step.decode == [chat] and [(c.seq.request_id, c.start, c.end) for c in step.chunks] == [("long", 80, 143)]
+    rows = [seq(tokenizer, 20, "nbce", first=2000 + 100 * i) for i in range(3)]
+    NbceGroup(rows, NbceParams())
+    sched.add(rows)  # 3 rows beside the 2 running do not fit --max-num-seqs 4: no share is kept for them
+    step = run(sched)
+    assert [(c.seq.request_id, c.start, c.end) for c in step.chunks] == [("long", 143, 206)]
 
 
 def test_admission_is_bounded_by_max_num_seqs_and_free_blocks(tokenizer):

@@ -145,7 +145,10 @@ class Scheduler:
         # While requests wait with room to run, prompts already prefilling take a quarter of what is left: a long
         # prompt's chunk would otherwise fill every step (budget ~ chunk on a slow CPU) and a chat sent beside it
         # would wait for its whole prefill. Alone, a prompt takes the whole budget.
-        share = max(1, budget // 4) if self.waiting and self.num_running < self.max_num_seqs else budget
+        head = self.waiting[0] if self.waiting else None
+        head_rows = 0 if head is None else len(head.group.rows) if head.group is not None else 1
+        waits_with_room = head is not None and self.num_running + head_rows <= self.max_num_seqs
+        share = max(1, budget // 4) if waits_with_room else budget
         for seq in self.running:
             if budget == 0 or share == 0:
                 break
