@@ -197,15 +197,6 @@ static inline void prefetch_block(const Cache *c, int64_t slot, int dim) {
     }
 }
 
-/* A split's running state before its first key: no maximum yet, no weight, no output. */
-static inline void start_split(int group, int dim, float *acc, float *top, float *total) {
-    for (int g = 0; g < group; g++) {
-        top[g] = -INFINITY;
-        total[g] = 0.0f;
-        for (int d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
-    }
-}
-
 /* The keys of [at, b) that at's block holds: their count in *run, and the slot of the first. The next block
  * lies anywhere in the pool: it is asked for while this one is worked on. */
 static inline int64_t block_run(const Cache *c, int row, int64_t head_base, int at, int b, int dim, int *run) {
@@ -224,7 +215,11 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
     const int group = c->group;
     float (*widened)[dim] = (float (*)[dim])work;  /* [BLOCK][dim] */
     float (*scores)[BLOCK] = (float (*)[BLOCK])(work + BLOCK * dim);  /* [group][BLOCK] */
-    start_split(group, dim, acc, top, total);
+    for (int g = 0; g < group; g++) {  /* no maximum yet, no weight, no output */
+        top[g] = -INFINITY;
+        total[g] = 0.0f;
+        for (int d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
+    }
     const int64_t head_base = (int64_t)head * c->slots;
     for (int at = a, run; at < b; at += run) {
         const int64_t slot = block_run(c, row, head_base, at, b, dim, &run);
