@@ -1,4 +1,4 @@
-"""The engine's C kernels (paged_decode.c, elementwise.c), built with the machine's C compiler into one library.
+"""The engine's C kernels (paged_decode.c, elementwise.c, bf16_matmul.c), built with the machine's C compiler into one library.
 
 They are plain C with OpenMP, no torch headers, so they build in about a
 second: at first use they are compiled for this CPU (-march=native) into
@@ -26,7 +26,7 @@ from longserve.server.engine.native.loading import cpu_flags
 log = logging.getLogger("longserve.engine")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "paged_decode.c", HERE / "elementwise.c"]
+SOURCES = [HERE / "paged_decode.c", HERE / "elementwise.c", HERE / "bf16_matmul.c"]
 HEADERS = [HERE / "paged_decode_avx512.h"]  # included by a source: part of what a build is named by
 # the reassociation vectorizes the dot products; no -ffast-math, whose finite-only maths would break -inf
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
@@ -45,7 +45,11 @@ SIGNATURES = {
     "silu_mul": [P, P, INT, INT, INT, INT],  # gate_up, out, kind, rows, dim, threads
     "rotate": [P, INT64, INT64, P, P, P, INT, INT, INT, INT, INT],  # x, its strides, cos, sin, out, kind, shape, threads
     "write_keys_and_values": [P, P, INT64, P, P, INT64, INT64, P, INT64, INT64, INT, INT, INT, INT],  # planes, slots, k, v
+    "bf16_pack_weight": [P, P, INT, INT],  # weight, packed, n, k
+    "bf16_matmul": [P, INT64, P, P, P, INT, INT, INT, INT],  # x, its row stride, packed, bias, y, m, n, k, threads
+    "bf16_matmul_built": [],
 }
+RETURNS_INT = ("paged_decode", "write_keys_and_values", "bf16_matmul", "bf16_matmul_built")
 
 
 @functools.cache
@@ -78,6 +82,6 @@ def library() -> ctypes.CDLL | None:
     for name, arguments in SIGNATURES.items():
         function = getattr(kernels, name)
         function.argtypes = arguments
-        function.restype = ctypes.c_int if name in ("paged_decode", "write_keys_and_values") else None
+        function.restype = ctypes.c_int if name in RETURNS_INT else None
     log.info("C kernels: %s", built)
     return kernels
