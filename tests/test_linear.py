@@ -49,6 +49,8 @@ def test_bf16_matmul_gives_what_f_linear_gives(rows, in_features, out_features):
     torch.testing.assert_close(Bf16Linear(weight, None)(x).float(), expected - bias.float(), rtol=2**-7, atol=1e-2)
     batched = x.view(rows, 1, in_features).expand(rows, 2, in_features)  # 3-d, and rows that are not contiguous
     assert torch.equal(linear(batched[:, 1]), linear(x)) and linear(batched).shape == (rows, 2, out_features)
+    with pytest.raises(TypeError, match="bfloat16"):
+        linear(x.float())
 
 
 @needs_bf16_matmul

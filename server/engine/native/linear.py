@@ -74,6 +74,8 @@ class Bf16Linear:
         self.many_rows = many_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":  # the kernel reads raw bf16 memory
+            raise TypeError(f"Bf16Linear takes bfloat16 CPU tensors, not {x.dtype} on {x.device}")
         rows = x.numel() // self.in_features
         if self.many_rows is not None and rows > SMALL_ROWS:
             return self.many_rows(x)
