@@ -2,9 +2,9 @@
  * c_kernels.py builds them).
  *
  * Written by hand because oneDNN's bf16 matmul is slow for the few rows of a decode step: the bundled model's
- * 121 weights (270 MB) took 12.5-14.2 ms for one row through oneDNN's packed weights, about 20 GB/s, and
- * 6.7-9.1 ms here, 30-40 GB/s, near what the memory gives (docs/engine.md has the figures). At 512 rows it is
- * still a little faster than oneDNN without AMX, at the matmul peak.
+ * 121 weights (270 MB) took 12.4-14.3 ms for one row through oneDNN's packed weights, about 20 GB/s, and
+ * 6.3-9.5 ms here, 28-43 GB/s, near what the memory gives (docs/engine.md has the figures). At 512 rows it is
+ * about as fast as oneDNN without AMX, both at the matmul peak.
  *
  * The weight is packed once into tiles of 32 outputs: for each pair of inputs (k, k+1), the 32 outputs' two
  * weights side by side, which is what one VDPBF16PS multiplies against a broadcast pair of x. A tile holds

@@ -7,17 +7,18 @@ few rows of a decode step, and run by one of two kernels:
   A decode step is a chain of matrix-vector products, and oneDNN reads the
   weights at about half the memory's speed there. The bundled model's 121
   weights, 2 threads, AMD EPYC without AMX (`make bench-kernels`,
-  docs/engine.md): 6.3-9.5 ms against oneDNN's 12.4-14.3 at one row, 8.2-9.6
-  against 13.4-15.1 at 8, 24-25 against 27.7-28.7 at 32, about the same at
-  512. On a CPU with AMX, oneDNN's AMX kernels run more than SMALL_ROWS rows
-  (prefill chunks), so the weight is held in both layouts there.
+  docs/engine.md): 9.6 against oneDNN's 13.5 ms at one row, 8.2 against
+  14.6 at 8, 25.5 against 29.2 at 32; about the same at 512. On a CPU with
+  AMX, oneDNN's AMX kernels run calls of more than SMALL_ROWS rows (prefill
+  chunks), so the weight is held in both layouts there.
 - PackedLinear elsewhere: oneDNN's blocked layout (the layout
   torch.compile's CPU backend prepacks weights into; the ops are torch's
   own, called eagerly). On the Xeon of docs/engine.md, 1 / 8 / 32 rows: 27.5
   / 31.1 / 32.0 ms plain F.linear against 20.2 / 20.8 / 24.0 packed.
 
-In float32 the packed layout is slower for one row (33.2 against 26.4 ms),
-so float32, CUDA and any build without oneDNN keep F.linear. With
+In float32 the packed layout was slower for one row on that Xeon (33.2
+against 26.4 ms; on the AMD EPYC it is faster), so float32, CUDA and any
+build without oneDNN keep F.linear. With
 LONGSERVE_BF16_MATMUL=0 the engine uses oneDNN where it would use
 bf16_matmul.c.
 
@@ -65,6 +66,8 @@ class Bf16Linear:
     than SMALL_ROWS rows."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, many_rows: PackedLinear | None = None):
+        if weight.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+            raise TypeError(f"Bf16Linear packs bfloat16 weights, not {weight.dtype}")
         self.out_features, self.in_features = weight.shape
         tiles = -(-self.out_features // TILE)
         self.packed = weight.new_empty(tiles * TILE * 2 * ((self.in_features + 1) // 2))
