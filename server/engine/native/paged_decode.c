@@ -16,9 +16,11 @@
  * splits are merged by their log-sum-exp, which is also returned. Bfloat16
  * planes (on a CPU with AVX512-BF16) and 8-bit planes (with AVX-512) take
  * paged_decode_avx512.h's split, held in registers; float32 planes, and
- * other CPUs, the plain loops below. Every next block is prefetched while one is
- * worked on (blocks lie anywhere in the pool: 602 against 661 us for 32 rows
- * x 320 scattered keys).
+ * other CPUs, the plain loops below. The register split asks for each run's
+ * values while it scores the run's keys (prefetch_values). A prefetch of the
+ * next block, here before, was never in the build: GCC deletes a loop of
+ * __builtin_prefetch calls. Written as assembly it was slower beside the
+ * values' prefetch, and no faster alone (docs/engine.md).
  */
 #include <math.h>
 #include <omp.h>
@@ -182,28 +184,19 @@ typedef struct {
     float scale;
 } Cache;
 
-static const int ELEMENT_BYTES[] = {4, 2, 2, 1, 1, 1};  /* by kind */
 
-/* Ask the memory for one block's keys and values (and their scales) starting at `slot`, a cache line at a time. */
-static inline void prefetch_block(const Cache *c, int64_t slot, int dim) {
-    const int64_t bytes = (int64_t)BLOCK * dim * ELEMENT_BYTES[c->kind], at = slot * dim * ELEMENT_BYTES[c->kind];
-    for (int64_t line = 0; line < bytes; line += 64) {
-        __builtin_prefetch((const char *)c->keys + at + line);
-        __builtin_prefetch((const char *)c->values + at + line);
-    }
-    if (c->key_scales) {
-        __builtin_prefetch((const uint16_t *)c->key_scales + slot);
-        __builtin_prefetch((const uint16_t *)c->value_scales + slot);
-    }
-}
+/* Ask for the cache line at `at` into L2. As inline assembly on x86: GCC 12 deletes a loop of
+ * __builtin_prefetch calls (it keeps the first call only). */
+#if defined(__x86_64__) || defined(__i386__)
+static inline void prefetch_line_l2(const void *at) { __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)at)); }
+#else
+static inline void prefetch_line_l2(const void *at) { __builtin_prefetch(at, 0, 2); }
+#endif
 
-/* The keys of [at, b) that at's block holds: their count in *run, and the slot of the first. The next block
- * lies anywhere in the pool: it is asked for while this one is worked on. */
-static inline int64_t block_run(const Cache *c, int row, int64_t head_base, int at, int b, int dim, int *run) {
+/* The keys of [at, b) that at's block holds: their count in *run, and the slot of the first. */
+static inline int64_t block_run(const Cache *c, int row, int64_t head_base, int at, int b, int *run) {
     const int offset = at % BLOCK;
     *run = (b - at < BLOCK - offset) ? b - at : BLOCK - offset;
-    if (at + *run < b)
-        prefetch_block(c, head_base + (int64_t)c->table[row * c->table_width + (at + *run) / BLOCK] * BLOCK, dim);
     return head_base + (int64_t)c->table[row * c->table_width + at / BLOCK] * BLOCK + offset;
 }
 
@@ -222,7 +215,7 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
     }
     const int64_t head_base = (int64_t)head * c->slots;
     for (int at = a, run; at < b; at += run) {
-        const int64_t slot = block_run(c, row, head_base, at, b, dim, &run);
+        const int64_t slot = block_run(c, row, head_base, at, b, &run);
         float key_scales[BLOCK], weights[BLOCK];
         for (int t = 0; t < run; t++) {
             widen(c->keys, c->kind, (slot + t) * dim, dim, widened[t]);
