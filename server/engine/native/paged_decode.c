@@ -19,8 +19,8 @@
  * other CPUs, the plain loops below. The register split asks for each run's
  * values while it scores the run's keys (prefetch_values). A prefetch of the
  * next block, here before, was never in the build: GCC deletes a loop of
- * __builtin_prefetch calls. Written as assembly it was slower beside the
- * values' prefetch, and no faster alone (docs/engine.md).
+ * __builtin_prefetch calls. Written as assembly, it was slower than the
+ * values' prefetch, alone or beside it (docs/engine.md).
  */
 #include <math.h>
 #include <omp.h>
@@ -183,7 +183,6 @@ typedef struct {
     int64_t table_width;
     float scale;
 } Cache;
-
 
 /* Ask for the cache line at `at` into L2. As inline assembly on x86: GCC 12 deletes a loop of
  * __builtin_prefetch calls (it keeps the first call only). */

@@ -81,8 +81,8 @@ static inline __attribute__((always_inline)) __m512 key_dot(const Cache *c, int 
 
 /* Ask for a run's values while its keys are scored, into L2, so the values pass finds them there: the kernel
  * reads its blocks from memory one run after another, and the hardware's prefetchers, which follow a page,
- * do not see the next run coming. In the engine, 32 rows x about 290 keys of the bundled model: 507-591
- * against 373-413 us a call (docs/engine.md). */
+ * do not see the next run coming. In the engine, 32 rows x about 290 keys of the bundled model: 457-644
+ * against 387-409 us a call (docs/engine.md). */
 static inline void prefetch_values(const Cache *c, int kind, int64_t slot, int run, int dim) {
     const int size = kind == KIND_BF16 ? 2 : 1;
     const char *first = (const char *)c->values + slot * dim * size;
