@@ -145,9 +145,7 @@ class Scheduler:
         # While requests wait with room to run, prompts already prefilling take a quarter of what is left: a long
         # prompt's chunk would otherwise fill every step (budget ~ chunk on a slow CPU) and a chat sent beside it
         # would wait for its whole prefill. Alone, a prompt takes the whole budget.
-        head = self.waiting[0] if self.waiting else None
-        head_rows = 0 if head is None else len(head.group.rows) if head.group is not None else 1
-        waits_with_room = head is not None and self.num_running + head_rows <= self.max_num_seqs
+        waits_with_room = bool(self.waiting) and self._fits(self._head_unit())
         share = max(1, budget // 4) if waits_with_room else budget
         for seq in self.running:
             if budget == 0 or share == 0:
@@ -186,12 +184,20 @@ class Scheduler:
         step.chunks.append(Chunk(seq, start, start + size, ends_prompt=start + size == target, every_position=scores))
         return size
 
+    def _head_unit(self) -> list[Sequence]:
+        """The rows of the request at the head of the queue: all of its group's, or its one sequence."""
+        first = self.waiting[0]
+        return list(first.group.rows) if first.group is not None else [first]
+
+    def _fits(self, unit: list[Sequence]) -> bool:
+        """Whether `unit` can run beside the running sequences within --max-num-seqs."""
+        return self.num_running + len(unit) <= self.max_num_seqs
+
     def _admit(self) -> list[Sequence] | None:
         """Admit the request at the head of the queue (all its rows) if it fits now; its rows, or None."""
-        first = self.waiting[0]
-        group = first.group
-        unit = list(group.rows) if group is not None else [first]
-        if self.num_running + len(unit) > self.max_num_seqs:
+        unit = self._head_unit()
+        group = unit[0].group
+        if not self._fits(unit):
             return None
         prefilled = self._prefilled(unit)
         admitted = []
