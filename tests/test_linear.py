@@ -6,9 +6,7 @@ where its kernel cannot run here (a torch without oneDNN, a CPU without AVX512-B
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -90,9 +88,8 @@ def test_the_engine_runs_bf16_matmul_here_unless_switched_off(monkeypatch):
 def test_on_a_cpu_without_avx512_the_kernels_build_and_bf16_weights_go_to_onednn(tmp_path, monkeypatch):
     flags = ["-march=x86-64-v3" if flag == "-march=native" else flag for flag in c_kernels.FLAGS]  # AVX2 only
     built = tmp_path / "kernels-avx2.so"
-    subprocess.run(["cc", *flags, *map(str, c_kernels.SOURCES), "-o", str(built), "-lm"], check=True,
-                   capture_output=True, timeout=600)
-    kernels = ctypes.CDLL(str(built))
+    c_kernels.build("cc", flags, built)
+    kernels = c_kernels.load(built)
     assert kernels.bf16_matmul_built() == 0
     monkeypatch.setattr(c_kernels, "library", lambda: kernels)
     assert not runs_bf16_matmul(CPU, torch.bfloat16)

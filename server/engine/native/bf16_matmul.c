@@ -21,6 +21,9 @@
 #define TILE 32      /* outputs per tile: two vectors of 16 */
 #define ROW_BLOCK 8  /* rows of x per pass over a tile: 2 x 8 accumulators of the 32 vector registers */
 
+/* The elements bf16_pack_weight writes for a weight [n, k]. */
+int64_t bf16_packed_elements(int n, int k) { return (int64_t)((n + TILE - 1) / TILE) * ((k + 1) / 2) * TILE * 2; }
+
 /* weight [n, k] row-major -> packed [ceil(n / 32)][ceil(k / 2)][32][2], zero-padded. */
 void bf16_pack_weight(const uint16_t *weight, uint16_t *packed, int n, int k) {
     const int pairs = (k + 1) / 2, tiles = (n + TILE - 1) / TILE;

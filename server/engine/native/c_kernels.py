@@ -45,11 +45,13 @@ SIGNATURES = {
     "silu_mul": [P, P, INT, INT, INT, INT],  # gate_up, out, kind, rows, dim, threads
     "rotate": [P, INT64, INT64, P, P, P, INT, INT, INT, INT, INT],  # x, its strides, cos, sin, out, kind, shape, threads
     "write_keys_and_values": [P, P, INT64, P, P, INT64, INT64, P, INT64, INT64, INT, INT, INT, INT],  # planes, slots, k, v
+    "bf16_packed_elements": [INT, INT],  # n, k
     "bf16_pack_weight": [P, P, INT, INT],  # weight, packed, n, k
     "bf16_matmul": [P, INT64, P, P, P, INT, INT, INT, INT],  # x, its row stride, packed, bias, y, m, n, k, threads
     "bf16_matmul_built": [],
 }
-RETURNS_INT = ("paged_decode", "write_keys_and_values", "bf16_matmul", "bf16_matmul_built")
+RESULTS = {"paged_decode": INT, "write_keys_and_values": INT, "bf16_matmul": INT, "bf16_matmul_built": INT,
+           "bf16_packed_elements": INT64}  # the others return nothing
 
 
 @functools.cache
@@ -70,18 +72,28 @@ def library() -> ctypes.CDLL | None:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder) as work:  # built aside, then renamed: processes may race
                 partial = Path(work) / built.name
-                subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial), "-lm"], check=True,
-                               capture_output=True, timeout=300)
+                build(compiler, FLAGS, partial)
                 partial.replace(built)
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", b"") or b""
             log.warning("the C kernels did not build (%s %s): the engine runs torch's ops in their place",
                         error, detail.decode(errors="replace")[-500:])
             return None
+    log.info("C kernels: %s", built)
+    return load(built)
+
+
+def build(compiler: str, flags: list[str], target: Path) -> None:
+    """SOURCES compiled with `flags` into the shared library `target` (CalledProcessError holds the compiler's say)."""
+    subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(target), "-lm"], check=True, capture_output=True,
+                   timeout=300)
+
+
+def load(built: Path) -> ctypes.CDLL:
+    """A built library, each function's arguments and result declared."""
     kernels = ctypes.CDLL(str(built))
     for name, arguments in SIGNATURES.items():
         function = getattr(kernels, name)
         function.argtypes = arguments
-        function.restype = ctypes.c_int if name in RETURNS_INT else None
-    log.info("C kernels: %s", built)
+        function.restype = RESULTS.get(name)
     return kernels

@@ -40,7 +40,6 @@ from longserve.server.engine.native.loading import cpu_flags
 log = logging.getLogger("longserve.engine")
 
 PACKED_ROWS_HINT = 32  # the batch size oneDNN tunes the blocked layout for; any row count runs
-TILE = 32  # bf16_matmul.c's outputs per tile
 SMALL_ROWS = 16  # with AMX, calls of more rows go to oneDNN (AMX multiplies 16-row tiles)
 
 
@@ -69,10 +68,11 @@ class Bf16Linear:
         if weight.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
             raise TypeError(f"Bf16Linear packs bfloat16 weights, not {weight.dtype}")
         self.out_features, self.in_features = weight.shape
-        tiles = -(-self.out_features // TILE)
-        self.packed = weight.new_empty(tiles * TILE * 2 * ((self.in_features + 1) // 2))
-        c_kernels.library().bf16_pack_weight(weight.contiguous().data_ptr(), self.packed.data_ptr(),
-                                             self.out_features, self.in_features)
+        kernels = c_kernels.library()
+        self.packed = weight.new_empty(kernels.bf16_packed_elements(self.out_features, self.in_features))
+        kernels.bf16_pack_weight(weight.contiguous().data_ptr(), self.packed.data_ptr(), self.out_features,
+                                 self.in_features)
+        self.matmul = kernels.bf16_matmul
         self.bias = None if bias is None else bias.contiguous()
         self.many_rows = many_rows
 
@@ -85,9 +85,9 @@ class Bf16Linear:
         flat = x.reshape(rows, self.in_features)
         flat = flat if flat.stride(-1) == 1 else flat.contiguous()
         y = x.new_empty(rows, self.out_features)
-        c_kernels.library().bf16_matmul(flat.data_ptr(), flat.stride(0), self.packed.data_ptr(),
-                                        None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), rows,
-                                        self.out_features, self.in_features, torch.get_num_threads())
+        self.matmul(flat.data_ptr(), flat.stride(0), self.packed.data_ptr(),
+                    None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), rows, self.out_features,
+                    self.in_features, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
 
 
