@@ -239,3 +239,19 @@ def test_the_two_level_draw_equals_a_whole_vocabulary_inverse_cdf():
         target = float(uniforms[row]) * float(cumulative[row, -1])
         assert int(drawn[row]) == int((cumulative[row] <= target).sum()), row
         assert probs[row, drawn[row]] > 0
+
+
+@pytest.mark.parametrize("kind", ["mixed", "all greedy", "all sampled, no penalties"])
+def test_sampling_never_writes_the_callers_logits(tokenizer, kind):
+    """The engine passes the runner's own logits (no copy): a row that samples again alone, after its batch
+    failed, must see them as they came."""
+    torch.manual_seed(5)
+    logits = torch.randn(8, 64) * 2
+    if kind == "mixed":
+        seqs = mixed_batch(tokenizer)
+    else:
+        seqs = [make_seq(tokenizer, temperature=0.0 if kind == "all greedy" else 0.9, top_p=0.8) for _ in range(8)]
+    before = logits.clone()
+    sample(logits, seqs)
+    assert torch.equal(logits, before)
+    assert apply_penalties(logits, [make_seq(tokenizer)] * 8) is logits  # nothing to apply: no copy

@@ -40,6 +40,7 @@ from longserve.server.engine.config import DEFAULT_STEP_TOKENS, EngineConfig
 from longserve.server.engine.native.loading import eos_ids, load_model, pick_device, pick_dtype
 from longserve.server.engine.native.model_runner import ModelRunner, StepLogits, check_servable
 from longserve.server.engine.native.observe import SequenceMetrics
+from longserve.server.engine.native.outbox import Outbox
 from longserve.server.engine.native.nbce_group import NbceGroup
 from longserve.server.engine.native.positions import Positions, served_position
 from longserve.server.engine.native.sampler import prompt_logprobs, sample
@@ -64,6 +65,7 @@ class NativeEngine:
         self.device = pick_device(config.device)
         self.metrics = metrics
         self.observe = SequenceMetrics(metrics)
+        self.outbox = Outbox(on_closed=self.abort)  # the deltas of a step, sent at its end
         self._lock = threading.RLock()  # _end takes it, also inside _fail_requests, which holds it
         self._wakeup = threading.Event()
         self._aborts: set[str] = set()
@@ -141,6 +143,7 @@ class NativeEngine:
                 self._fail_all_pending = (message, status)
             else:
                 self._fail_requests(list(self._requests), message, status)
+                self.outbox.flush()
         self._wakeup.set()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[SeqDelta]:
@@ -148,10 +151,7 @@ class NativeEngine:
             raise EngineDead(self._dead_reason or "the engine thread has stopped")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[SeqDelta] = asyncio.Queue()
-
-        def emit(delta: SeqDelta) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
-
+        emit = self.outbox.sink(loop, queue, request.request_id)
         if request.nbce is not None:  # row 0 talks to the client, the others follow silently
             seqs = [self._new_sequence(request, p, index=0, emit=emit if row == 0 else ignore) for row, p in enumerate(request.prompts)]
             NbceGroup(seqs, request.nbce)
@@ -222,12 +222,14 @@ class NativeEngine:
                         self._fail_requests(list(dict.fromkeys(seq.request_id for seq in step.starved)),
                                             "the KV cache is full; raise --kv-cache-memory or lower max_tokens", 503)
                 if step.empty:
+                    self.outbox.flush()
                     self._heartbeat = time.monotonic()
                     if not self._wakeup.wait(timeout=1.0) and worked_since_trim:  # idle a whole second
                         give_back_freed_memory()
                         worked_since_trim = False
                     continue
                 self._step(step)
+                self.outbox.flush()
                 self._heartbeat = time.monotonic()
                 worked_since_trim = True
         except BaseException as exc:  # the engine is dead: fail every request, say why
@@ -235,6 +237,7 @@ class NativeEngine:
             self._dead_reason = f"{type(exc).__name__}: {exc}"
             with self._lock:
                 self._fail_requests(list(self._requests), f"the engine stopped: {self._dead_reason}", 503)
+            self.outbox.flush()
             if self.on_dead is not None:
                 self.on_dead(self._dead_reason)
 
@@ -288,12 +291,10 @@ class NativeEngine:
         """The step ran: record it, then give every sequence with logits its token."""
         with self._lock:
             self.scheduler.computed(step)
-        ready, ready_logits = [], []  # single sequences to sample, with their logits rows
+        singles = [row for row, seq in enumerate(step.decode) if seq.group is None]
+        ready = [step.decode[row] for row in singles]  # single sequences to sample
+        ready_logits = []  # the logits rows of those among them that finished their prompts in this step
         row_of = {seq: row for row, seq in enumerate(step.decode)}
-        for row, seq in enumerate(step.decode):
-            if seq.group is None:
-                ready.append(seq)
-                ready_logits.append(logits.decode[row])
         for group in dict.fromkeys(seq.group for seq in step.decode if seq.group is not None):
             if group.leader.finish_reason is not None:  # its request failed earlier in this step
                 continue
@@ -319,7 +320,8 @@ class NativeEngine:
                         self.scheduler.start_decoding(seq.group.rows)
                     self._isolated(seq.group.rows, lambda group=seq.group, first=first: self._advance(group, first, first=True))
         if ready:
-            self._accept(ready, torch.stack(ready_logits))
+            parts = ([logits.decode_rows(singles)] if singles else []) + ([torch.stack(ready_logits)] if ready_logits else [])
+            self._accept(ready, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample a token for each of `seqs` (rows of `logits`) and take it. Sampling is pure, so when the
@@ -337,8 +339,8 @@ class NativeEngine:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]):
         """A token (and its logprob record) for each of `seqs` from rows of `logits`, within their keys if constrained."""
-        if any(seq.constraint is not None for seq in seqs):
-            logits = mask_logits(logits, [seq.constraint for seq in seqs])
+        if any(seq.constraint is not None for seq in seqs):  # on a copy: a row may sample again alone
+            logits = mask_logits(logits.clone(), [seq.constraint for seq in seqs])
         return sample(logits, seqs, self.generator)
 
     def _sample_and_take(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -389,10 +391,6 @@ class NativeEngine:
 
     def emit(self, seq: Sequence, error: str | None = None, status: int = 500) -> None:
         delta = seq.take_delta(error=error, error_status=status)
-        if delta is None:
-            return
-        try:
+        if delta is not None:
             seq.emit(delta)
-        except RuntimeError:  # the client's event loop is gone
-            self.abort(seq.request_id)
 

@@ -44,6 +44,11 @@ class StepLogits:
     decode: torch.Tensor | None  # [decoding rows, vocab]
     chunks: list[torch.Tensor | None]  # per chunk: [vocab], [chunk tokens, vocab] or None
 
+    def decode_rows(self, rows: list[int]) -> torch.Tensor:
+        """These rows of `decode`: the tensor itself where they are all of its rows in order (a copy of 32 rows
+        cost 2 ms a step here)."""
+        return self.decode if rows == list(range(len(self.decode))) else self.decode[rows]
+
 
 def fused(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A projection a checkpoint already fuses (Phi-3's qkv_proj, gate_up_proj): its weight and bias as they are."""
