@@ -27,7 +27,7 @@ log = logging.getLogger("longserve.engine")
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "paged_decode.c", HERE / "elementwise.c", HERE / "bf16_matmul.c"]
-HEADERS = [HERE / "paged_decode_avx512.h"]  # included by a source: part of what a build is named by
+HEADERS = [HERE / "paged_decode_avx512.h", HERE / "bf16.h"]  # included by sources: part of what a build is named by
 # the reassociation vectorizes the dot products; no -ffast-math, whose finite-only maths would break -inf
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
          "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
@@ -35,7 +35,7 @@ FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC
 P, INT, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "paged_decode": [
-        P, P, P, P, P,  # q, planes, scales
+        P, INT, P, P, P, P,  # q, what it and out hold, planes, scales
         INT, INT,  # what the planes and scales hold
         INT64, INT, INT, INT,  # slots, kv heads, group, dim
         P, INT64, P, INT,  # table, its width, items, their count

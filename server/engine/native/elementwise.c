@@ -15,35 +15,23 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 enum { ELEMENT_F32 = 0, ELEMENT_BF16 = 1 };  /* as paged_decode.c's KIND_F32, KIND_BF16 */
 
 #define PARALLEL_ROWS 16  /* fewer rows run on the calling thread: a parallel region costs more than they do */
 
-static inline float from_bf16(uint16_t bits) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)bits << 16;
-    return x.f;
-}
-
-/* Round to nearest even, as torch's bfloat16 does; a NaN stays a (quiet) NaN. */
-static inline uint16_t to_bf16(float value) {
-    union { uint32_t u; float f; } x;
-    x.f = value;
-    if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40u);
-    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
-}
-
 /* What torch stores for a float32 result in `kind`, read back as float32. */
 static inline float stored(float value, int kind) {
-    return kind == ELEMENT_BF16 ? from_bf16(to_bf16(value)) : value;
+    return kind == ELEMENT_BF16 ? bf16_to_float(float_to_bf16(value)) : value;
 }
 
 static inline float load(const void *data, int kind, int64_t at) {
-    return kind == ELEMENT_BF16 ? from_bf16(((const uint16_t *)data)[at]) : ((const float *)data)[at];
+    return kind == ELEMENT_BF16 ? bf16_to_float(((const uint16_t *)data)[at]) : ((const float *)data)[at];
 }
 
 static inline void store(void *data, int kind, int64_t at, float value) {
-    if (kind == ELEMENT_BF16) ((uint16_t *)data)[at] = to_bf16(value);
+    if (kind == ELEMENT_BF16) ((uint16_t *)data)[at] = float_to_bf16(value);
     else ((float *)data)[at] = value;
 }
 

@@ -26,20 +26,17 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+
+#include "bf16.h"
 
 #define BLOCK 16
 #define LANES 16
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_E4M3 = 4, KIND_E5M2 = 5 };
-
-static inline float bf16_value(uint16_t bits) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)bits << 16;
-    return x.f;
-}
 
 static inline float f16_value(uint16_t bits) {
 #ifdef __FLT16_MAX__  /* the compiler's own half type: one instruction where the CPU has F16C */
@@ -92,7 +89,7 @@ static inline float fp8_value(uint8_t code, int mantissa_bits, int bias, float t
 static inline float scale_value(const void *scales, int scale_kind, int64_t at) {
     if (!scales) return 1.0f;
     uint16_t bits = ((const uint16_t *)scales)[at];
-    return scale_kind == KIND_BF16 ? bf16_value(bits) : f16_value(bits);
+    return scale_kind == KIND_BF16 ? bf16_to_float(bits) : f16_value(bits);
 }
 
 /* `dim` values of one (token, head) vector, starting at element `at`, as float32. */
@@ -105,7 +102,7 @@ static inline void widen(const void *plane, int kind, int64_t at, int dim, float
     }
     case KIND_BF16: {
         const uint16_t *from = (const uint16_t *)plane + at;
-        for (int d = 0; d < dim; d++) out[d] = bf16_value(from[d]);
+        for (int d = 0; d < dim; d++) out[d] = bf16_to_float(from[d]);
         break;
     }
     case KIND_F16: {
@@ -270,7 +267,16 @@ static inline __attribute__((always_inline)) void attend_split(const Cache *c, c
         else attend_split_wide(c, kind, q, row, head, a, b, c->dim, acc, top, total, work);                 \
     } while (0)
 
-static void run_split(const Cache *c, const float *q, int row, int head, int a, int b, float *acc, float *top,
+/* Whether run_split reads this plane's queries as bfloat16 (for the bfloat16 dot product), else as float32. */
+static int bf16_queries(const Cache *c) {
+#ifdef WIDE_SPLITS
+    return c->kind == KIND_BF16 && wide_kind(KIND_BF16) && c->dim % 32 == 0;
+#else
+    return 0;
+#endif
+}
+
+static void run_split(const Cache *c, const void *q, int row, int head, int a, int b, float *acc, float *top,
                       float *total, float *work) {
 #ifdef WIDE_SPLITS
     if (wide_kind(c->kind) && c->dim % 32 == 0) {  /* each (kind, usual head size) compiled apart */
@@ -284,23 +290,46 @@ static void run_split(const Cache *c, const float *q, int row, int head, int a, 
     }
 #endif
     /* the usual head sizes as constants, so the loops over d unroll and vectorize fully */
-    if (c->dim == 64) attend_split(c, q, row, head, a, b, 64, acc, top, total, work);
-    else if (c->dim == 128) attend_split(c, q, row, head, a, b, 128, acc, top, total, work);
-    else attend_split(c, q, row, head, a, b, c->dim, acc, top, total, work);
+    const float *query = q;
+    if (c->dim == 64) attend_split(c, query, row, head, a, b, 64, acc, top, total, work);
+    else if (c->dim == 128) attend_split(c, query, row, head, a, b, 128, acc, top, total, work);
+    else attend_split(c, query, row, head, a, b, c->dim, acc, top, total, work);
 }
 
-/* q [items, kv_heads * group, dim] float32; items [n, 3] int32: (table row, k0, k1). Writes out [items, heads,
- * dim] and lse [items, heads] (float32; a row that sees no key gets 0 and -inf). Returns 0; -1 for a split or
- * thread count under 1; -2 when memory runs out. */
-int paged_decode(const float *q, const void *keys, const void *key_scales, const void *values,
+/* The `count` queries in the form run_split reads (bfloat16 or float32), from `q` in `io_kind`: `q` itself, or
+ * a copy in *copy (to be freed; NULL when none was needed or memory ran out). */
+static const void *queries_as_read(const Cache *c, const void *q, int io_kind, size_t count, void **copy) {
+    const int wanted = bf16_queries(c) ? KIND_BF16 : KIND_F32;
+    *copy = NULL;
+    if (io_kind == wanted) return q;
+    *copy = malloc(count * (wanted == KIND_BF16 ? sizeof(uint16_t) : sizeof(float)));
+    if (!*copy) return NULL;
+    for (size_t i = 0; i < count; i++) {
+        if (wanted == KIND_BF16) ((uint16_t *)*copy)[i] = float_to_bf16(((const float *)q)[i]);
+        else ((float *)*copy)[i] = bf16_to_float(((const uint16_t *)q)[i]);
+    }
+    return *copy;
+}
+
+/* q [items, kv_heads * group, dim] in `io_kind` (KIND_F32 or KIND_BF16); items [n, 3] int32: (table row, k0,
+ * k1). Writes out [items, heads, dim] in `io_kind` and lse [items, heads] in float32 (a row that sees no key
+ * gets 0 and -inf). Returns 0; -1 for a split or thread count under 1, or another `io_kind`; -2 when memory
+ * runs out. */
+int paged_decode(const void *q, int io_kind, const void *keys, const void *key_scales, const void *values,
                  const void *value_scales, int kind, int scale_kind, int64_t slots, int kv_heads,
                  int group, int dim, const int32_t *table, int64_t table_width, const int32_t *items, int n,
-                 int split, float scale, float *out, float *lse, int threads) {
-    if (split < 1 || threads < 1) return -1;
+                 int split, float scale, void *out, float *lse, int threads) {
+    if (split < 1 || threads < 1 || (io_kind != KIND_F32 && io_kind != KIND_BF16)) return -1;
     const Cache c = {keys, key_scales, values, value_scales, kind, scale_kind, slots, kv_heads, group, dim,
                      table, table_width, scale};
+    void *query_copy;
+    const void *queries = queries_as_read(&c, q, io_kind, (size_t)n * kv_heads * group * dim, &query_copy);
+    const size_t query_size = bf16_queries(&c) ? sizeof(uint16_t) : sizeof(float);
     int *first_split = malloc(sizeof(int) * (n + 1));
-    if (!first_split) return -2;
+    if (!first_split || !queries) {
+        free(first_split), free(query_copy);
+        return -2;
+    }
     first_split[0] = 0;
     for (int i = 0; i < n; i++) {
         const int span = items[3 * i + 2] - items[3 * i + 1];
@@ -313,7 +342,7 @@ int paged_decode(const float *q, const void *keys, const void *key_scales, const
     const int per_thread = plain_work > wide_work ? plain_work : wide_work;
     float *work = malloc(sizeof(float) * (size_t)per_thread * threads);
     if (!partial || !item_of_split || !work) {
-        free(first_split), free(partial), free(item_of_split), free(work);
+        free(first_split), free(partial), free(item_of_split), free(work), free(query_copy);
         return -2;
     }
     for (int i = 0; i < n; i++)
@@ -325,7 +354,7 @@ int paged_decode(const float *q, const void *keys, const void *key_scales, const
         const int k0 = items[3 * i + 1], k1 = items[3 * i + 2];
         const int a = k0 + (s - first_split[i]) * split, b = a + split < k1 ? a + split : k1;
         float *mine = partial + (size_t)unit * per_unit;
-        run_split(&c, q + ((size_t)i * kv_heads + head) * group * dim, items[3 * i], head, a, b, mine,
+        run_split(&c, (const char *)queries + ((size_t)i * kv_heads + head) * group * dim * query_size, items[3 * i], head, a, b, mine,
                   mine + group * dim, mine + group * (dim + 1), work + (size_t)omp_get_thread_num() * per_thread);
     }
 
@@ -333,8 +362,8 @@ int paged_decode(const float *q, const void *keys, const void *key_scales, const
     for (int pair = 0; pair < n * kv_heads; pair++) {
         const int i = pair / kv_heads, head = pair % kv_heads;
         for (int g = 0; g < group; g++) {
-            float *o = out + ((size_t)i * kv_heads * group + head * group + g) * dim;
-            float best = -INFINITY, total = 0.0f;
+            const size_t index = (size_t)i * kv_heads * group + head * group + g;  /* of this query's head */
+            float o[dim], best = -INFINITY, total = 0.0f;
             for (int s = first_split[i]; s < first_split[i + 1]; s++) {
                 const float top = partial[(size_t)(s * kv_heads + head) * per_unit + group * dim + g];
                 best = top > best ? top : best;
@@ -346,14 +375,15 @@ int paged_decode(const float *q, const void *keys, const void *key_scales, const
                 total += mine[group * (dim + 1) + g] * weight;
                 for (int d = 0; d < dim; d++) o[d] += weight * mine[g * dim + d];
             }
-            if (total > 0.0f) {
+            if (total > 0.0f)
                 for (int d = 0; d < dim; d++) o[d] /= total;
-                lse[(size_t)i * kv_heads * group + head * group + g] = best + logf(total);
-            } else {
-                lse[(size_t)i * kv_heads * group + head * group + g] = -INFINITY;
+            lse[index] = total > 0.0f ? best + logf(total) : -INFINITY;
+            for (int d = 0; d < dim; d++) {
+                if (io_kind == KIND_BF16) ((uint16_t *)out)[index * dim + d] = float_to_bf16(o[d]);
+                else ((float *)out)[index * dim + d] = o[d];
             }
         }
     }
-    free(first_split), free(partial), free(item_of_split), free(work);
+    free(first_split), free(partial), free(item_of_split), free(work), free(query_copy);
     return 0;
 }

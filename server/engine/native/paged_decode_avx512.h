@@ -9,10 +9,11 @@
  * in float32); 8-bit codes widened in registers (int8 by conversion, float8 from its bits) once per block for
  * the whole group, multiplied in float32. A block's 16 scores are summed across lanes in one butterfly
  * (lane_sums16).
- * Values: widened in registers 32 at a time and shared by up to four of the group's queries. A bfloat16
- * vector splits into its even and odd elements (a shift and a mask), so the output keeps that order and is
- * put back in order at the end of the split. A token's scale multiplies its score and its value's weight,
- * once each.
+ * Values: bfloat16 values two tokens at a time by the same dot product, against each query's two weights
+ * rounded to bfloat16 (as torch's own CPU flash attention rounds them; the sum of weights stays float32):
+ * half the multiplies of widening them, 13 against 24 instructions a token pair for a group of three
+ * (values_bf16). 8-bit values are widened in registers 32 at a time and shared by up to four of the group's
+ * queries. A token's scale multiplies its score and its value's weight, once each.
  */
 #ifdef __AVX512F__
 #define WIDE_SPLITS 1
@@ -41,16 +42,11 @@ static inline __m512 fp8_values16(const uint8_t *codes, int mantissa_bits, int b
     return _mm512_castsi512_ps(_mm512_or_si512(magnitude, _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x80)), 24)));
 }
 
-/* 32 values of a vector from element `at`, as float32: bfloat16 as [even elements][odd elements], 8-bit codes
- * in order */
+/* 32 8-bit codes of a vector from element `at`, as float32 */
 static inline __attribute__((always_inline)) void wide32(const void *plane, int kind, int64_t at, __m512 *first,
                                                          __m512 *second) {
     const int8_t *codes = (const int8_t *)plane + at;
-    if (kind == KIND_BF16) {
-        const __m512i bits = _mm512_loadu_si512((const uint16_t *)plane + at);
-        *first = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-        *second = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32((int)0xffff0000u)));
-    } else if (kind == KIND_I8) {
+    if (kind == KIND_I8) {
         *first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
         *second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
     } else if (kind == KIND_E4M3) {
@@ -89,11 +85,63 @@ static inline void prefetch_values(const Cache *c, int kind, int64_t slot, int r
     for (int offset = 0; offset < run * dim * size; offset += 64) prefetch_line_l2(first + offset);
 }
 
-/* attend_split's work and results for a bfloat16 or 8-bit plane (`kind`), dim a multiple of 32. In three
- * passes over the split, so no block waits on the one before: every score (and each value's scale) into
- * `work`, with a running maximum per lane; then every weight, exp(score - the split's maximum); then the
- * values. `work` holds (group + 1) * (b - a + BLOCK) floats. */
-static inline __attribute__((always_inline)) void attend_split_wide(const Cache *c, int kind, const float *q,
+/* values_bf16's pass: acc [group, dim] = the split's bfloat16 values weighted by `weights` [group][stride]
+ * (float32, zero past the span). Two tokens at a time: their values interleaved pairwise (unpacklo/hi_epi16:
+ * in each 128-bit lane, elements 0-3 of the lane's eight, then 4-7), each query's two weights rounded to a
+ * bfloat16 pair, one VDPBF16PS per 16 outputs. The outputs come out in that lane order and are put back in
+ * order at the end. `slots` [span + 1] holds each token's slot; an odd span pairs its last token with itself
+ * at weight zero. */
+static inline __attribute__((always_inline)) void values_bf16(const Cache *c, const int64_t *slots, int span,
+                                                              const float *weights, int stride, int dim, float *acc) {
+    const int group = c->group;
+    uint16_t pairs[group][span + 2];  /* the weights as bfloat16, a zero after the last */
+    for (int g = 0; g < group; g++) {
+        for (int t = 0; t < span; t += LANES) {
+            const __mmask16 live = span - t >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (span - t)) - 1u);
+            _mm256_mask_storeu_epi16(pairs[g] + t, live, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, weights + (size_t)g * stride + t)));
+        }
+        pairs[g][span] = pairs[g][span + 1] = 0;
+    }
+    const uint16_t *values = (const uint16_t *)c->values;
+    for (int g0 = 0; g0 < group; g0 += 4) {  /* up to four queries share each pair of values */
+        const int count = group - g0 < 4 ? group - g0 : 4;
+        for (int d = 0; d < dim; d += 32) {
+            __m512 low[4], high[4];
+            for (int j = 0; j < 4; j++) low[j] = high[j] = _mm512_setzero_ps();
+            for (int t = 0; t < span; t += 2) {
+                const __m512i first = _mm512_loadu_si512(values + slots[t] * dim + d);
+                const __m512i second = _mm512_loadu_si512(values + slots[t + 1] * dim + d);
+                const __m512bh lows = (__m512bh)_mm512_unpacklo_epi16(first, second);
+                const __m512bh highs = (__m512bh)_mm512_unpackhi_epi16(first, second);
+                for (int j = 0; j < 4; j++)
+                    if (j < count) {
+                        uint32_t pair;
+                        memcpy(&pair, pairs[g0 + j] + t, sizeof pair);
+                        const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)pair);
+                        low[j] = _mm512_dpbf16_ps(low[j], lows, weight);
+                        high[j] = _mm512_dpbf16_ps(high[j], highs, weight);
+                    }
+            }
+            for (int j = 0; j < count; j++) {  /* lane L of low holds outputs 8L..8L+3, of high 8L+4..8L+7 */
+                float lanes_low[16], lanes_high[16], *out = acc + (g0 + j) * dim + d;
+                _mm512_storeu_ps(lanes_low, low[j]);
+                _mm512_storeu_ps(lanes_high, high[j]);
+                for (int lane = 0; lane < 4; lane++)
+                    for (int e = 0; e < 4; e++) {
+                        out[8 * lane + e] = lanes_low[4 * lane + e];
+                        out[8 * lane + 4 + e] = lanes_high[4 * lane + e];
+                    }
+            }
+        }
+    }
+}
+
+/* attend_split's work and results for a bfloat16 or 8-bit plane (`kind`), dim a multiple of 32; the query
+ * `q` as bfloat16 for a bfloat16 plane, float32 for an 8-bit one. In three passes over the split, so no block
+ * waits on the one before: every score (and each value's scale) into `work`, with a running maximum per
+ * lane; then every weight, exp(score - the split's maximum); then the values. `work` holds
+ * (group + 1) * (b - a + BLOCK) floats. */
+static inline __attribute__((always_inline)) void attend_split_wide(const Cache *c, int kind, const void *q,
                                                                     int row, int head, int a, int b, int dim,
                                                                     float *acc, float *top, float *total,
                                                                     float *work) {
@@ -101,14 +149,11 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
     float *scores = work, *value_scales = work + (size_t)group * stride;  /* [group][stride], [stride] */
     __m512 queries[group * per_query];  /* per query: dim/32 bf16 pairs, or dim/16 float32 vectors for int8 */
     float widened[kind == KIND_BF16 ? 1 : BLOCK * dim];  /* a block's 8-bit keys */
-    for (int i = 0; i < group * per_query; i++) {
-        if (kind != KIND_BF16) queries[i] = _mm512_loadu_ps(q + 16 * i);
-#ifdef __AVX512BF16__
-        else if (i < group * per_query / 2)
-            queries[i] = (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 32 * i + 16), _mm512_loadu_ps(q + 32 * i));
-#endif
-    }
+    int64_t slots[kind == KIND_BF16 ? span + 1 : 1];  /* each token's slot, for values_bf16 */
     const int query_stride = kind == KIND_BF16 ? per_query / 2 : per_query;
+    for (int i = 0; i < group * query_stride; i++)
+        queries[i] = kind == KIND_BF16 ? _mm512_castsi512_ps(_mm512_loadu_si512((const uint16_t *)q + 32 * i))
+                                       : _mm512_loadu_ps((const float *)q + 16 * i);
     const int64_t head_base = (int64_t)head * c->slots;
     __m512 highest[group];
     for (int g = 0; g < group; g++) highest[g] = _mm512_set1_ps(-INFINITY);
@@ -116,6 +161,8 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
         const int64_t slot = block_run(c, row, head_base, at, b, &run);
         const __mmask16 live = (__mmask16)((1u << run) - 1u);  /* the lanes of this run's keys */
         prefetch_values(c, kind, slot, run, dim);
+        if (kind == KIND_BF16)
+            for (int t = 0; t < run; t++) slots[at - a + t] = slot + t;
         __m512 key_scales = _mm512_set1_ps(c->scale);
         if (c->key_scales) {  /* an 8-bit plane: each token's own scales */
             float keys_of[BLOCK] = {0.0f};
@@ -157,7 +204,14 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
         }
         total[g] = _mm512_reduce_add_ps(sum);
     }
-    for (int g0 = 0; g0 < group; g0 += 4) {  /* values: up to four queries share each widened value */
+#ifdef __AVX512BF16__
+    if (kind == KIND_BF16) {
+        slots[span] = slots[span - 1];  /* an odd span's partner: weight zero */
+        values_bf16(c, slots, span, scores, stride, dim, acc);
+        return;
+    }
+#endif
+    for (int g0 = 0; g0 < group; g0 += 4) {  /* values: up to four queries share each widened 8-bit value */
         const int count = group - g0 < 4 ? group - g0 : 4;
         for (int d = 0; d < dim; d += 32) {
             __m512 first[4], second[4];
@@ -181,16 +235,6 @@ static inline __attribute__((always_inline)) void attend_split_wide(const Cache 
             }
         }
     }
-    if (kind == KIND_BF16)
-        for (int g = 0; g < group; g++)  /* each 32 values as 16 even, then 16 odd: back in order */
-            for (int d = 0; d < dim; d += 32) {
-                float ordered[32];
-                for (int i = 0; i < 16; i++) {
-                    ordered[2 * i] = acc[g * dim + d + i];
-                    ordered[2 * i + 1] = acc[g * dim + d + 16 + i];
-                }
-                for (int i = 0; i < 32; i++) acc[g * dim + d + i] = ordered[i];
-            }
 }
 
 /* Whether attend_split_wide serves this plane here: 8-bit codes with AVX-512, bfloat16 with AVX512-BF16 too. */
