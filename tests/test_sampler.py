@@ -255,3 +255,21 @@ def test_sampling_never_writes_the_callers_logits(tokenizer, kind):
     sample(logits, seqs)
     assert torch.equal(logits, before)
     assert apply_penalties(logits, [make_seq(tokenizer)] * 8) is logits  # nothing to apply: no copy
+
+
+def test_the_c_argmax_gives_torchs_index_for_ties_nan_infinities_and_odd_widths():
+    from longserve.server.engine.native.sampler import argmax
+
+    torch.manual_seed(6)
+    for cols in (1, 15, 16, 17, 49152 + 5):
+        logits = torch.randn(9, cols)
+        logits[1] = float("-inf")  # every token masked: index 0
+        logits[2, cols // 2 :] = logits[2].max() + 1  # a tie: the first
+        logits[3, cols - 1] = float("inf")
+        logits[4, cols // 3] = float("nan")  # NaN counts as the largest
+        logits[5, [0, cols - 1]] = float("nan")
+        logits[6] = 0.0
+        logits[7, -1] = float("-inf")
+        assert torch.equal(argmax(logits), logits.argmax(dim=-1)), cols
+        assert torch.equal(argmax(logits[::2]), logits[::2].argmax(dim=-1))  # rows apart
+        assert torch.equal(argmax(logits[:, : max(cols - 3, 1)]), logits[:, : max(cols - 3, 1)].argmax(dim=-1))

@@ -1,4 +1,4 @@
-"""The engine's C kernels (paged_decode.c, elementwise.c, bf16_matmul.c), built with the machine's C compiler into one library.
+"""The engine's C kernels (paged_decode.c, elementwise.c, bf16_matmul.c, argmax.c), built with the machine's C compiler into one library.
 
 They are plain C with OpenMP, no torch headers, so they build in about a
 second: at first use they are compiled for this CPU (-march=native) into
@@ -26,7 +26,7 @@ from longserve.server.engine.native.loading import cpu_flags
 log = logging.getLogger("longserve.engine")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "paged_decode.c", HERE / "elementwise.c", HERE / "bf16_matmul.c"]
+SOURCES = [HERE / "paged_decode.c", HERE / "elementwise.c", HERE / "bf16_matmul.c", HERE / "argmax.c"]
 HEADERS = [HERE / "paged_decode_avx512.h", HERE / "bf16.h"]  # included by sources: part of what a build is named by
 # the reassociation vectorizes the dot products; no -ffast-math, whose finite-only maths would break -inf
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
@@ -49,6 +49,7 @@ SIGNATURES = {
     "bf16_pack_weight": [P, P, INT, INT],  # weight, packed, n, k
     "bf16_matmul": [P, INT64, P, P, P, INT, INT, INT, INT],  # x, its row stride, packed, bias, y, m, n, k, threads
     "bf16_matmul_built": [],
+    "argmax_rows": [P, INT64, INT, INT, P, INT],  # logits, their row stride, rows, columns, out, threads
 }
 RESULTS = {"paged_decode": INT, "write_keys_and_values": INT, "bf16_matmul": INT, "bf16_matmul_built": INT,
            "bf16_packed_elements": INT64}  # the others return nothing
