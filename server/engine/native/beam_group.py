@@ -55,8 +55,8 @@ class BeamGroup(RowGroup):
         fallback = next((h for h in self.live if h is not None), None)
         for row, hypothesis in zip(self.rows, self.live):
             row.output_ids = list((hypothesis or fallback).tokens) if (hypothesis or fallback) else row.output_ids
-        if not self.done():
-            return GroupActions(self.rows, forks)
+        if not self.done():  # nothing to show yet: a live beam's tokens may still be dropped or reordered
+            return GroupActions([], forks)
         self.finish(tokenizer)
         return GroupActions(self.rows, forks, finished="stop")
 
