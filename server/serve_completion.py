@@ -112,8 +112,9 @@ async def chunks(body: CompletionRequest, stream: ChoiceStream):
             echoed[index] = True
             prompt = stream.request.prompts[index // stream.request.n]
             text, records, first_prompt_token = with_echo(prompt, delta.prompt_logprobs or [], text, records, tokenizer)
-        elif not text and delta.finish_reason is None and not records:
-            continue  # a token that ends mid-character: its text comes with the next one
+        elif not text and delta.finish_reason is None and not records and not delta.token_ids:
+            continue  # nothing new; a token without text of its own (a special token, part of a character) is sent
+            # as an empty chunk, as vLLM sends it: a client's first chunk is its first token, whatever its text
         logprobs = None
         if body.logprobs is not None:
             logprobs = completion_logprobs(records, tokenizer, offsets[index], first_prompt_token)

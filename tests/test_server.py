@@ -44,6 +44,17 @@ def test_streamed_completion_equals_non_streamed(client):
     assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 24
 
 
+def test_every_streamed_token_is_a_chunk_even_without_text_of_its_own(client):
+    """As vLLM streams: a token that adds no text (here the end-of-text token, skipped in the text, pushed by a logit
+    bias and not ending the output) still sends its chunk, so a client sees its first token when it comes."""
+    end_of_text = 0  # the bundled model's <|endoftext|>, a special token
+    chunks = [c for c in client.completions.create(model="smollm2-135m-instruct", prompt="Once upon a time", temperature=0,
+                                                   max_tokens=6, logit_bias={str(end_of_text): 100}, stream=True,
+                                                   extra_body={"ignore_eos": True}) if c.choices]
+    assert [c.choices[0].text for c in chunks] == [""] * 6
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_stop_string_is_excluded(client):
     kwargs = dict(model="smollm2-135m-instruct", prompt="1, 2, 3, 4,", temperature=0, max_tokens=30)
     full = client.completions.create(**kwargs).choices[0].text
