@@ -118,9 +118,12 @@ async def chunks(body: ChatCompletionRequest, stream: ChoiceStream):
         usage = {"usage": None} if body.include_usage else {}
         return ChatCompletionChunk(object="chat.completion.chunk", **stream.header(), choices=choices, **usage)
 
-    yield chunk([ChatStreamChoice(index=c.index, delta=ChatDelta(role="assistant", content=""), logprobs=None,
-                                  finish_reason=None) for c in stream.choices])
+    started = False
     async for choice, delta in stream.updates():
+        if not started:  # the role with the first token, as vLLM sends it: a client's first chunk is its first token
+            started = True
+            yield chunk([ChatStreamChoice(index=c.index, delta=ChatDelta(role="assistant", content=""), logprobs=None,
+                                          finish_reason=None) for c in stream.choices])
         text, calls, finish_reason = delta.text, [], delta.finish_reason
         for extension in stream.extensions:
             text = extension.stream_text(choice.index, text)

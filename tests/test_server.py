@@ -189,3 +189,47 @@ def test_plain_responses_have_openai_shape_and_openapi_documents_extensions(serv
     assert chat["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
     assert chat["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionChunk")
     assert "ChatCompletionChunk" in components and "ChatDelta" in components
+
+
+def test_a_streamed_chat_sends_its_role_chunk_with_the_first_token_not_before():
+    """vLLM sends the role with the first token; a role chunk sent at once would be a client's 'first token' (vLLM's
+    benchmark client takes its TTFT there) while the prompt is still being read."""
+    import asyncio
+
+    from longserve.server.choice_stream import Choice
+    from longserve.server.engine.base import SeqDelta
+    from longserve.server.protocol import ChatCompletionRequest
+    from longserve.server.serve_chat import chunks
+
+    first_token = asyncio.Event()
+    choice = Choice(index=0)
+
+    class OneTokenStream:  # what chunks() reads of a ChoiceStream
+        choices, extensions, engine = [choice], [], None
+
+        def header(self):
+            return {"id": "chatcmpl-test", "created": 0, "model": "smollm2-135m-instruct"}
+
+        def fields(self, index, finished):
+            return {}
+
+        async def updates(self):
+            await first_token.wait()
+            choice.text = "Paris"
+            yield choice, SeqDelta(index=0, text="Paris", token_ids=[1], logprobs=None, finish_reason="stop",
+                                   completion_tokens=1)
+
+    async def scenario():
+        body = ChatCompletionRequest(model="smollm2-135m-instruct", messages=QUESTION, stream=True)
+        events = chunks(body, OneTokenStream())
+        first = asyncio.ensure_future(anext(events))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not first.done()  # no token yet: nothing sent
+        first_token.set()
+        role = await first
+        assert role.choices[0].delta.role == "assistant"
+        token = await anext(events)
+        assert token.choices[0].delta.content == "Paris" and token.choices[0].finish_reason == "stop"
+
+    asyncio.run(scenario())
