@@ -85,6 +85,7 @@ static inline void prefetch_values(const Cache *c, int kind, int64_t slot, int r
     for (int offset = 0; offset < run * dim * size; offset += 64) prefetch_line_l2(first + offset);
 }
 
+#ifdef __AVX512BF16__
 /* values_bf16's pass: acc [group, dim] = the split's bfloat16 values weighted by `weights` [group][stride]
  * (float32, zero past the span). Two tokens at a time: their values interleaved pairwise (unpacklo/hi_epi16:
  * in each 128-bit lane, elements 0-3 of the lane's eight, then 4-7), each query's two weights rounded to a
@@ -135,6 +136,7 @@ static inline __attribute__((always_inline)) void values_bf16(const Cache *c, co
         }
     }
 }
+#endif
 
 /* attend_split's work and results for a bfloat16 or 8-bit plane (`kind`), dim a multiple of 32; the query
  * `q` as bfloat16 for a bfloat16 plane, float32 for an 8-bit one. In three passes over the split, so no block
