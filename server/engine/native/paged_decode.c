@@ -296,10 +296,9 @@ static void run_split(const Cache *c, const void *q, int row, int head, int a, i
     else attend_split(c, query, row, head, a, b, c->dim, acc, top, total, work);
 }
 
-/* The `count` queries in the form run_split reads (bfloat16 or float32), from `q` in `io_kind`: `q` itself, or
- * a copy in *copy (to be freed; NULL when none was needed or memory ran out). */
-static const void *queries_as_read(const Cache *c, const void *q, int io_kind, size_t count, void **copy) {
-    const int wanted = bf16_queries(c) ? KIND_BF16 : KIND_F32;
+/* The `count` queries as `wanted` (KIND_BF16 or KIND_F32), from `q` in `io_kind`: `q` itself, or a copy in
+ * *copy (to be freed; NULL when none was needed or memory ran out). */
+static const void *queries_as(int wanted, const void *q, int io_kind, size_t count, void **copy) {
     *copy = NULL;
     if (io_kind == wanted) return q;
     *copy = malloc(count * (wanted == KIND_BF16 ? sizeof(uint16_t) : sizeof(float)));
@@ -322,9 +321,10 @@ int paged_decode(const void *q, int io_kind, const void *keys, const void *key_s
     if (split < 1 || threads < 1 || (io_kind != KIND_F32 && io_kind != KIND_BF16)) return -1;
     const Cache c = {keys, key_scales, values, value_scales, kind, scale_kind, slots, kv_heads, group, dim,
                      table, table_width, scale};
+    const int query_kind = bf16_queries(&c) ? KIND_BF16 : KIND_F32;  /* what run_split reads */
+    const size_t query_size = query_kind == KIND_BF16 ? sizeof(uint16_t) : sizeof(float);
     void *query_copy;
-    const void *queries = queries_as_read(&c, q, io_kind, (size_t)n * kv_heads * group * dim, &query_copy);
-    const size_t query_size = bf16_queries(&c) ? sizeof(uint16_t) : sizeof(float);
+    const void *queries = queries_as(query_kind, q, io_kind, (size_t)n * kv_heads * group * dim, &query_copy);
     int *first_split = malloc(sizeof(int) * (n + 1));
     if (!first_split || !queries) {
         free(first_split), free(query_copy);
